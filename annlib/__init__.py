@@ -1,0 +1,22 @@
+"""annlib: approximate nearest-neighbour search on one API and one set of kernels.
+
+>>> import annlib
+>>> index = annlib.Index.build(vectors, method="bruteforce", metric="l2")   # doctest: +SKIP
+>>> ids, distances = index.search(queries, k=10)                          # doctest: +SKIP
+
+Families: :class:`BruteForce` (exact). ``import annlib`` never imports jax, h5py or scikit-learn.
+"""
+
+from .api import Index, SearchResult, __version__, families, get_family, load, register_family
+from .config import get_num_threads, set_num_threads, threads
+from .errors import AnnlibError, DimensionMismatchError, IndexFormatError, NotBuiltError
+from .indexes.bruteforce import BruteForce
+from .metrics import METRICS
+
+__all__ = [
+    "Index", "SearchResult", "load", "families", "get_family", "register_family",
+    "BruteForce",
+    "set_num_threads", "get_num_threads", "threads",
+    "AnnlibError", "IndexFormatError", "DimensionMismatchError", "NotBuiltError",
+    "METRICS", "__version__",
+]

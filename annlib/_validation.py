@@ -1,0 +1,293 @@
+"""Every input check and every user-facing error message of annlib (DESIGN §4).
+
+Families never write their own checks: they call these functions at the public boundary, before
+any state is touched, so a call that raises leaves the index exactly as it was.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from .errors import DimensionMismatchError
+
+__all__ = [
+    "as_vectors",
+    "check_dim",
+    "check_k",
+    "check_choice",
+    "check_params",
+    "check_int",
+    "check_float",
+    "check_bool",
+    "check_ids",
+    "check_filter",
+    "check_threads",
+    "check_progress",
+    "check_random_state",
+    "add_not_supported",
+]
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def as_vectors(X: Any, name: str = "X", *, allow_1d: bool = False) -> tuple[np.ndarray, bool]:
+    """Convert an array-like of vectors to a C-contiguous float32 matrix, checking it.
+
+    Parameters
+    ----------
+    X : array-like
+        Real-valued vectors, shape (n, d), or (d,) when ``allow_1d``.
+    name : str, default "X"
+        Argument name used in error messages.
+    allow_1d : bool, default False
+        Accept a single vector of shape (d,) and return it as shape (1, d).
+
+    Returns
+    -------
+    (ndarray, bool)
+        The float32 matrix and whether the input was 1-D.
+
+    Raises
+    ------
+    TypeError
+        Non-numeric dtype (object, string, complex, ...).
+    ValueError
+        Wrong number of dimensions, zero rows or columns, NaN or inf (names the first bad row).
+    """
+    try:
+        arr = np.asarray(X)
+    except (TypeError, ValueError) as exc:  # ragged nested lists and the like
+        raise TypeError(f"{name} must be a numeric array-like; could not convert it ({exc})") from None
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{name} must have a real numeric dtype (bool, int, uint or float); got dtype {arr.dtype}"
+        )
+    was_1d = arr.ndim == 1
+    if was_1d and allow_1d:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2:
+        shapes = "(n, d) or (d,)" if allow_1d else "(n, d)"
+        raise ValueError(f"{name} must be a 2-D array of shape {shapes}; got ndim={arr.ndim} with shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} has zero rows (shape {arr.shape}); at least one vector is needed")
+    if arr.shape[1] == 0:
+        raise ValueError(f"{name} has zero columns (shape {arr.shape}); vectors need at least one dimension")
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    # Checked after the cast so float64 values that overflow float32 are caught too.
+    finite = np.isfinite(out)
+    if not finite.all():
+        bad_row = int(np.flatnonzero(~finite.all(axis=1))[0])
+        raise ValueError(f"{name} contains NaN or inf; the first bad row is {bad_row}")
+    return out, was_1d
+
+
+def check_dim(given: int, expected: int, name: str = "Q") -> None:
+    """Raise :class:`DimensionMismatchError` when ``given != expected``."""
+    if given != expected:
+        raise DimensionMismatchError(
+            f"{name} has dimension {given} but the index holds vectors of dimension {expected}"
+        )
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """Check that ``value`` is an integer within ``[low, high]`` and return it as ``int``.
+
+    Raises
+    ------
+    TypeError
+        ``value`` is not an integer (bools are refused).
+    ValueError
+        ``value`` is outside the range.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer; got {_describe(value)} of type {type(value).__name__}")
+    value = int(value)
+    if low is not None and value < low:
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}; got {value}")
+    if high is not None and value > high:
+        bound = f"<= {high}" if low is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}; got {value}")
+    return value
+
+
+def check_float(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Check that ``value`` is a finite real number within the given bounds; return it as float.
+
+    Raises
+    ------
+    TypeError
+        Not a real number.
+    ValueError
+        NaN, infinite, or outside the bounds.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {_describe(value)} of type {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    lo_bad = low is not None and (value <= low if low_open else value < low)
+    hi_bad = high is not None and (value >= high if high_open else value > high)
+    if lo_bad or hi_bad:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name} must be in {interval}; got {value}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Check that ``value`` is a bool (numpy bools accepted)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {_describe(value)}")
+    return bool(value)
+
+
+def check_k(k: Any, n: int) -> int:
+    """Check the number of neighbours requested against the number of indexed vectors."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an integer; got {_describe(k)} of type {type(k).__name__}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got k={k}")
+    if k > n:
+        raise ValueError(f"k={k} is larger than the number of indexed vectors ({n})")
+    return k
+
+
+def check_choice(name: str, value: Any, accepted: Iterable[str]) -> str:
+    """Check that ``value`` is one of ``accepted`` (strings); the message lists them all."""
+    accepted = list(accepted)
+    if not isinstance(value, str) or value not in accepted:
+        raise ValueError(f"unknown {name} {_describe(value)}; accepted: {', '.join(accepted)}")
+    return value
+
+
+def check_params(params: Mapping[str, Any], accepted: Iterable[str], where: str) -> None:
+    """Refuse parameter names that ``where`` does not know, listing the accepted ones."""
+    accepted = sorted(accepted)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        names = ", ".join(accepted) if accepted else "(none)"
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {where}; accepted: {names}")
+
+
+def check_ids(ids: Any, n: int, existing: np.ndarray | None = None) -> np.ndarray:
+    """Check external ids for ``n`` new vectors and return them as int64.
+
+    Parameters
+    ----------
+    ids : array-like of int
+        One non-negative integer per vector, all distinct (-1 is reserved for padding).
+    n : int
+        Number of vectors the ids are for.
+    existing : ndarray of int64, optional
+        Ids already in the index; a new id may not repeat one of them.
+
+    Raises
+    ------
+    TypeError
+        Non-integer ids.
+    ValueError
+        Wrong shape or length, negative or repeated ids, or ids already present.
+    """
+    arr = np.asarray(ids)
+    if arr.dtype.kind not in "iu" or arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise TypeError(f"ids must be integers; got dtype {arr.dtype}")
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"ids must be a 1-D array with one id per vector ({n}); got shape {arr.shape}")
+    arr = arr.astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"ids must be >= 0 (-1 marks padding in results); got {int(arr.min())}")
+    uniq, counts = np.unique(arr, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"ids must be distinct; id {int(uniq[counts > 1][0])} is repeated")
+    if existing is not None and existing.size:
+        clash = np.intersect1d(arr, existing)
+        if clash.size:
+            raise ValueError(f"ids already in the index: {int(clash[0])} (and {clash.size - 1} more)")
+    return arr
+
+
+def check_filter(
+    filter: Any, n: int, positions_of: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray | None:
+    """Turn a ``filter=`` argument into a boolean mask over the index's internal positions.
+
+    Parameters
+    ----------
+    filter : None, boolean array of length ``n``, or integer array of allowed ids
+        A boolean mask has one entry per indexed vector in insertion order. An integer array lists
+        the external ids that may be returned; ids the index does not hold are ignored.
+    n : int
+        Number of vectors in the index.
+    positions_of : callable
+        Maps an int64 array of external ids to internal positions (-1 where absent).
+
+    Raises
+    ------
+    TypeError
+        A dtype other than bool or integer.
+    ValueError
+        A boolean mask of the wrong length, or an array that is not 1-D.
+    """
+    if filter is None:
+        return None
+    arr = np.asarray(filter)
+    if arr.ndim != 1:
+        raise ValueError(f"filter must be 1-D (a boolean mask or an array of allowed ids); got shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        if arr.shape[0] != n:
+            raise ValueError(f"a boolean filter needs one entry per indexed vector ({n}); got length {arr.shape[0]}")
+        return np.ascontiguousarray(arr)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"filter must be a boolean mask or an integer array of ids; got dtype {arr.dtype}")
+    mask = np.zeros(n, dtype=np.bool_)
+    pos = positions_of(arr.astype(np.int64))
+    mask[pos[pos >= 0]] = True
+    return mask
+
+
+def check_threads(threads: Any) -> int | None:
+    """Check a ``threads=`` argument: None (current setting) or a positive integer."""
+    if threads is None:
+        return None
+    return check_int("threads", threads, 1)
+
+
+def check_progress(progress: Any) -> Any:
+    """Check a ``progress=`` argument: a bool or a callable ``(done, total)``."""
+    if isinstance(progress, (bool, np.bool_)) or callable(progress):
+        return progress
+    raise TypeError(f"progress must be True, False or a callable (done, total); got {_describe(progress)}")
+
+
+def check_random_state(random_state: Any) -> np.random.Generator:
+    """Return a numpy Generator for None, an int seed, a SeedSequence or a Generator."""
+    if random_state is None or isinstance(random_state, (numbers.Integral, np.random.SeedSequence)):
+        if isinstance(random_state, numbers.Integral) and (isinstance(random_state, bool) or random_state < 0):
+            raise ValueError(f"random_state must be a non-negative integer seed; got {random_state}")
+        return np.random.default_rng(random_state)
+    if isinstance(random_state, np.random.Generator):
+        return random_state
+    raise TypeError(f"random_state must be None, an int seed or a numpy Generator; got {_describe(random_state)}")
+
+
+def add_not_supported(family: str, families_that_can: Iterable[str]) -> NotImplementedError:
+    """The error for ``add`` on a family that cannot add (returned, for the caller to raise)."""
+    can = ", ".join(sorted(families_that_can))
+    return NotImplementedError(f"{family} does not support add(); families that can add: {can}")

@@ -1,0 +1,492 @@
+"""The common index API: :class:`Index`, :class:`SearchResult`, the family registry, :func:`load`.
+
+A family subclasses :class:`Index`, declares its build and search parameters with defaults, and
+implements a handful of private hooks (``_build``, ``_search``, optionally ``_add``, ``_delete``,
+``_state``/``_restore``). Everything a user can get wrong is checked here, once, through
+:mod:`annlib._validation`, before a hook runs; hooks therefore see clean float32 data prepared for
+the metric, and a call that raises leaves the index untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import threading
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple
+
+import numpy as np
+
+from . import _validation as V
+from . import config, io
+from .errors import IndexFormatError, NotBuiltError
+from .metrics import Metric, get_metric
+
+__all__ = ["Index", "SearchResult", "load", "families", "get_family", "register_family"]
+
+__version__ = "0.1.0"
+
+
+class SearchResult(NamedTuple):
+    """Result of :meth:`Index.search`; unpacks like ``ids, distances = result``.
+
+    Attributes
+    ----------
+    ids : ndarray of int64, shape (q, k) (or (k,) for a 1-D query)
+        External ids, best first; -1 pads rows with fewer than ``k`` results.
+    distances : ndarray of float32, same shape
+        Distances of DESIGN §3 (smaller is better); +inf where the id is -1.
+    """
+
+    ids: np.ndarray
+    distances: np.ndarray
+
+
+# name -> "module:Class"; imported on first use so `import annlib` stays light (no jax).
+_REGISTRY: dict[str, str] = {}
+
+
+def register_family(name: str, target: str) -> None:
+    """Register an index family under ``name``; ``target`` is ``"module.path:ClassName"``."""
+    _REGISTRY[name] = target
+
+
+def families() -> list[str]:
+    """Names accepted by ``Index.build(method=...)`` (besides ``"auto"``)."""
+    return list(_REGISTRY)
+
+
+def get_family(name: str) -> type["Index"]:
+    """Return the index class registered under ``name``.
+
+    Raises
+    ------
+    ValueError
+        Unknown name; the message lists the accepted names.
+    """
+    V.check_choice("method", name, families() + ["auto"])
+    if name == "auto":
+        name = "bruteforce"  # until the tuner lands, "auto" means exact search
+    module, _, cls = _REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+class _ClassOrInstanceMethod:
+    """Descriptor: one name, two behaviours (``Index.build(X, ...)`` and ``index.build(X)``)."""
+
+    def __init__(self, on_class: Callable, on_instance: Callable):
+        self.on_class = on_class
+        self.on_instance = on_instance
+        functools.update_wrapper(self, on_instance)
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return functools.partial(self.on_class, objtype)
+        return functools.partial(self.on_instance, obj)
+
+
+def _report(progress: Any, done: int, total: int) -> None:
+    if callable(progress) and not isinstance(progress, bool):
+        progress(done, total)
+
+
+class Index:
+    """Base class of every index family; also the entry point ``Index.build(X, method=...)``.
+
+    Subclasses set ``family`` (registry name), ``build_defaults`` and ``search_defaults`` (every
+    accepted parameter with its default), ``supports_add``/``supports_delete``, and implement
+    ``_build``, ``_search`` and, where they apply, ``_add``, ``_delete``, ``_state``, ``_restore``.
+
+    Parameters
+    ----------
+    metric : {"l2", "cosine", "ip"}, default "l2"
+        Also accepts the aliases "euclidean", "angular", "dot".
+    **params
+        The family's build parameters (see its docstring).
+
+    Raises
+    ------
+    ValueError
+        Unknown metric or parameter name, or a parameter out of range.
+    """
+
+    family: ClassVar[str] = "index"
+    build_defaults: ClassVar[dict[str, Any]] = {}
+    search_defaults: ClassVar[dict[str, Any]] = {}
+    supports_add: ClassVar[bool] = False
+    supports_delete: ClassVar[bool] = False
+
+    def __init__(self, metric: str = "l2", **params: Any):
+        self._metric: Metric = get_metric(metric)
+        V.check_params(params, self.build_defaults, f"{type(self).__name__}()")
+        merged = {**self.build_defaults, **params}
+        self.params: dict[str, Any] = self._check_build_params(merged)
+        self._dim: int | None = None
+        self._n_positions = 0
+        self._ids: np.ndarray | None = None  # None: ids are positions
+        self._id_to_pos: dict[int, int] | None = None
+        self._write_lock = threading.RLock()
+
+    # ----------------------------------------------------------------- hooks for families
+    def _check_build_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Validate build parameters (types and ranges); return the cleaned dict."""
+        return params
+
+    def _check_search_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Validate search parameters (types and ranges); return the cleaned dict."""
+        return params
+
+    def _check_build_data(self, n: int) -> None:
+        """Checks that need the number of vectors (e.g. num_leaves <= n)."""
+
+    def _build(self, X: np.ndarray, progress: Any) -> None:
+        raise NotImplementedError
+
+    def _search(self, Q: np.ndarray, k: int, mask: np.ndarray | None, **params: Any):
+        """Return (proxy distances float32 (q, k) ascending, positions int64 (q, k), -1 padded)."""
+        raise NotImplementedError
+
+    def _add(self, X: np.ndarray, progress: Any) -> None:
+        raise NotImplementedError
+
+    def _delete(self, positions: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Return (JSON-able metadata, arrays) that fully describe the built index."""
+        raise NotImplementedError
+
+    def _restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+    def _live_count(self) -> int:
+        return self._n_positions
+
+    @classmethod
+    def _search_space(cls, n: int | None, dim: int | None) -> dict[str, dict[str, list]]:
+        return {"build": {}, "search": {}}
+
+    # ----------------------------------------------------------------- build
+    def _build_on_class(cls, X, method: str | None = None, metric: str = "l2", *, ids=None,
+                        progress=False, threads=None, **params):
+        if cls is Index:
+            family_cls = get_family("bruteforce" if method is None else method)
+        else:
+            family_cls = cls
+            if method is not None and get_family(method) is not cls:
+                raise ValueError(f"method={method!r} conflicts with {cls.__name__}.build(); omit method")
+        return family_cls(metric=metric, **params).build(X, ids=ids, progress=progress, threads=threads)
+
+    def _build_on_instance(self, X, *, ids=None, progress=False, threads=None):
+        """Index the vectors ``X`` (replacing anything indexed before) and return ``self``.
+
+        Parameters
+        ----------
+        X : array-like, shape (n, d)
+            Vectors, any real dtype (converted once to float32).
+        ids : array-like of int, shape (n,), optional
+            External non-negative distinct ids returned by ``search``; default positions 0..n-1.
+        progress : bool or callable, default False
+            True shows a progress bar; a callable receives ``(done, total)``.
+        threads : int, optional
+            Threads for this call (numba and BLAS); default the process setting.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Bad vectors or ids (DESIGN §4), or parameters that do not fit the data.
+        """
+        X32, _ = V.as_vectors(X, "X")
+        ext = None if ids is None else V.check_ids(ids, X32.shape[0])
+        V.check_progress(progress)
+        threads = V.check_threads(threads)
+        self._check_build_data(X32.shape[0])
+        with self._write_lock, config.threads(threads):
+            self._build(self._metric.prepare(X32), progress)
+            self._dim = X32.shape[1]
+            self._n_positions = X32.shape[0]
+            self._ids = ext
+            self._id_to_pos = None
+        return self
+
+    build = _ClassOrInstanceMethod(_build_on_class, _build_on_instance)
+    build.__doc__ = (
+        "Build an index.\n\n"
+        "``Index.build(X, method='hnsw', metric='l2', **params)`` chooses a family by name and\n"
+        "returns the built index; ``SomeFamily.build(X, metric=..., **params)`` does the same for\n"
+        "that family; ``SomeFamily(**params).build(X)`` builds an already configured object.\n\n"
+        "Parameters\n----------\nX : array-like (n, d)\nmethod : str\n    One of families() or 'auto'.\n"
+        "metric : {'l2', 'cosine', 'ip'}\nids : array-like of int, optional\n"
+        "progress : bool or callable\nthreads : int, optional\n**params\n    Family build parameters.\n\n"
+        "Raises\n------\nValueError\n    Unknown method, metric or parameter; bad data (DESIGN §4).\n"
+        "TypeError\n    Non-numeric data."
+    )
+
+    # ----------------------------------------------------------------- properties
+    def _require_built(self) -> None:
+        if self._dim is None:
+            raise NotBuiltError(f"this {type(self).__name__} has not been built; call build(X) first")
+
+    @property
+    def dim(self) -> int | None:
+        """Dimension of the indexed vectors (None before build)."""
+        return self._dim
+
+    @property
+    def metric(self) -> str:
+        """Public metric name ("l2", "cosine" or "ip")."""
+        return self._metric.name
+
+    @property
+    def n_positions(self) -> int:
+        """Number of positions ever assigned (deleted ones included); the length of a boolean filter."""
+        return self._n_positions
+
+    def __len__(self) -> int:
+        return self._live_count() if self._dim is not None else 0
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        sep = ", " if params else ""
+        state = f"n={len(self)}, dim={self._dim}" if self._dim is not None else "not built"
+        return f"{type(self).__name__}(metric={self.metric!r}{sep}{params}) [{state}]"
+
+    # ----------------------------------------------------------------- ids
+    def _positions_of(self, ids: np.ndarray) -> np.ndarray:
+        """Internal positions of external ids (-1 where unknown)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self._ids is None:
+            return np.where((ids >= 0) & (ids < self._n_positions), ids, -1)
+        if self._id_to_pos is None:
+            self._id_to_pos = {int(v): p for p, v in enumerate(self._ids)}
+        lookup = self._id_to_pos
+        return np.fromiter((lookup.get(int(v), -1) for v in ids), dtype=np.int64, count=ids.size)
+
+    def _external_ids(self, positions: np.ndarray) -> np.ndarray:
+        if self._ids is None:
+            return positions
+        out = np.full(positions.shape, -1, dtype=np.int64)
+        ok = positions >= 0
+        out[ok] = self._ids[positions[ok]]
+        return out
+
+    # ----------------------------------------------------------------- search
+    def search(self, Q, k: int = 10, *, threads: int | None = None, filter=None, **params) -> SearchResult:
+        """Find the ``k`` nearest indexed vectors of each query.
+
+        Parameters
+        ----------
+        Q : array-like, shape (q, d) or (d,)
+            Queries; a 1-D query returns 1-D ``ids`` and ``distances``.
+        k : int, default 10
+            Neighbours per query, 1 <= k <= len(index).
+        threads : int, optional
+            Threads for this call; default the process setting (:func:`annlib.set_num_threads`).
+        filter : bool array (n_positions,) or int array of ids, optional
+            Only vectors allowed by the filter are returned; rows with fewer than ``k`` allowed
+            vectors are padded with id -1 and distance +inf.
+        **params
+            The family's search parameters (see its docstring and ``search_space()``).
+
+        Returns
+        -------
+        SearchResult
+            ``ids`` (int64) and ``distances`` (float32), best first.
+
+        Raises
+        ------
+        TypeError, ValueError
+            DESIGN §4: bad queries, dimension mismatch, bad ``k``, unknown or out-of-range
+            parameters, bad filter.
+        """
+        self._require_built()
+        Q32, was_1d = V.as_vectors(Q, "Q", allow_1d=True)
+        V.check_dim(Q32.shape[1], self._dim)
+        k = V.check_k(k, len(self))
+        V.check_params(params, self.search_defaults, f"{type(self).__name__}.search()")
+        sp = self._check_search_params({**self.search_defaults, **params})
+        threads = V.check_threads(threads)
+        mask = V.check_filter(filter, self._n_positions, self._positions_of)
+        with config.threads(threads):
+            proxy, pos = self._search(self._metric.prepare(Q32), k, mask, **sp)
+        dist = self._metric.to_distance(proxy)
+        pos = np.asarray(pos, dtype=np.int64)
+        dist[pos < 0] = np.inf
+        ids = self._external_ids(pos)
+        if was_1d:
+            return SearchResult(ids[0], dist[0])
+        return SearchResult(ids, dist)
+
+    def warmup(self) -> None:
+        """Run tiny searches so JIT compilation is not counted in the first real query."""
+        self._require_built()
+        q = np.ones((2, self._dim), dtype=np.float32)
+        self.search(q, k=1)
+        self.search(q[0], k=1)
+
+    # ----------------------------------------------------------------- add / delete
+    def add(self, X, *, ids=None, progress=False, threads: int | None = None) -> "Index":
+        """Add vectors to a built index and return ``self``.
+
+        Parameters
+        ----------
+        X : array-like, shape (m, d)
+        ids : array-like of int, shape (m,), optional
+            Required when the index was built with ids; must not repeat existing ids.
+        progress : bool or callable, default False
+        threads : int, optional
+
+        Raises
+        ------
+        NotImplementedError
+            The family cannot add (the message names the families that can).
+        TypeError, ValueError
+            Bad vectors or ids (DESIGN §4).
+        """
+        if not self.supports_add:
+            raise V.add_not_supported(type(self).__name__, _families_with("supports_add"))
+        self._require_built()
+        X32, _ = V.as_vectors(X, "X")
+        V.check_dim(X32.shape[1], self._dim, "X")
+        V.check_progress(progress)
+        threads = V.check_threads(threads)
+        new_ids = self._new_ids_for_add(ids, X32.shape[0])
+        with self._write_lock, config.threads(threads):
+            self._add(self._metric.prepare(X32), progress)
+            if new_ids is not None:
+                self._ids = new_ids
+                self._id_to_pos = None
+            self._n_positions += X32.shape[0]
+        return self
+
+    def _new_ids_for_add(self, ids, m: int) -> np.ndarray | None:
+        if ids is None:
+            if self._ids is not None:
+                raise ValueError("this index was built with ids; add() needs ids for the new vectors too")
+            return None
+        existing = self._ids if self._ids is not None else np.arange(self._n_positions, dtype=np.int64)
+        new = V.check_ids(ids, m, existing)
+        return np.concatenate([existing, new])
+
+    def delete(self, ids) -> None:
+        """Remove vectors by external id; they are never returned by ``search`` again.
+
+        Raises
+        ------
+        NotImplementedError
+            The family cannot delete (the message names the families that can).
+        ValueError
+            An id that is not in the index.
+        """
+        if not self.supports_delete:
+            can = ", ".join(sorted(_families_with("supports_delete"))) or "(none yet)"
+            raise NotImplementedError(f"{type(self).__name__} does not support delete(); families that can: {can}")
+        self._require_built()
+        arr = np.atleast_1d(np.asarray(ids))
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"ids must be integers; got dtype {arr.dtype}")
+        pos = self._positions_of(arr.astype(np.int64))
+        if (pos < 0).any():
+            raise ValueError(f"id {int(arr[np.flatnonzero(pos < 0)[0]])} is not in the index")
+        with self._write_lock:
+            self._delete(pos)
+
+    # ----------------------------------------------------------------- sizes and spaces
+    def memory_bytes(self) -> int:
+        """Bytes held by the index's arrays (vectors, graph, codes, ids)."""
+        self._require_built()
+        _, arrays = self._state()
+        total = sum(int(a.nbytes) for a in arrays.values())
+        return total + (0 if self._ids is None else int(self._ids.nbytes))
+
+    def _space_on_class(cls, n: int | None = None, dim: int | None = None):
+        return cls._search_space(n, dim)
+
+    def _space_on_instance(self):
+        """Parameter ranges for the tuner and the benchmark sweep.
+
+        Returns
+        -------
+        dict
+            ``{"build": {name: [values...]}, "search": {name: [values...]}}``, each list ordered
+            from cheap to expensive. Called on the class it takes optional ``n`` and ``dim``.
+        """
+        return self._search_space(len(self) if self._dim is not None else None, self._dim)
+
+    search_space = _ClassOrInstanceMethod(_space_on_class, _space_on_instance)
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index to ``path`` atomically (see :mod:`annlib.io`); reload with :func:`load`.
+
+        Raises
+        ------
+        NotBuiltError
+            The index has not been built.
+        OSError
+            The destination cannot be written; an existing file there is left as it was.
+        """
+        self._require_built()
+        with self._write_lock:
+            meta, arrays = self._state()
+            arrays = dict(arrays)
+            if self._ids is not None:
+                arrays["__ids__"] = self._ids
+            meta = {**meta, "__dim__": self._dim, "__n_positions__": self._n_positions}
+            io.write_index_file(
+                path, family=self.family, metric=self.metric, params=self.params,
+                meta=meta, arrays=arrays, library_version=__version__,
+            )
+
+
+def _families_with(flag: str) -> list[str]:
+    out = []
+    for name in families():
+        try:
+            if getattr(get_family(name), flag):
+                out.append(name)
+        except ImportError:
+            continue
+    return out
+
+
+def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True) -> Index:
+    """Load an index written by :meth:`Index.save`.
+
+    Parameters
+    ----------
+    path : path-like
+    mmap : bool, default False
+        Memory-map the large arrays read-only instead of reading them (``add`` then copies).
+    verify : bool, default True
+        Check every array's checksum.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    IndexFormatError
+        Corrupt, truncated or foreign file; nothing is half-loaded.
+    """
+    header = io.read_index_file(path, mmap=mmap, verify=verify)
+    family_name = header["family"]
+    if family_name not in _REGISTRY:
+        raise IndexFormatError(f"{path} holds an index of unknown family {family_name!r}")
+    cls = get_family(family_name)
+    meta = dict(header["meta"])
+    arrays = dict(header["arrays"])
+    try:
+        index = cls(metric=header["metric"], **header["params"])
+        dim = int(meta.pop("__dim__"))
+        n_positions = int(meta.pop("__n_positions__"))
+        ids = arrays.pop("__ids__", None)
+        index._restore(meta, arrays)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IndexFormatError(f"{path} is corrupt: cannot restore the {family_name} index ({exc})") from None
+    index._dim = dim
+    index._n_positions = n_positions
+    index._ids = None if ids is None else np.asarray(ids, dtype=np.int64)
+    return index
+
+
+register_family("bruteforce", "annlib.indexes.bruteforce:BruteForce")

@@ -1,0 +1,30 @@
+"""Exception types raised by annlib.
+
+Every exception is a subclass of a builtin (``ValueError``, ``TypeError``, ...), so code written
+against numpy-style errors keeps working; catch :class:`AnnlibError` to catch only ours.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AnnlibError",
+    "IndexFormatError",
+    "DimensionMismatchError",
+    "NotBuiltError",
+]
+
+
+class AnnlibError(Exception):
+    """Base class mixed into every exception raised deliberately by annlib."""
+
+
+class IndexFormatError(AnnlibError, ValueError):
+    """A file given to :func:`annlib.load` is corrupt, truncated, of another version or not ours."""
+
+
+class DimensionMismatchError(AnnlibError, ValueError):
+    """Vectors whose dimension differs from the index's dimension."""
+
+
+class NotBuiltError(AnnlibError, RuntimeError):
+    """``search``/``add``/``save`` called on an index object before ``build``."""

@@ -1,0 +1,114 @@
+"""Distance kernels: scalar pairs, one query against many rows, and blocked query batches.
+
+All kernels return the proxy of ALGORITHMS §0 (squared L2, or negative inner product), float32.
+``proxy`` arguments take the codes of :mod:`annlib.metrics` (0 = squared L2, 1 = -<q, x>); the code
+is a run-time integer so one compiled kernel serves every metric.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+__all__ = [
+    "l2sq",
+    "dot",
+    "proxy_pair",
+    "sqnorms",
+    "one_to_many",
+    "many_to_many",
+    "rows_proxy",
+]
+
+L2SQ = 0
+NEG_IP = 1
+
+
+@numba.njit(inline="always", fastmath=True, cache=True, nogil=True)
+def l2sq(a, b):
+    """Squared Euclidean distance of two float32 vectors."""
+    acc = np.float32(0.0)
+    for t in range(a.shape[0]):
+        diff = a[t] - b[t]
+        acc += diff * diff
+    return acc
+
+
+@numba.njit(inline="always", fastmath=True, cache=True, nogil=True)
+def dot(a, b):
+    """Inner product of two float32 vectors."""
+    acc = np.float32(0.0)
+    for t in range(a.shape[0]):
+        acc += a[t] * b[t]
+    return acc
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
+def proxy_pair(a, b, proxy):
+    """Proxy distance of one pair: squared L2 (``proxy == 0``) or ``-<a, b>``."""
+    if proxy == L2SQ:
+        return l2sq(a, b)
+    return -dot(a, b)
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def sqnorms(X):
+    """Squared L2 norm of every row of ``X`` (float32, shape (n,))."""
+    out = np.empty(X.shape[0], dtype=np.float32)
+    for i in prange(X.shape[0]):
+        out[i] = dot(X[i], X[i])
+    return out
+
+
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def one_to_many(q, X, proxy):
+    """Proxy distances from one query ``q`` (d,) to every row of ``X`` (n, d)."""
+    out = np.empty(X.shape[0], dtype=np.float32)
+    for i in range(X.shape[0]):
+        out[i] = proxy_pair(q, X[i], proxy)
+    return out
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def many_to_many(Q, X, proxy):
+    """Proxy distances between every row of ``Q`` (m, d) and every row of ``X`` (n, d).
+
+    Loops over pairs directly; for large blocks the BLAS path in :mod:`annlib.kernels.blockwise`
+    is faster, this one is exact (no norm expansion) and allocation-light.
+    """
+    out = np.empty((Q.shape[0], X.shape[0]), dtype=np.float32)
+    for r in prange(Q.shape[0]):
+        for i in range(X.shape[0]):
+            out[r, i] = proxy_pair(Q[r], X[i], proxy)
+    return out
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def rows_proxy(Q, X, ids, proxy):
+    """Exact proxy distance from each query row to the listed rows of ``X``.
+
+    ``ids`` has shape (m, c) with row positions into ``X`` (-1 = none, gives +inf). Used to
+    re-rank candidates and to recompute returned distances without the norm-expansion error.
+    No ``fastmath`` here: these are the numbers users see.
+    """
+    out = np.empty(ids.shape, dtype=np.float32)
+    for r in prange(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            p = ids[r, j]
+            if p < 0:
+                out[r, j] = np.inf
+            else:
+                q = Q[r]
+                x = X[p]
+                acc = np.float32(0.0)
+                if proxy == L2SQ:
+                    for t in range(q.shape[0]):
+                        diff = q[t] - x[t]
+                        acc += diff * diff
+                    out[r, j] = acc
+                else:
+                    for t in range(q.shape[0]):
+                        acc += q[t] * x[t]
+                    out[r, j] = -acc
+    return out

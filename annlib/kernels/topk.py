@@ -1,0 +1,182 @@
+"""Top-k selection: bounded max-heaps, row-wise selection and result merging.
+
+One implementation of "keep the k smallest" for the whole library. A heap row is a pair of arrays
+``(dist[k], ids[k])`` kept as a max-heap on ``dist`` (the root is the current worst), initialised
+to ``(+inf, -1)``. All functions rank by the kernels' proxy (smaller is better).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+__all__ = [
+    "heap_push",
+    "heap_sort_inplace",
+    "new_heaps",
+    "sort_heaps",
+    "topk_rows",
+    "merge_topk",
+]
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
+def heap_push(dist, ids, d, i):
+    """Offer ``(d, i)`` to the max-heap ``(dist, ids)``; returns True if it entered.
+
+    Callers test ``d < dist[0]`` first on their hot path; the test is repeated here so the
+    function is safe on its own.
+    """
+    if not d < dist[0]:
+        return False
+    size = dist.shape[0]
+    pos = 0
+    while True:
+        left = 2 * pos + 1
+        if left >= size:
+            break
+        right = left + 1
+        child = left
+        if right < size and dist[right] > dist[left]:
+            child = right
+        if dist[child] <= d:
+            break
+        dist[pos] = dist[child]
+        ids[pos] = ids[child]
+        pos = child
+    dist[pos] = d
+    ids[pos] = i
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def heap_sort_inplace(dist, ids):
+    """Turn a max-heap into ascending order in place (heap sort's second phase)."""
+    n = dist.shape[0]
+    for end in range(n - 1, 0, -1):
+        dtop = dist[0]
+        itop = ids[0]
+        d = dist[end]
+        i = ids[end]
+        dist[end] = dtop
+        ids[end] = itop
+        pos = 0
+        while True:
+            left = 2 * pos + 1
+            if left >= end:
+                break
+            right = left + 1
+            child = left
+            if right < end and dist[right] > dist[left]:
+                child = right
+            if dist[child] <= d:
+                break
+            dist[pos] = dist[child]
+            ids[pos] = ids[child]
+            pos = child
+        dist[pos] = d
+        ids[pos] = i
+
+
+def new_heaps(n_rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Allocate ``n_rows`` empty heaps of size ``k``: distances +inf, ids -1."""
+    return np.full((n_rows, k), np.inf, dtype=np.float32), np.full((n_rows, k), -1, dtype=np.int64)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def sort_heaps(dist, ids):
+    """Sort every heap row ascending in place (parallel over rows)."""
+    for r in prange(dist.shape[0]):
+        heap_sort_inplace(dist[r], ids[r])
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _topk_rows(D, I, k, out_d, out_i):
+    for r in prange(D.shape[0]):
+        hd = out_d[r]
+        hi = out_i[r]
+        row = D[r]
+        for j in range(row.shape[0]):
+            v = row[j]
+            if v < hd[0]:
+                heap_push(hd, hi, v, I[r, j])
+        heap_sort_inplace(hd, hi)
+
+
+def topk_rows(D: np.ndarray, k: int, I: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` smallest entries of every row of ``D``, sorted ascending.
+
+    Parameters
+    ----------
+    D : ndarray, shape (m, n), float32
+        Proxy values (smaller is better); +inf entries are never selected.
+    k : int
+        Entries to keep per row; rows with fewer finite entries are padded with (+inf, -1).
+    I : ndarray, shape (m, n), int64, optional
+        Id of each entry; defaults to the column index.
+
+    Returns
+    -------
+    (ndarray float32 (m, k), ndarray int64 (m, k))
+    """
+    D = np.ascontiguousarray(D, dtype=np.float32)
+    if I is None:
+        I = np.broadcast_to(np.arange(D.shape[1], dtype=np.int64), D.shape)
+    I = np.ascontiguousarray(I, dtype=np.int64)
+    out_d, out_i = new_heaps(D.shape[0], k)
+    _topk_rows(D, I, k, out_d, out_i)
+    return out_d, out_i
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _merge_topk(Da, Ia, Db, Ib, out_d, out_i, dedup):
+    for r in prange(Da.shape[0]):
+        hd = out_d[r]
+        hi = out_i[r]
+        for src in range(2):
+            rd = Da[r] if src == 0 else Db[r]
+            ri = Ia[r] if src == 0 else Ib[r]
+            for j in range(rd.shape[0]):
+                v = rd[j]
+                if ri[j] < 0 or not v < hd[0]:
+                    continue
+                if dedup:
+                    seen = False
+                    for t in range(hd.shape[0]):
+                        if hi[t] == ri[j]:
+                            seen = True
+                            break
+                    if seen:
+                        continue
+                heap_push(hd, hi, v, ri[j])
+        heap_sort_inplace(hd, hi)
+
+
+def merge_topk(
+    Da: np.ndarray, Ia: np.ndarray, Db: np.ndarray, Ib: np.ndarray, k: int, *, dedup: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge two per-row candidate lists into the ``k`` best, sorted ascending.
+
+    Used to combine database blocks, shards, spilled copies and re-ranking passes. Entries with id
+    -1 are padding and ignored. With ``dedup=True`` an id already kept in a row is not added again
+    (for sources that can hold the same point twice, e.g. spilled assignments).
+
+    Parameters
+    ----------
+    Da, Db : ndarray float32, shape (m, ka) and (m, kb)
+    Ia, Ib : ndarray int64, same shapes
+    k : int
+    dedup : bool, default False
+
+    Returns
+    -------
+    (ndarray float32 (m, k), ndarray int64 (m, k))
+    """
+    out_d, out_i = new_heaps(Da.shape[0], k)
+    _merge_topk(
+        np.ascontiguousarray(Da, np.float32), np.ascontiguousarray(Ia, np.int64),
+        np.ascontiguousarray(Db, np.float32), np.ascontiguousarray(Ib, np.int64),
+        out_d, out_i, dedup,
+    )
+    return out_d, out_i
