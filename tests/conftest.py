@@ -1,0 +1,71 @@
+"""Shared fixtures: seeded data, the exact oracle, and the shared ann-benchmarks files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_SETS = sorted(p.stem for p in SHARED_DATA.glob("*.hdf5")) if SHARED_DATA.is_dir() else []
+
+
+def read_shared(name: str, n_queries: int | None = None, seed: int = 0):
+    """Read a shared ann-benchmarks file; optionally a seeded subsample of its queries."""
+    h5py = pytest.importorskip("h5py")
+    path = SHARED_DATA / f"{name}.hdf5"
+    if not path.exists():
+        pytest.skip(f"shared data set {name} not present")
+    with h5py.File(path, "r") as f:
+        train = np.asarray(f["train"], dtype=np.float32)
+        test = np.asarray(f["test"], dtype=np.float32)
+        neighbors = np.asarray(f["neighbors"], dtype=np.int64)
+        distances = np.asarray(f["distances"], dtype=np.float32)
+        metric = {"euclidean": "l2", "angular": "cosine"}[f.attrs["distance"]]
+    if n_queries is not None and n_queries < len(test):
+        rows = np.sort(np.random.default_rng(seed).choice(len(test), n_queries, replace=False))
+        test, neighbors, distances = test[rows], neighbors[rows], distances[rows]
+    return train, test, neighbors, distances, metric
+
+
+def true_distances(train, Q, metric):
+    """Exact public distances (DESIGN §3) in float64, shape (q, n)."""
+    X = train.astype(np.float64)
+    Qd = Q.astype(np.float64)
+    if metric == "l2":
+        return np.sqrt(np.maximum(((Qd[:, None, :] - X[None]) ** 2).sum(-1), 0.0))
+    if metric == "ip":
+        return -(Qd @ X.T)
+    Xn = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-30)
+    Qn = Qd / np.maximum(np.linalg.norm(Qd, axis=1, keepdims=True), 1e-30)
+    return 1.0 - Qn @ Xn.T
+
+
+def threshold_recall(ids, train, Q, true_kth, metric, eps=1e-3):
+    """ann-benchmarks recall: a returned id counts when its recomputed distance <= true k-th + eps."""
+    hits = 0
+    for r in range(Q.shape[0]):
+        row = ids[r][ids[r] >= 0]
+        assert len(set(row.tolist())) == len(row), "duplicate ids in a result row"
+        if len(row) == 0:
+            continue
+        d = true_distances(train[row], Q[r:r + 1], metric)[0]
+        hits += int((d <= true_kth[r] + eps).sum())
+    return hits / (Q.shape[0] * ids.shape[1])
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="session")
+def blobs():
+    """A small clustered data set (2,000 x 24) and 50 queries, fixed seed."""
+    g = np.random.default_rng(7)
+    centers = g.normal(size=(20, 24)) * 4
+    X = (centers[g.integers(0, 20, 2000)] + g.normal(size=(2000, 24))).astype(np.float32)
+    Q = (centers[g.integers(0, 20, 50)] + g.normal(size=(50, 24))).astype(np.float32)
+    return X, Q
