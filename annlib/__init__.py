@@ -19,4 +19,15 @@ __all__ = [
     "set_num_threads", "get_num_threads", "threads",
     "AnnlibError", "IndexFormatError", "DimensionMismatchError", "NotBuiltError",
     "METRICS", "__version__",
+    "HNSW", "Partitioned", "TPUKNN", "MahalanobisSketch",
 ]
+
+# Families other than the oracle load on first use, so `import annlib` stays light.
+_LAZY_FAMILIES = {"HNSW": "hnsw", "Partitioned": "partitioned", "TPUKNN": "tpuknn",
+                  "MahalanobisSketch": "mahalanobis"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_FAMILIES:
+        return get_family(_LAZY_FAMILIES[name])
+    raise AttributeError(f"module 'annlib' has no attribute {name!r}")

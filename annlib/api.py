@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import threading
 from typing import Any, Callable, ClassVar, Mapping, NamedTuple
@@ -52,8 +53,19 @@ def register_family(name: str, target: str) -> None:
 
 
 def families() -> list[str]:
-    """Names accepted by ``Index.build(method=...)`` (besides ``"auto"``)."""
-    return list(_REGISTRY)
+    """Names accepted by ``Index.build(method=...)`` (besides ``"auto"``).
+
+    Only families whose module is present are listed, so a partial installation (or a family
+    still being written) never breaks the others.
+    """
+    return [name for name, target in _REGISTRY.items() if _module_exists(target.partition(":")[0])]
+
+
+def _module_exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def get_family(name: str) -> type["Index"]:
@@ -490,3 +502,7 @@ def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True) ->
 
 
 register_family("bruteforce", "annlib.indexes.bruteforce:BruteForce")
+register_family("hnsw", "annlib.indexes.hnsw:HNSW")
+register_family("partitioned", "annlib.indexes.partitioned:Partitioned")
+register_family("tpuknn", "annlib.indexes.tpuknn:TPUKNN")
+register_family("mahalanobis", "annlib.indexes.mahalanobis:MahalanobisSketch")
