@@ -60,10 +60,13 @@ def as_vectors(X: Any, name: str = "X", *, allow_1d: bool = False) -> tuple[np.n
     ValueError
         Wrong number of dimensions, zero rows or columns, NaN or inf (names the first bad row).
     """
-    try:
-        arr = np.asarray(X)
-    except (TypeError, ValueError) as exc:  # ragged nested lists and the like
-        raise TypeError(f"{name} must be a numeric array-like; could not convert it ({exc})") from None
+    if type(X) is np.ndarray:
+        arr = X
+    else:
+        try:
+            arr = np.asarray(X)
+        except (TypeError, ValueError) as exc:  # ragged nested lists and the like
+            raise TypeError(f"{name} must be a numeric array-like; could not convert it ({exc})") from None
     if arr.dtype.kind not in "biuf":
         raise TypeError(
             f"{name} must have a real numeric dtype (bool, int, uint or float); got dtype {arr.dtype}"
@@ -78,12 +81,15 @@ def as_vectors(X: Any, name: str = "X", *, allow_1d: bool = False) -> tuple[np.n
         raise ValueError(f"{name} has zero rows (shape {arr.shape}); at least one vector is needed")
     if arr.shape[1] == 0:
         raise ValueError(f"{name} has zero columns (shape {arr.shape}); vectors need at least one dimension")
-    out = np.ascontiguousarray(arr, dtype=np.float32)
-    # Checked after the cast so float64 values that overflow float32 are caught too.
-    finite = np.isfinite(out)
-    if not finite.all():
-        bad_row = int(np.flatnonzero(~finite.all(axis=1))[0])
-        raise ValueError(f"{name} contains NaN or inf; the first bad row is {bad_row}")
+    out = arr if arr.dtype == np.float32 and arr.flags.c_contiguous else np.ascontiguousarray(arr, dtype=np.float32)
+    # Checked after the cast so float64 values that overflow float32 are caught too. A finite sum
+    # proves every entry finite without allocating a mask; only a non-finite sum (a bad entry, or
+    # a harmless overflow of the sum) pays for the full check.
+    if not np.isfinite(np.add.reduce(out, axis=None, dtype=np.float64)):
+        finite = np.isfinite(out)
+        if not finite.all():
+            bad_row = int(np.flatnonzero(~finite.all(axis=1))[0])
+            raise ValueError(f"{name} contains NaN or inf; the first bad row is {bad_row}")
     return out, was_1d
 
 

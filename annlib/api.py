@@ -311,23 +311,39 @@ class Index:
             DESIGN §4: bad queries, dimension mismatch, bad ``k``, unknown or out-of-range
             parameters, bad filter.
         """
+        # This path runs once per query in one-at-a-time use, so it avoids work it can skip.
         self._require_built()
         Q32, was_1d = V.as_vectors(Q, "Q", allow_1d=True)
-        V.check_dim(Q32.shape[1], self._dim)
+        if Q32.shape[1] != self._dim:
+            V.check_dim(Q32.shape[1], self._dim)
         k = V.check_k(k, len(self))
-        V.check_params(params, self.search_defaults, f"{type(self).__name__}.search()")
-        sp = self._check_search_params({**self.search_defaults, **params})
-        threads = V.check_threads(threads)
-        mask = V.check_filter(filter, self._n_positions, self._positions_of)
-        with config.threads(threads):
-            proxy, pos = self._search(self._metric.prepare(Q32), k, mask, **sp)
+        if params:
+            V.check_params(params, self.search_defaults, f"{type(self).__name__}.search()")
+            sp = self._check_search_params({**self.search_defaults, **params})
+        else:
+            sp = self._default_search_params()
+        mask = None if filter is None else V.check_filter(filter, self._n_positions, self._positions_of)
+        Qp = self._metric.prepare(Q32)
+        if threads is None:
+            proxy, pos = self._search(Qp, k, mask, **sp)
+        else:
+            with config.threads(V.check_threads(threads)):
+                proxy, pos = self._search(Qp, k, mask, **sp)
         dist = self._metric.to_distance(proxy)
         pos = np.asarray(pos, dtype=np.int64)
-        dist[pos < 0] = np.inf
+        if pos.size and pos.min() < 0:
+            dist[pos < 0] = np.inf
         ids = self._external_ids(pos)
         if was_1d:
             return SearchResult(ids[0], dist[0])
         return SearchResult(ids, dist)
+
+    def _default_search_params(self) -> dict[str, Any]:
+        cached = self.__dict__.get("_cached_search_defaults")
+        if cached is None:
+            cached = self._check_search_params(dict(self.search_defaults))
+            self.__dict__["_cached_search_defaults"] = cached
+        return cached
 
     def warmup(self) -> None:
         """Run tiny searches so JIT compilation is not counted in the first real query."""

@@ -14,7 +14,7 @@ import numpy as np
 from numba import prange
 
 from .distances import L2SQ, rows_proxy
-from .topk import heap_push, heap_sort_inplace, new_heaps
+from .topk import heap_push, heap_sort_inplace, new_heaps, sort_rows_inplace
 
 __all__ = ["exact_search", "fold_block", "QUERY_BLOCK", "DB_BLOCK"]
 
@@ -128,9 +128,7 @@ def exact_search(
             fold_block(S, x_sqnorm, x0, proxy, mask_arr, heap_d, heap_i, q0)
     if exact_distances:
         heap_d = rows_proxy(Q, X, heap_i, proxy)
-        order = np.argsort(heap_d, axis=1, kind="stable")
-        heap_d = np.take_along_axis(heap_d, order, axis=1)
-        heap_i = np.take_along_axis(heap_i, order, axis=1)
+        sort_rows_inplace(heap_d, heap_i)
     else:
         _finish_rows(heap_d, heap_i)
         if proxy == L2SQ:

@@ -18,6 +18,7 @@ __all__ = [
     "sort_heaps",
     "topk_rows",
     "merge_topk",
+    "sort_rows_inplace",
 ]
 
 
@@ -180,3 +181,25 @@ def merge_topk(
         out_d, out_i, dedup,
     )
     return out_d, out_i
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def sort_rows_inplace(dist, ids):
+    """Sort each row of ``(dist, ids)`` by ``(dist, id)`` ascending, in place (insertion sort).
+
+    Meant for short rows (a re-ranked top-k) where it beats a general sort; equal distances are
+    ordered by lower id, like the exact ground truth of ann-benchmarks files.
+    """
+    for r in prange(dist.shape[0]):
+        d = dist[r]
+        i = ids[r]
+        for a in range(1, d.shape[0]):
+            dv = d[a]
+            iv = i[a]
+            b = a - 1
+            while b >= 0 and (d[b] > dv or (d[b] == dv and i[b] > iv)):
+                d[b + 1] = d[b]
+                i[b + 1] = i[b]
+                b -= 1
+            d[b + 1] = dv
+            i[b + 1] = iv
