@@ -60,11 +60,12 @@ def test_merge_topk_and_dedup(rng):
     assert (i3[:, 0] == i3[:, 1]).all()
 
 
+@pytest.mark.parametrize("nq", [17, 3, 1])  # GEMM path and the fused scan for few queries
 @pytest.mark.parametrize("proxy", [0, 1])
 @pytest.mark.parametrize("blocks", [(7, 13), (256, 4096), (1, 1)])
-def test_exact_search_blocking_and_mask(rng, proxy, blocks):
+def test_exact_search_blocking_and_mask(rng, proxy, blocks, nq):
     X = rng.normal(size=(333, 20)).astype(np.float32)
-    Q = rng.normal(size=(17, 20)).astype(np.float32)
+    Q = rng.normal(size=(nq, 20)).astype(np.float32)
     mask = rng.random(333) < 0.3
     norms = D.sqnorms(X)
     ref = ref_proxy(Q, X, proxy)

@@ -16,12 +16,15 @@ from numba import prange
 from .distances import L2SQ, rows_proxy
 from .topk import heap_push, heap_sort_inplace, new_heaps, sort_rows_inplace
 
-__all__ = ["exact_search", "fold_block", "QUERY_BLOCK", "DB_BLOCK"]
+__all__ = ["exact_search", "fold_block", "scan_topk", "QUERY_BLOCK", "DB_BLOCK", "SCAN_MAX_QUERIES"]
 
 # A 256 x 4096 float32 block is 4 MiB: large enough for GEMM to run near peak, small enough to
 # stay in the last-level cache while the heaps are updated.
 QUERY_BLOCK = 256
 DB_BLOCK = 4096
+# Below this many queries a GEMM cannot reuse database rows across queries, and one fused pass
+# (distance + heap per row, vectors read once) beats GEMV plus a second pass over the scores.
+SCAN_MAX_QUERIES = 4
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -71,6 +74,38 @@ def fold_block(S, x_sqnorm, offset, proxy, mask, heap_d, heap_i, q_offset):
                     worst = hd[0]
 
 
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def scan_topk(Q, X, k, proxy, mask, heap_d, heap_i):
+    """Fused exact scan for a few queries: proxy of every row, folded straight into the heaps.
+
+    Distances are computed directly (no norm expansion), so they need no re-computation; the
+    heaps are left unsorted.
+    """
+    use_mask = mask.shape[0] > 0
+    d = X.shape[1]
+    for r in range(Q.shape[0]):
+        q = Q[r]
+        hd = heap_d[r]
+        hi = heap_i[r]
+        worst = hd[0]
+        for i in range(X.shape[0]):
+            if use_mask and not mask[i]:
+                continue
+            x = X[i]
+            acc = np.float32(0.0)
+            if proxy == L2SQ:
+                for t in range(d):
+                    diff = q[t] - x[t]
+                    acc += diff * diff
+            else:
+                for t in range(d):
+                    acc += q[t] * x[t]
+                acc = -acc
+            if acc < worst:
+                heap_push(hd, hi, acc, i)
+                worst = hd[0]
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _finish_rows(heap_d, heap_i):
     for r in prange(heap_d.shape[0]):
@@ -116,6 +151,12 @@ def exact_search(
     nq, n = Q.shape[0], X.shape[0]
     heap_d, heap_i = new_heaps(nq, k)
     mask_arr = np.zeros(0, dtype=np.bool_) if mask is None else mask
+    if nq <= SCAN_MAX_QUERIES:
+        scan_topk(Q, X, k, proxy, mask_arr, heap_d, heap_i)
+        if exact_distances:  # fastmath sums: recompute the k survivors in plain float32
+            heap_d = rows_proxy(Q, X, heap_i, proxy)
+        sort_rows_inplace(heap_d, heap_i)
+        return heap_d, heap_i
     bq_max = min(query_block, nq)
     bn_max = min(db_block, n)
     buf = np.empty(bq_max * bn_max, dtype=np.float32)
