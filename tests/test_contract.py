@@ -19,6 +19,12 @@ from conftest import true_distances
 # the parameter), and the metrics the family supports.
 CASES = {
     "bruteforce": dict(build={}, search={}, min_recall=1.0, bad_build=[], bad_search=[]),
+    "mahalanobis": dict(build={"random_state": 0}, search={"reorder": 100}, min_recall=0.99,
+                        bad_build=[{"eps": 0.0}, {"delta": 1.0}, {"copies": 0}, {"votes": 2}, {"m": 0}],
+                        bad_search=[{"reorder": 0}], metrics=["l2"]),
+    "hnsw": dict(build={"M": 12, "random_state": 0}, search={"ef": 96}, min_recall=0.98,
+                 bad_build=[{"M": 1}, {"ef_construction": 0}, {"finger_rank": 65}],
+                 bad_search=[{"ef": 0}]),
 }
 DEFAULT_CASE = dict(build={}, search={}, min_recall=0.9, bad_build=[], bad_search=[], metrics=["l2", "cosine", "ip"])
 FAMILIES = annlib.families()

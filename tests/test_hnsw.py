@@ -1,0 +1,234 @@
+"""HNSW: recall against exact ground truth, parallel vs serial build, add, delete, persistence, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import annlib
+from annlib.indexes.hnsw import HNSW
+
+from conftest import read_shared, threshold_recall, true_distances
+
+N_QUERIES = 100
+
+
+@pytest.fixture(scope="module")
+def sift():
+    X, Q, _, dist, metric = read_shared("sift-128-euclidean-10k", N_QUERIES)
+    return X, Q, dist[:, 9], metric
+
+
+@pytest.fixture(scope="module")
+def sift_index(sift):
+    X, _, _, metric = sift
+    return HNSW(metric=metric, M=16).build(X)
+
+
+def recall(index, data, **params):
+    X, Q, kth, metric = data
+    ids, _ = index.search(Q, 10, **params)
+    return threshold_recall(ids, X, Q, kth, metric)
+
+
+def exact_kth(X, Q, metric, k=10):
+    return np.sort(true_distances(X, Q, metric), axis=1)[:, k - 1]
+
+
+# -------------------------------------------------------------------------------- recall floors
+# Floors sit below the values measured with the default seed (in the comments), with margin.
+def test_recall_sift_plain_and_finger(sift, sift_index):
+    assert recall(sift_index, sift, ef=64, finger=False) >= 0.98  # measured 0.997
+    assert recall(sift_index, sift, ef=64, finger=True) >= 0.97  # measured 0.997
+    assert recall(sift_index, sift, ef=10, finger=False) >= 0.85  # measured 0.93
+
+
+def test_recall_mnist_subset():
+    X, Q, _, _, metric = read_shared("mnist-784-euclidean-10k", 100)
+    X = X[:4000]
+    index = HNSW(metric=metric, M=16).build(X)
+    data = (X, Q, exact_kth(X, Q, metric), metric)
+    assert recall(index, data, ef=64, finger=False) >= 0.97  # measured 0.999
+    assert recall(index, data, ef=64, finger=True) >= 0.96  # measured 0.999
+
+
+def test_recall_cosine_glove_subset():
+    X, Q, _, _, metric = read_shared("glove-50-angular-200k", 100)
+    X = X[:5000]
+    assert metric == "cosine"
+    index = HNSW(metric="cosine", M=16).build(X)
+    data = (X, Q, exact_kth(X, Q, "cosine"), "cosine")
+    assert recall(index, data, ef=96, finger=False) >= 0.95  # measured 0.980
+    assert recall(index, data, ef=96, finger=True) >= 0.93  # measured 0.979
+
+
+def test_recall_inner_product(blobs):
+    X, Q = blobs
+    index = HNSW(metric="ip", M=16).build(X)
+    data = (X, Q, exact_kth(X, Q, "ip"), "ip")
+    assert recall(index, data, ef=64, finger=False) >= 0.95
+    assert recall(index, data, ef=64, finger=True) >= 0.93
+
+
+# -------------------------------------------------------------------------------- build
+def test_parallel_build_matches_serial_build(sift):
+    """Batched parallel insertion loses at most 0.005 recall against one-at-a-time insertion."""
+    X, Q, kth, metric = sift
+    serial = HNSW(metric=metric, M=16, finger=False)
+    serial._BATCH_DIV = len(X) + 1  # batches of one point: classic sequential insertion
+    serial.build(X, threads=1)
+    parallel = HNSW(metric=metric, M=16, finger=False).build(X, threads=2)
+    for ef in (10, 16, 32):
+        r_s = recall(serial, sift, ef=ef)
+        r_p = recall(parallel, sift, ef=ef)
+        assert r_p >= r_s - 0.005, (ef, r_s, r_p)
+
+
+def test_graph_independent_of_thread_count(sift):
+    X = sift[0][:3000]
+    a = HNSW(M=8, random_state=3).build(X, threads=1)
+    b = HNSW(M=8, random_state=3).build(X, threads=2)
+    _, sa = a._state()
+    _, sb = b._state()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        np.testing.assert_array_equal(sa[key], sb[key], err_msg=key)
+
+
+def test_progress_callable(sift):
+    X = sift[0][:2000]
+    calls = []
+    HNSW(M=8, finger=False).build(X, progress=lambda done, total: calls.append((done, total)))
+    assert calls and calls[-1] == (2000, 2000)
+    assert all(t == 2000 for _, t in calls) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+# -------------------------------------------------------------------------------- add / delete
+def test_add_reaches_same_recall(sift):
+    X, Q, kth, metric = sift
+    index = HNSW(metric=metric, M=16).build(X[:7000])
+    index.add(X[7000:8500])
+    index.add(X[8500:])
+    assert len(index) == len(X)
+    assert recall(index, sift, ef=64, finger=False) >= 0.98
+    assert recall(index, sift, ef=64, finger=True) >= 0.97
+
+
+def test_delete_never_returns_deleted_ids(sift, tmp_path):
+    X, Q, _, metric = sift
+    ext = np.arange(len(X)) * 7 + 3
+    index = HNSW(metric=metric, M=16).build(X, ids=ext)
+    base_ids, _ = index.search(Q, 10, ef=64)
+    gone = np.unique(np.concatenate([base_ids[:, :5].ravel(), ext[::5]]))
+    gone = np.append(gone, ext[index._g["entry"]])  # the entry point too
+    index.delete(gone)
+    assert len(index) == len(X) - len(np.unique(gone))
+    keep = ~np.isin(ext, gone)
+    kth = exact_kth(X[keep], Q, metric)
+    for finger in (False, True):
+        ids, dist = index.search(Q, 10, ef=64, finger=finger)
+        assert not np.isin(ids, gone).any()
+        pos = (ids - 3) // 7
+        rec = threshold_recall(np.searchsorted(np.flatnonzero(keep), pos), X[keep], Q, kth, metric)
+        assert rec >= 0.95
+    # persistence keeps the tombstones
+    index.save(tmp_path / "del.annlib")
+    loaded = annlib.load(tmp_path / "del.annlib")
+    np.testing.assert_array_equal(loaded.search(Q, 10, ef=64).ids, index.search(Q, 10, ef=64).ids)
+    assert len(loaded) == len(index)
+    # deleting again, or an unknown id, is refused without change
+    with pytest.raises(ValueError, match="not in the index"):
+        index.delete([10**9])
+    loaded.add(X[:50], ids=np.arange(50) + 10**8)
+    assert not np.isin(loaded.search(Q, 10, ef=64).ids, gone).any()
+
+
+def test_delete_almost_everything(blobs):
+    X, Q = blobs
+    index = HNSW(M=8).build(X)
+    index.delete(np.arange(len(X) - 5))
+    ids, dist = index.search(Q, 5, ef=32)
+    assert set(ids.ravel().tolist()) <= set(range(len(X) - 5, len(X)))
+    with pytest.raises(ValueError, match="larger than the number of indexed vectors"):
+        index.search(Q, 6)
+
+
+# -------------------------------------------------------------------------------- persistence
+@pytest.mark.parametrize("mmap", [False, True])
+def test_save_load_identical(sift, sift_index, tmp_path, mmap):
+    X, Q, _, _ = sift
+    path = tmp_path / "sift.annlib"
+    sift_index.save(path)
+    loaded = annlib.load(path, mmap=mmap)
+    for finger in (False, True):
+        a = sift_index.search(Q, 10, ef=40, finger=finger)
+        b = loaded.search(Q, 10, ef=40, finger=finger)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.distances, b.distances)
+    loaded.add(X[:10] + 0.5)  # a loaded (even memory-mapped) index stays writable
+    assert len(loaded) == len(X) + 10
+
+
+def test_search_stats_count_work(sift, sift_index):
+    _, Q, _, _ = sift
+    sift_index.reset_search_stats()
+    sift_index.search(Q, 10, ef=64, finger=False)
+    plain = sift_index.search_stats()
+    sift_index.reset_search_stats()
+    sift_index.search(Q, 10, ef=64, finger=True)
+    fing = sift_index.search_stats()
+    assert plain["queries"] == fing["queries"] == len(Q)
+    assert plain["estimated_per_query"] == 0 and fing["estimated_per_query"] > 0
+    assert fing["exact_per_query"] < plain["exact_per_query"]
+
+
+def test_search_space():
+    space = HNSW.search_space(n=100, dim=8)
+    assert space["search"]["ef"][-1] == 100 and space["search"]["finger"] == [False, True]
+    assert HNSW.search_space()["search"]["ef"] == sorted(HNSW.search_space()["search"]["ef"])
+
+
+# -------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("params, exc, match", [
+    ({"M": 1}, ValueError, r"M must be in \[2, 256\]; got 1"),
+    ({"M": 2.5}, TypeError, "M must be an integer"),
+    ({"ef_construction": 0}, ValueError, "ef_construction must be in"),
+    ({"finger_rank": 65}, ValueError, r"finger_rank must be in \[1, 64\]; got 65"),
+    ({"finger_rank": 0}, ValueError, "finger_rank"),
+    ({"finger": "yes"}, TypeError, "finger must be True or False"),
+    ({"random_state": -1}, ValueError, "random_state"),
+    ({"efSearch": 5}, ValueError, r"unknown parameter\(s\) efSearch"),
+])
+def test_bad_build_params(params, exc, match):
+    with pytest.raises(exc, match=match):
+        HNSW(**params)
+
+
+def test_bad_search_params_leave_index_unchanged(sift, sift_index):
+    X, Q, _, _ = sift
+    before = sift_index.search(Q[:5], 5, ef=32)
+    for params, exc, match in [({"ef": 0}, ValueError, r"ef must be in \[1, 100000\]; got 0"),
+                               ({"ef": -3}, ValueError, "ef must be"),
+                               ({"ef": 1.5}, TypeError, "ef must be an integer"),
+                               ({"finger": 1}, TypeError, "finger must be True or False")]:
+        with pytest.raises(exc, match=match):
+            sift_index.search(Q[:5], 5, **params)
+    with pytest.raises(ValueError, match="dimension 127 but the index holds vectors of dimension 128"):
+        sift_index.search(Q[:5, :127], 5)
+    with pytest.raises(ValueError, match="first bad row is 0"):
+        sift_index.add(np.full((2, 128), np.nan))
+    with pytest.raises(TypeError, match="ids must be integers"):
+        sift_index.delete([1.5])
+    assert len(sift_index) == len(X)
+    np.testing.assert_array_equal(sift_index.search(Q[:5], 5, ef=32).ids, before.ids)
+
+
+def test_tiny_indexes():
+    X = np.arange(12, dtype=np.float32).reshape(4, 3)
+    for metric in ("l2", "cosine", "ip"):
+        index = HNSW(metric=metric, M=2).build(X[:1])
+        ids, _ = index.search(X[0], 1)
+        assert ids.tolist() == [0]
+        index.add(X[1:])
+        ids, _ = index.search(X, 4, ef=4)
+        assert sorted(ids[0].tolist()) == [0, 1, 2, 3]
