@@ -28,6 +28,14 @@ __all__ = [
     "check_progress",
     "check_random_state",
     "add_not_supported",
+    "check_odd_int",
+    "check_exclusive",
+    "check_matrix",
+    "check_psd_matrix",
+    "check_metric_dim",
+    "check_rows",
+    "check_supported_metric",
+    "check_known_positions",
 ]
 
 
@@ -297,3 +305,175 @@ def add_not_supported(family: str, families_that_can: Iterable[str]) -> NotImple
     """The error for ``add`` on a family that cannot add (returned, for the caller to raise)."""
     can = ", ".join(sorted(families_that_can))
     return NotImplementedError(f"{family} does not support add(); families that can add: {can}")
+
+
+def check_odd_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """Like :func:`check_int`, and the value must be odd (e.g. the number of votes of a median)."""
+    value = check_int(name, value, low, high)
+    if value % 2 == 0:
+        raise ValueError(f"{name} must be odd (a median needs a middle element); got {value}")
+    return value
+
+
+def check_exclusive(**named: Any) -> None:
+    """Refuse more than one of the given keyword arguments being set (not None)."""
+    given = [k for k, v in named.items() if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of {', '.join(named)}; got {', '.join(given)}")
+
+
+def check_matrix(name: str, value: Any, *, square: bool = False, allow_1d: bool = False,
+                 nonzero: bool = False) -> np.ndarray:
+    """Check a real, finite, non-empty 2-D matrix and return it as C-contiguous float64.
+
+    Parameters
+    ----------
+    name : str
+        Argument name for messages.
+    value : array-like
+    square : bool, default False
+        Require shape (d, d).
+    allow_1d : bool, default False
+        Accept one row of shape (d,) and return it as (1, d).
+    nonzero : bool, default False
+        Refuse an all-zero matrix.
+
+    Raises
+    ------
+    TypeError
+        Non-numeric dtype.
+    ValueError
+        Not 2-D, empty, not square when ``square``, all zero when ``nonzero``, or NaN/inf.
+    """
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a numeric 2-D array-like; could not convert it ({exc})") from None
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must have a real numeric dtype (bool, int, uint or float); got dtype {arr.dtype}")
+    if allow_1d and arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    shape = "(d, d)" if square else "(p, d)"
+    if arr.ndim != 2 or 0 in arr.shape or (square and arr.shape[0] != arr.shape[1]):
+        kind = "square " if square else ""
+        raise ValueError(f"{name} must be a non-empty {kind}2-D matrix of shape {shape}; got shape {arr.shape}")
+    out = np.ascontiguousarray(arr, dtype=np.float64)
+    if not np.isfinite(out).all():
+        bad_row = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
+        raise ValueError(f"{name} contains NaN or inf; the first bad row is {bad_row}")
+    if nonzero and not out.any():
+        raise ValueError(f"{name} is all zeros; every distance would be 0")
+    return out
+
+
+def check_psd_matrix(name: str, value: Any, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Check a symmetric positive semi-definite matrix; return it with its eigendecomposition.
+
+    Parameters
+    ----------
+    name : str
+        Argument name for messages.
+    value : array-like (d, d)
+    tol : float, default 1e-6
+        Relative tolerance: asymmetry up to ``tol * max|M|`` and eigenvalues down to
+        ``-tol * max eigenvalue`` are float noise (the matrix is symmetrised and the small
+        negative eigenvalues are clipped to 0).
+
+    Returns
+    -------
+    (M, w, V)
+        The symmetrised float64 matrix, its eigenvalues (ascending, clipped at 0) and
+        eigenvectors (columns), so callers need not factor it again.
+
+    Raises
+    ------
+    TypeError
+        Non-numeric dtype.
+    ValueError
+        Not square, NaN/inf, asymmetric, indefinite, or zero (every distance would be 0).
+    """
+    M = check_matrix(name, value, square=True)
+    scale = float(np.abs(M).max())
+    if scale == 0.0:
+        raise ValueError(f"{name} is the zero matrix; every distance would be 0")
+    asym = np.abs(M - M.T)
+    worst = float(asym.max())
+    if worst > tol * scale:
+        i, j = np.unravel_index(int(asym.argmax()), asym.shape)
+        raise ValueError(
+            f"{name} must be symmetric; |{name}[{i},{j}] - {name}[{j},{i}]| = {worst:.3g} exceeds "
+            f"{tol:g} * max|{name}| = {tol * scale:.3g}"
+        )
+    M = (M + M.T) / 2.0
+    w, V = np.linalg.eigh(M)
+    top = float(w[-1])
+    if top <= 0.0 or float(w[0]) < -tol * top:
+        raise ValueError(
+            f"{name} must be positive semi-definite; its smallest eigenvalue is {float(w[0]):.4g} "
+            f"(largest {top:.4g}, tolerance {-tol * max(top, 0.0):.3g})"
+        )
+    return M, np.maximum(w, 0.0), V
+
+
+def check_metric_dim(name: str, given: int, expected: int, what: str = "the vectors") -> None:
+    """Refuse a metric matrix (or update vector) whose dimension differs from the vectors'."""
+    if given != expected:
+        raise DimensionMismatchError(
+            f"{name} acts on vectors of dimension {given}, but the dimension of {what} is {expected}"
+        )
+
+
+def check_rows(name: str, rows: Any, n_rows: int, count: int | None = None) -> np.ndarray:
+    """Check row indices into a matrix with ``n_rows`` rows: integers, distinct, in range.
+
+    ``count``, when given, is the number of indices required (one per row of an update).
+
+    Returns
+    -------
+    ndarray int64 (r,)
+
+    Raises
+    ------
+    TypeError
+        Non-integer indices.
+    ValueError
+        Out of range or repeated.
+    """
+    arr = np.atleast_1d(np.asarray(rows))
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integer row indices; got dtype {arr.dtype}")
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be one index or a 1-D array of indices; got shape {arr.shape}")
+    if count is not None and arr.size != count:
+        raise ValueError(f"{name} must list one index per update row ({count}); got {arr.size}")
+    arr = arr.astype(np.int64)
+    bad = (arr < 0) | (arr >= n_rows)
+    if bad.any():
+        raise ValueError(f"{name} must be in [0, {n_rows - 1}]; got {int(arr[bad][0])}")
+    if np.unique(arr).size != arr.size:
+        raise ValueError(f"{name} must be distinct; got {arr.tolist()}")
+    return arr
+
+
+def check_supported_metric(family: str, metric: Any, supported: Iterable[str], known: Iterable[str]) -> str:
+    """Refuse an unknown metric name (listing the known ones) or one the family cannot serve."""
+    check_choice("metric", metric, known)
+    supported = list(supported)
+    if metric not in supported:
+        raise ValueError(f"{family} does not support metric {metric!r}; supported: {', '.join(supported)}")
+    return metric
+
+
+def check_known_positions(ids: np.ndarray, positions: np.ndarray, dead: np.ndarray | None = None) -> None:
+    """Refuse ids that are not in the index (position -1) or were deleted (``dead[position]``).
+
+    Raises
+    ------
+    ValueError
+        Names the first offending id.
+    """
+    missing = positions < 0
+    if dead is not None:
+        missing = missing | (dead[np.maximum(positions, 0)] & (positions >= 0))
+    if missing.any():
+        raise ValueError(f"id {int(ids[np.flatnonzero(missing)[0]])} is not in the index")

@@ -25,6 +25,12 @@ CASES = {
     "hnsw": dict(build={"M": 12, "random_state": 0}, search={"ef": 96}, min_recall=0.98,
                  bad_build=[{"M": 1}, {"ef_construction": 0}, {"finger_rank": 65}],
                  bad_search=[{"ef": 0}]),
+    "tpuknn": dict(build={}, search={"recall_target": 0.95}, min_recall=0.95,
+                   bad_build=[{"recall_target": 0.0}, {"dtype": "float16"}, {"shards": 0}],
+                   bad_search=[{"recall_target": 1.5}]),
+    "partitioned": dict(build={"num_leaves": 20, "random_state": 0}, search={"leaves": 20, "reorder": 200},
+                        min_recall=0.99, bad_build=[{"num_leaves": 0}, {"spill": "all"}, {"soar_lambda": -1.0}],
+                        bad_search=[{"leaves": 0}, {"reorder": 0}]),
 }
 DEFAULT_CASE = dict(build={}, search={}, min_recall=0.9, bad_build=[], bad_search=[], metrics=["l2", "cosine", "ip"])
 FAMILIES = annlib.families()

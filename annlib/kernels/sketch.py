@@ -1,0 +1,410 @@
+"""Sketch kernels for Mahalanobis distance estimation: median-of-copies scoring, updates, re-ranking.
+
+Layout shared by every function here:
+
+* ``P``  float32 (L, m, d): per copy ``j`` the sketch map ``P_j = Pi_j U`` (``Pi_j`` Gaussian).
+* ``S``  float32 (L, m, n): per copy the sketches ``s_{j,i} = P_j x_i`` as columns (row-major
+  ``m x n`` per copy is what the GEMM ``Z @ S_j`` reads fastest, and a metric update then sweeps
+  contiguous rows); ``sn`` (L, n) their squared norms, so
+  ``||z - s||^2 = ||z||^2 - 2<z, s> + ||s||^2`` scores a block by one GEMM.
+* ``sel`` int64 (q, R): the ``R`` copies each query uses; the estimate of ``d_M(q, x_i)^2`` is the
+  median over those copies of ``||P_j q - s_{j,i}||^2`` (the median of squares is the square of
+  the median of distances, so no square root is taken while ranking).
+
+Query rows are grouped by copy so that each copy's sketches are read by one GEMM per database
+block, whatever mix of copies the queries chose.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numba
+import numpy as np
+from numba import prange
+
+from .distances import sqnorms
+from .topk import heap_push, new_heaps, sort_heaps
+
+__all__ = [
+    "sketch_points",
+    "column_sqnorms",
+    "quadratic_forms",
+    "matvec64",
+    "rank_update",
+    "gram_update",
+    "quadform_rows",
+    "median_estimate",
+    "median_search",
+    "ROWS_PER_COPY",
+    "DB_BLOCK",
+]
+
+# Queries are blocked so that each copy sees about ROWS_PER_COPY sketched query rows: each copy's
+# sketches are then read once per block by a GEMM with enough rows to be compute-bound rather than
+# memory-bound (with L copies and R votes a block holds ROWS_PER_COPY * L / R queries). The score
+# block (ROWS_PER_COPY * L) x DB_BLOCK float32 is ~25 MiB for L = 8: long database blocks measured
+# 5-10% faster than cache-sized ones, because the GEMMs have few rows per copy.
+ROWS_PER_COPY = 96
+MAX_QUERY_BLOCK = 2048
+DB_BLOCK = 8192
+
+
+# ----------------------------------------------------------------------------- build and updates
+def sketch_points(X: np.ndarray, P: np.ndarray, report: Callable[[int, int], None] | None = None):
+    """Sketch every row of ``X`` with every copy.
+
+    Parameters
+    ----------
+    X : float32 (n, d)
+    P : float32 (L, m, d)
+    report : callable (done, total), optional
+        Called after each copy.
+
+    Returns
+    -------
+    (float32 (L, m, n) sketches, float32 (L, n) squared norms)
+    """
+    L, m, _ = P.shape
+    S = np.empty((L, m, X.shape[0]), dtype=np.float32)
+    sn = np.empty((L, X.shape[0]), dtype=np.float32)
+    for j in range(L):
+        np.dot(P[j], X.T, out=S[j])
+        column_sqnorms(S[j], sn[j])
+        if report is not None:
+            report(j + 1, L)
+    return S, sn
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def column_sqnorms(A, out):
+    """``out[i] = sum_a A[a, i]^2`` for a float32 (m, n) matrix, written into ``out`` (n,)."""
+    m, n = A.shape
+    for c in prange((n + 1023) // 1024):
+        i0, i1 = c * 1024, min(n, c * 1024 + 1024)
+        for i in range(i0, i1):
+            out[i] = 0.0
+        for a in range(m):
+            row = A[a]
+            for i in range(i0, i1):
+                out[i] += row[i] * row[i]
+
+
+def quadratic_forms(X: np.ndarray, M: np.ndarray, block: int = 2048) -> np.ndarray:
+    """``x_i^T M x_i`` for every row, in float64 (the exact re-ranking needs these to ~1e-12).
+
+    Parameters
+    ----------
+    X : float32 (n, d)
+    M : float64 (d, d), symmetric
+    block : int, default 2048
+        Rows converted to float64 at a time (bounds the temporary memory).
+
+    Returns
+    -------
+    ndarray float64 (n,)
+    """
+    out = np.empty(X.shape[0], dtype=np.float64)
+    for a in range(0, X.shape[0], block):
+        Xb = X[a:a + block].astype(np.float64)
+        out[a:a + block] = np.einsum("ij,ij->i", Xb @ M, Xb)
+    return out
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def matvec64(X, W):
+    """``X @ W.T`` with float64 accumulation: X float32 (n, d), W float64 (r, d) -> float64 (n, r).
+
+    Used for the coefficients ``<w, x_i>`` of a metric update, which feed the float64 quadratic
+    forms of the exact path; one pass over ``X`` without a float64 copy of it. ``fastmath`` only
+    reorders the float64 sum (all inputs are finite), which lets it vectorise.
+    """
+    n, d = X.shape
+    r = W.shape[0]
+    out = np.empty((n, r), dtype=np.float64)
+    for i in prange(n):
+        x = X[i]
+        for t in range(r):
+            w = W[t]
+            acc = 0.0
+            for c in range(d):
+                acc += x[c] * w[c]
+            out[i, t] = acc
+    return out
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def rank_update(S, sn, CT, G):
+    """Low-rank update of every sketch in one sweep: ``s_{j,i} += G_j c_i``, norms refreshed.
+
+    Memory-bound: each sketch entry is read and written once (the last direction's update and
+    the norm are fused into one loop), so the cost is one pass over ``S``. ``fastmath`` is safe
+    (finite inputs) and lets the row loops vectorise. Parallel over copies.
+
+    Parameters
+    ----------
+    S : float32 (L, m, n), updated in place
+    sn : float32 (L, n), updated in place
+    CT : float32 (r, n), r >= 1
+        Coefficients per point (``<w_t, x_i>``), one row per update direction.
+    G : float32 (L, m, r)
+        Per copy the projection columns the update adds along.
+    """
+    L, m, n = S.shape
+    r = CT.shape[0]
+    for j in prange(L):
+        snj = sn[j]
+        for i in range(n):
+            snj[i] = 0.0
+        for a in range(m):
+            row = S[j, a]
+            for t in range(r - 1):
+                g = G[j, a, t]
+                ct = CT[t]
+                for i in range(n):
+                    row[i] += g * ct[i]
+            g = G[j, a, r - 1]
+            ct = CT[r - 1]
+            for i in range(n):
+                x = row[i] + g * ct[i]
+                row[i] = x
+                snj[i] += x * x
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def gram_update(M, plus, minus):
+    """In place ``M += plus^T plus - minus^T minus`` (float64; ``minus`` may have zero rows).
+
+    The metric change of a factor update, without a (d, d) temporary.
+    """
+    d = M.shape[0]
+    for a in prange(d):
+        row = M[a]
+        for t in range(plus.shape[0]):
+            pa = plus[t, a]
+            pt = plus[t]
+            for b in range(d):
+                row[b] += pa * pt[b]
+        for t in range(minus.shape[0]):
+            ma = minus[t, a]
+            mt = minus[t]
+            for b in range(d):
+                row[b] -= ma * mt[b]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def quadform_rows(MQ, qmq, X, xmx, ids):
+    """Exact squared Mahalanobis distance from each query to the listed rows, in float64.
+
+    ``d^2 = q^T M q - 2 <M q, x> + x^T M x`` with every term in float64, so the expansion loses
+    nothing to cancellation at float32 scale (near-duplicates come out as ~0, not as noise).
+
+    Parameters
+    ----------
+    MQ : float64 (q, d)
+        ``M q`` per query.
+    qmq : float64 (q,)
+        ``q^T M q``.
+    X : float32 (n, d)
+    xmx : float64 (n,)
+        ``x^T M x``.
+    ids : int64 (q, c)
+        Row positions, -1 = none (gives +inf).
+
+    Returns
+    -------
+    ndarray float64 (q, c)
+    """
+    out = np.empty(ids.shape, dtype=np.float64)
+    for r in prange(ids.shape[0]):
+        mq = MQ[r]
+        for j in range(ids.shape[1]):
+            p = ids[r, j]
+            if p < 0:
+                out[r, j] = np.inf
+                continue
+            x = X[p]
+            acc = 0.0
+            for t in range(x.shape[0]):
+                acc += mq[t] * x[t]
+            v = qmq[r] - 2.0 * acc + xmx[p]
+            out[r, j] = v if v > 0.0 else 0.0
+    return out
+
+
+# ----------------------------------------------------------------------------- median scoring
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def _median_row(G, t_row, copy_of, zn, sn, offset, out, tmp):
+    """``out[i]`` = median over the query's copies of ``||z - s_{col}||^2``, clamped at 0.
+
+    ``col = offset + i`` for ``i < out.shape[0]``. One and three copies get straight-line loops
+    the compiler vectorises (median of three by a min/max network); other counts sort a small
+    buffer ``tmp`` (R,) per point. All inputs are finite, so ``fastmath`` is safe here.
+    """
+    R = t_row.shape[0]
+    bn = out.shape[0]
+    two = np.float32(2.0)
+    if R == 1:
+        t = t_row[0]
+        g, z, sj = G[t], zn[t], sn[copy_of[t]]
+        for i in range(bn):
+            out[i] = max(z + sj[offset + i] - two * g[i], np.float32(0.0))
+    elif R == 3:
+        t0, t1, t2 = t_row[0], t_row[1], t_row[2]
+        g0, g1, g2 = G[t0], G[t1], G[t2]
+        z0, z1, z2 = zn[t0], zn[t1], zn[t2]
+        s0, s1, s2 = sn[copy_of[t0]], sn[copy_of[t1]], sn[copy_of[t2]]
+        for i in range(bn):
+            a = z0 + s0[offset + i] - two * g0[i]
+            b = z1 + s1[offset + i] - two * g1[i]
+            c = z2 + s2[offset + i] - two * g2[i]
+            med = max(min(a, b), min(max(a, b), c))
+            out[i] = max(med, np.float32(0.0))
+    else:
+        for i in range(bn):
+            for s in range(R):
+                t = t_row[s]
+                v = zn[t] + sn[copy_of[t], offset + i] - two * G[t, i]
+                u = s
+                while u > 0 and tmp[u - 1] > v:  # insertion sort: R is small
+                    tmp[u] = tmp[u - 1]
+                    u -= 1
+                tmp[u] = v
+            out[i] = max(tmp[R // 2], np.float32(0.0))
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def fold_median_block(G, t_of, copy_of, zn, sn, offset, mask, heap_d, heap_i, q_offset):
+    """Fold one database block of median estimates into the running per-query heaps.
+
+    Parameters
+    ----------
+    G : float32 (rows, bn)
+        Inner products of the block's sketched query rows with sketches ``offset .. offset+bn``.
+    t_of : int64 (bq, R)
+        Row of ``G`` holding query ``r``'s copy ``s``.
+    copy_of : int64 (rows,)
+        Copy of each row of ``G``.
+    zn : float32 (rows,)
+        Squared norms of the sketched query rows.
+    sn : float32 (L, n)
+    offset : int
+    mask : bool (n,) or (0,)
+        Allowed points; empty means all.
+    heap_d, heap_i : float32 / int64 (q, c), updated in place
+    q_offset : int
+    """
+    use_mask = mask.shape[0] > 0
+    bn = G.shape[1]
+    for r in prange(t_of.shape[0]):
+        hd = heap_d[q_offset + r]
+        hi = heap_i[q_offset + r]
+        est = np.empty(bn, dtype=np.float32)
+        tmp = np.empty(t_of.shape[1], dtype=np.float32)
+        _median_row(G, t_of[r], copy_of, zn, sn, offset, est, tmp)
+        for i in range(bn):
+            v = est[i]
+            if v < hd[0]:
+                if use_mask and not mask[offset + i]:
+                    continue
+                heap_push(hd, hi, v, offset + i)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def median_block(G, t_of, copy_of, zn, sn, offset, out, q_offset):
+    """Write one database block of median squared estimates into ``out`` (q, n)."""
+    bn = G.shape[1]
+    for r in prange(t_of.shape[0]):
+        tmp = np.empty(t_of.shape[1], dtype=np.float32)
+        _median_row(G, t_of[r], copy_of, zn, sn, offset, out[q_offset + r, offset:offset + bn], tmp)
+
+
+def _sketch_queries(Qb: np.ndarray, P: np.ndarray, sel: np.ndarray):
+    """Sketch a query block with the copies it chose, rows grouped by copy.
+
+    Returns ``(Z, zn, copy_of, t_of, groups)`` where ``groups`` lists ``(copy, start, stop)``
+    row ranges of ``Z`` that share a copy.
+    """
+    bq, R = sel.shape
+    flat = sel.ravel()
+    order = np.argsort(flat, kind="stable")
+    copy_of = np.ascontiguousarray(flat[order])
+    t_of = np.empty(bq * R, dtype=np.int64)
+    t_of[order] = np.arange(bq * R)
+    t_of = t_of.reshape(bq, R)
+    query_of = order // R
+    Z = np.empty((bq * R, P.shape[1]), dtype=np.float32)
+    cuts = np.flatnonzero(np.diff(copy_of)) + 1
+    starts = np.concatenate([[0], cuts])
+    stops = np.concatenate([cuts, [bq * R]])
+    groups = [(int(copy_of[a]), int(a), int(b)) for a, b in zip(starts, stops)]
+    for j, a, b in groups:
+        np.dot(Qb[query_of[a:b]], P[j].T, out=Z[a:b])
+    return Z, sqnorms(Z), copy_of, t_of, groups
+
+
+def _blocks(Q, P, S, sel, query_block, db_block):
+    """Yield ``(q0, x0, G, zn, copy_of, t_of)`` for every (query block, database block) pair."""
+    nq, n = Q.shape[0], S.shape[2]
+    if query_block is None:
+        L, R = P.shape[0], sel.shape[1]
+        query_block = min(MAX_QUERY_BLOCK, max(1, -(-ROWS_PER_COPY * L // R)))
+    bq_max = min(query_block, nq)
+    bn_max = min(db_block, n)
+    buf = np.empty(bq_max * sel.shape[1] * bn_max, dtype=np.float32)
+    for q0 in range(0, nq, bq_max):
+        Z, zn, copy_of, t_of, groups = _sketch_queries(Q[q0:q0 + bq_max], P, sel[q0:q0 + bq_max])
+        for x0 in range(0, n, bn_max):
+            bn = min(bn_max, n - x0)
+            G = buf[: Z.shape[0] * bn].reshape(Z.shape[0], bn)
+            for j, a, b in groups:
+                np.dot(Z[a:b], S[j, :, x0:x0 + bn], out=G[a:b])
+            yield q0, x0, G, zn, copy_of, t_of
+
+
+def median_estimate(
+    Q: np.ndarray, P: np.ndarray, S: np.ndarray, sn: np.ndarray, sel: np.ndarray,
+    *, query_block: int | None = None, db_block: int = DB_BLOCK,
+) -> np.ndarray:
+    """Median-of-copies estimates of the squared distance from every query to every sketched point.
+
+    Parameters
+    ----------
+    Q : float32 (q, d)
+    P : float32 (L, m, d)
+    S : float32 (L, m, n)
+    sn : float32 (L, n)
+    sel : int64 (q, R)
+        Copies per query (distinct, in ``[0, L)``).
+
+    Returns
+    -------
+    ndarray float32 (q, n)
+        Squared estimates (take the square root for distances).
+    """
+    out = np.empty((Q.shape[0], S.shape[2]), dtype=np.float32)
+    for q0, x0, G, zn, copy_of, t_of in _blocks(Q, P, S, sel, query_block, db_block):
+        median_block(G, t_of, copy_of, zn, sn, x0, out, q0)
+    return out
+
+
+def median_search(
+    Q: np.ndarray, P: np.ndarray, S: np.ndarray, sn: np.ndarray, sel: np.ndarray, c: int,
+    mask: np.ndarray | None = None, *, query_block: int | None = None, db_block: int = DB_BLOCK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``c`` points with the smallest median squared estimate, per query, ascending.
+
+    Same arguments as :func:`median_estimate`, plus ``c`` (candidates per query, ``<= n``) and an
+    optional boolean ``mask`` (n,) of allowed points. Rows with fewer allowed points are padded
+    with (+inf, -1).
+
+    Returns
+    -------
+    (float32 (q, c) squared estimates, int64 (q, c) positions)
+    """
+    heap_d, heap_i = new_heaps(Q.shape[0], c)
+    mask_arr = np.zeros(0, dtype=np.bool_) if mask is None else mask
+    for q0, x0, G, zn, copy_of, t_of in _blocks(Q, P, S, sel, query_block, db_block):
+        fold_median_block(G, t_of, copy_of, zn, sn, x0, mask_arr, heap_d, heap_i, q0)
+    sort_heaps(heap_d, heap_i)
+    return heap_d, heap_i

@@ -1,0 +1,341 @@
+"""MahalanobisSketch: estimate error, recall, updates == rebuild, adaptive queries, bad input.
+
+Real data from the shared sets (MNIST 784-d, MiniLM 384-d, SIFT 128-d) with a random PSD metric
+and learned ones (regularised inverse covariance; NCA on scikit-learn's digits). Everything runs
+single-threaded so that the timings of a shared 2-core machine stay predictable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import annlib
+from annlib.kernels.jl import pair_failure, sketch_size
+from annlib.kernels.sketch import median_estimate, rank_update
+
+from conftest import read_shared
+
+EPS, DELTA = 0.1, 0.05
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with annlib.threads(1):
+        yield
+
+
+def random_psd(d, seed, rank=None):
+    g = np.random.default_rng(seed)
+    A = g.normal(size=(d, rank or d)) / np.sqrt(d)
+    return A @ A.T + (0.05 * np.eye(d) if rank is None else 0.0)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    X, Q, *_ = read_shared("mnist-784-euclidean-10k", n_queries=40, seed=1)
+    return X, Q
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    X, Q, *_ = read_shared("wordnet-minilm-384-angular", n_queries=40, seed=2)
+    rows = np.random.default_rng(0).choice(len(X), 10_000, replace=False)
+    return X[np.sort(rows)], Q
+
+
+def inverse_covariance(X):
+    C = np.cov(X.astype(np.float64), rowvar=False)
+    return np.linalg.inv(C + 1e-3 * np.trace(C) / C.shape[0] * np.eye(C.shape[0]))
+
+
+def failure_rate(index, Q):
+    ratio = index.estimate(Q).astype(np.float64) / index.exact_distances(Q)
+    return float(np.mean(np.abs(ratio - 1.0) > index.params["eps"]))
+
+
+# ----------------------------------------------------------------------------- sketch size
+def test_sketch_size_matches_simulated_medians():
+    """The exact chi-square rule agrees with simulation, and the chosen m is the smallest that works."""
+    g = np.random.default_rng(0)
+    for votes in (1, 3):
+        m = sketch_size(EPS, DELTA, votes)
+        assert pair_failure(m, EPS, votes) <= DELTA < pair_failure(m - 1, EPS, votes)
+        ratios = np.sqrt(g.chisquare(m, size=(200_000, votes)) / m)
+        sim = np.mean(np.abs(np.median(ratios, axis=1) - 1) > EPS)
+        assert abs(sim - pair_failure(m, EPS, votes)) < 0.003
+    assert sketch_size(EPS, DELTA / 100_000, 3) > sketch_size(EPS, DELTA, 3)
+
+
+# ----------------------------------------------------------------------------- kernels
+def test_median_estimate_and_rank_update_match_numpy(rng):
+    L, m, d, n = 5, 7, 12, 300
+    P = rng.normal(size=(L, m, d)).astype(np.float32)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    Q = rng.normal(size=(9, d)).astype(np.float32)
+    S = np.ascontiguousarray(np.einsum("jad,nd->jan", P, X), dtype=np.float32)
+    sn = np.einsum("jan,jan->jn", S, S).astype(np.float32)
+    for R in (1, 3, 5):
+        sel = np.array([rng.choice(L, R, replace=False) for _ in range(len(Q))])
+        got = median_estimate(Q, P, S, sn, sel, query_block=4, db_block=64)
+        ref = np.empty_like(got)
+        for r, q in enumerate(Q):
+            per = [((P[j] @ (q - X).T) ** 2).sum(0) for j in sel[r]]
+            ref[r] = np.median(per, axis=0)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3)
+    CT = rng.normal(size=(2, n)).astype(np.float32)
+    G = rng.normal(size=(L, m, 2)).astype(np.float32)
+    want = S + np.einsum("jat,tn->jan", G, CT)
+    rank_update(S, sn, CT, G)
+    np.testing.assert_allclose(S, want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(sn, (want.astype(np.float64) ** 2).sum(1), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- accuracy
+def _metrics(name, X):
+    d = X.shape[1]
+    if name == "random":
+        return random_psd(d, 3)
+    return inverse_covariance(X)
+
+
+@pytest.mark.parametrize("data, metric", [("mnist", "random"), ("minilm", "random"), ("minilm", "invcov")])
+def test_estimates_within_eps(request, data, metric):
+    """At least 1 - delta of the estimates are within (1 +- eps): pooled over three seeds.
+
+    m is chosen so that each estimate fails with probability <= delta exactly; the failures of
+    one query's n estimates share the query's copies, so a single build's rate scatters around
+    that value (build-to-build spread ~0.004 here). The 0.01 allowance covers that spread; the
+    second half shows the check has power: sketches 30% too small fail it.
+    """
+    X, Q = request.getfixturevalue(data)
+    M = _metrics(metric, X)
+    rates = [failure_rate(annlib.MahalanobisSketch(M=M, random_state=s).build(X), Q) for s in range(3)]
+    assert np.mean(rates) <= DELTA + 0.01, rates
+    small = int(0.7 * sketch_size(EPS, DELTA, 3))
+    worse = failure_rate(annlib.MahalanobisSketch(M=M, m=small, random_state=0).build(X), Q)
+    assert worse > DELTA + 0.01
+
+
+def test_exact_distances_match_numpy(mnist):
+    X, Q = mnist
+    M = random_psd(X.shape[1], 4, rank=50)  # low rank: the eigen-factor keeps 50 rows
+    index = annlib.MahalanobisSketch(M=M, random_state=0).build(X[:2000])
+    assert index.U.shape == (50, X.shape[1])
+    diff = (Q[:5, None, :].astype(np.float64) - X[None, :2000].astype(np.float64))
+    want = np.sqrt(np.maximum(((diff @ M) * diff).sum(-1), 0))
+    np.testing.assert_allclose(index.exact_distances(Q[:5]), want, rtol=1e-6, atol=1e-6)
+    ids = np.array([3, 1999, 0])
+    np.testing.assert_allclose(index.exact_distances(Q[:5], ids=ids), want[:, ids], rtol=1e-6, atol=1e-6)
+
+
+def recall_at_10(index, Q, reorder=100):
+    true = index.exact_distances(Q)
+    kth = np.sort(true, axis=1)[:, 9]
+    ids, dist = index.search(Q, 10, reorder=reorder)
+    np.testing.assert_allclose(dist, np.take_along_axis(true, ids, 1), rtol=1e-5, atol=1e-4)
+    return float(np.mean(np.take_along_axis(true, ids, 1) <= kth[:, None] + 1e-3))
+
+
+def test_search_recall_random_and_learned(mnist, minilm):
+    X, Q = mnist
+    assert recall_at_10(annlib.Index.build(X, method="mahalanobis", M=random_psd(784, 5), random_state=0), Q) >= 0.95
+    X2, Q2 = minilm
+    # Whitening MiniLM leaves little contrast (10th-NN distance ~0.85 of the median distance), so
+    # a 10% estimate error mixes far more points into the top: it needs a deeper re-ranking.
+    index = annlib.MahalanobisSketch(M=inverse_covariance(X2), random_state=0).build(X2)
+    assert recall_at_10(index, Q2, reorder=1000) >= 0.95
+
+
+def test_nca_metric_on_digits():
+    """A metric learned by NCA (factor U = components) on scikit-learn's digits."""
+    sklearn = pytest.importorskip("sklearn")  # noqa: F841
+    from sklearn.datasets import load_digits
+    from sklearn.neighbors import NeighborhoodComponentsAnalysis
+
+    X, y = load_digits(return_X_y=True)
+    U = NeighborhoodComponentsAnalysis(n_components=32, max_iter=10, random_state=0).fit(X, y).components_
+    X = X.astype(np.float32)
+    index = annlib.MahalanobisSketch(U=U, random_state=0).build(X[200:])
+    Q = X[:200]
+    assert failure_rate(index, Q) <= DELTA + 0.01
+    assert recall_at_10(index, Q) >= 0.95
+    # the index searches by the learned metric: same neighbours as exact search on U x
+    ids, _ = index.search(Q, 1)
+    ref = annlib.BruteForce.build(X[200:] @ U.T.astype(np.float32)).search(Q @ U.T.astype(np.float32), 1)
+    assert np.mean(ids == ref.ids) >= 0.97
+
+
+# ----------------------------------------------------------------------------- updates
+def test_updates_equal_a_fresh_build_with_the_same_randomness(tmp_path):
+    X, Q, *_ = read_shared("sift-128-euclidean-10k", n_queries=20)
+    X, extra = X[:3000], X[3000:3200]
+    g = np.random.default_rng(9)
+    M = random_psd(128, 6)
+    index = annlib.MahalanobisSketch(M=M, copies=6, random_state=11).build(X)
+    index.update_point([5, 17], extra[:2])
+    index.update_metric(g.normal(size=128) * 0.1)                  # M + u u^T: a new factor row
+    index.add(extra[2:100])
+    index.update_metric(g.normal(size=(2, 128)) * 0.05, row=[0, 7])  # the paper's row update
+    index.delete([3, 3050])
+    index.update_point(3090, extra[150])
+    index.update_metric(g.normal(size=(2, 128)) * 0.1)              # rank 2 at once
+    live = np.ones(index.n_positions, bool)
+    live[[3, 3050]] = False
+    X_now = np.concatenate([X, extra[2:100]])
+    X_now[[5, 17]] = extra[:2]
+    X_now[3090] = extra[150]
+    fresh = annlib.MahalanobisSketch(U=index.U, copies=6, m=index.sketch_size, random_state=11).build(X_now[live])
+    scale = np.abs(fresh._S).max()
+    np.testing.assert_allclose(index._S[:, :, live], fresh._S, atol=2e-5 * scale)
+    np.testing.assert_allclose(index._sn[:, live], fresh._sn, rtol=1e-4)
+    np.testing.assert_allclose(index._P, fresh._P, atol=2e-5 * np.abs(fresh._P).max())
+    np.testing.assert_allclose(index.M, fresh.M, rtol=1e-10, atol=1e-10 * np.abs(fresh.M).max())
+    np.testing.assert_allclose(index._xmx[live], fresh._xmx, rtol=1e-9)
+    assert len(index) == live.sum()
+    ids, dist = index.search(Q, 10)
+    assert not np.isin(ids, [3, 3050]).any()
+    np.testing.assert_allclose(dist, np.take_along_axis(index.exact_distances(Q), ids, 1), rtol=1e-5)
+    fids, _ = fresh.search(Q, 10)
+    np.testing.assert_array_equal(np.flatnonzero(live)[fids], ids)
+    # persistence keeps the factor, the matrix and the sketch, and a mapped copy can be updated
+    path = tmp_path / "m.annlib"
+    index.save(path)
+    loaded = annlib.load(path, mmap=True)
+    np.testing.assert_array_equal(loaded.U, index.U)
+    np.testing.assert_array_equal(loaded.estimate(Q), index.estimate(Q))
+    assert loaded.metric == "mahalanobis" and len(loaded) == len(index)
+    loaded.update_metric(np.ones(128) * 0.01)
+    index.update_metric(np.ones(128) * 0.01)
+    np.testing.assert_array_equal(loaded.estimate(Q), index.estimate(Q))
+
+
+def test_identity_index_becomes_mahalanobis_after_update(rng):
+    X = rng.normal(size=(500, 16)).astype(np.float32)
+    index = annlib.Index.build(X, method="mahalanobis", random_state=0)
+    assert index.metric == "l2"
+    ref = annlib.BruteForce.build(X).search(X[:5], 3)
+    np.testing.assert_allclose(index.search(X[:5], 3).distances, ref.distances, rtol=1e-5, atol=1e-5)
+    index.update_metric(np.eye(16)[0] * 3.0)  # stretch the first axis: M = I + 9 e0 e0^T
+    assert index.metric == "mahalanobis"
+    want = np.sqrt(((X[:5, None] - X[None]) ** 2).sum(-1) + 9 * (X[:5, None, 0] - X[None, :, 0]) ** 2)
+    np.testing.assert_allclose(index.exact_distances(X[:5]), want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- adaptive queries
+def _learning_attack(index, X, M, rounds, rng):
+    """Each query is built from the previous answer; returns the failure rate on the targets.
+
+    The adversary knows X and M. From an answer ``est_i`` to query ``q`` it fits the quadratic form
+    ``A`` with ``est_i^2 = (x_i - q)^T A (x_i - q)`` by least squares (exact for one fixed sketch,
+    since n exceeds the d(d+1)/2 unknowns), takes the direction ``v`` that ``A`` shrinks most
+    relative to ``M``, and asks next for ``q = x_t + s v`` where ``t`` is the point the answer
+    underestimated most. With one fixed sketch (m < d) ``v`` is in its null space.
+    """
+    d = X.shape[1]
+    iu = np.triu_indices(d)
+    weight = np.where(iu[0] == iu[1], 1.0, 2.0)
+    from scipy.linalg import eigh
+
+    q, target, fails = X[0] + 0.1, None, 0
+    for _ in range(rounds + 1):
+        est = index.estimate(q).astype(np.float64)
+        true = index.exact_distances(q)
+        if target is not None:
+            fails += abs(est[target] / true[target] - 1) > index.params["eps"]
+        V = X.astype(np.float64) - q
+        coef, *_ = np.linalg.lstsq((V[:, iu[0]] * V[:, iu[1]]) * weight, est ** 2, rcond=None)
+        A = np.zeros((d, d))
+        A[iu] = coef
+        A = A + A.T - np.diag(np.diag(A))
+        v = eigh(A, M)[1][:, 0]
+        v /= np.sqrt(v @ M @ v)
+        target = int(np.argmin(est / np.maximum(true, 1e-12)))
+        q = (X[target] + np.median(true) * v).astype(np.float32)
+    return fails / rounds
+
+
+def test_adaptive_queries_keep_the_bound_and_break_a_fixed_sketch():
+    """Fresh copies per query keep the error rate near delta; one fixed sketch fails every time.
+
+    This adversary learns the copies behind the previous answer; it can only exploit them, so its
+    success is at most delta plus the chance that most of the next query's copies were among those
+    (``P_overlap``: 7.1% for 16 copies and 3 votes). SIFT descriptors are projected to 24 PCA
+    dimensions so that one answer (2,000 distances) determines a 24-d quadratic form.
+    """
+    X, *_ = read_shared("sift-128-euclidean-10k")
+    X = X[:2000].astype(np.float64)
+    X -= X.mean(0)
+    basis = np.linalg.svd(X, full_matrices=False)[2][:24]
+    X = (X @ basis.T / 10).astype(np.float32)
+    M = random_psd(24, 8)
+    eps = 0.3  # m = 10 rows per copy < 24 dimensions: a single copy has a null space
+    rng = np.random.default_rng(0)
+    fixed = annlib.MahalanobisSketch(M=M, eps=eps, copies=1, votes=1, random_state=0).build(X)
+    assert _learning_attack(fixed, X, M, 20, rng) >= 0.9
+    robust = annlib.MahalanobisSketch(M=M, eps=eps, random_state=0).build(X)  # 16 copies, 3 votes
+    assert robust.sketch_size == 10
+    oblivious = failure_rate(robust, rng.normal(size=(20, 24)).astype(np.float32) * X.std())
+    assert oblivious <= 0.05 + 0.02
+    p_overlap = (3 * 13 + 1) / 560  # P(>= 2 of 3 fresh copies among the previous 3) for L = 16
+    assert _learning_attack(robust, X, M, 200, rng) <= 0.05 + p_overlap
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input_raises_clearly_and_changes_nothing(rng):
+    X = rng.normal(size=(300, 8)).astype(np.float32)
+    good = random_psd(8, 1)
+    asym = good.copy()
+    asym[0, 1] += 1.0
+    indefinite = good - 2 * np.linalg.eigvalsh(good)[-1] * np.outer(np.eye(8)[0], np.eye(8)[0])
+    MS = annlib.MahalanobisSketch
+    with pytest.raises(ValueError, match=r"M must be symmetric; \|M\[0,1\] - M\[1,0\]\|"):
+        MS(M=asym)
+    with pytest.raises(ValueError, match="M must be positive semi-definite; its smallest eigenvalue is -"):
+        MS(M=indefinite)
+    with pytest.raises(ValueError, match=r"M must be a non-empty square 2-D matrix of shape \(d, d\); got shape \(8, 7\)"):
+        MS(M=good[:, :7])
+    with pytest.raises(ValueError, match="M is the zero matrix"):
+        MS(M=np.zeros((8, 8)))
+    with pytest.raises(ValueError, match="U contains NaN or inf; the first bad row is 2"):
+        MS(U=np.where(np.arange(24).reshape(3, 8) == 17, np.nan, 1.0))
+    with pytest.raises(TypeError, match="M must have a real numeric dtype"):
+        MS(M=np.full((2, 2), "a"))
+    with pytest.raises(ValueError, match="give at most one of M, U; got M, U"):
+        MS(M=good, U=np.eye(8))
+    with pytest.raises(ValueError, match="M acts on vectors of dimension 8, but the dimension of X is 9"):
+        annlib.Index.build(rng.normal(size=(50, 9)), method="mahalanobis", M=good)
+    with pytest.raises(ValueError, match="does not support metric 'cosine'; supported: mahalanobis"):
+        annlib.Index.build(X, method="mahalanobis", metric="cosine")
+    with pytest.raises(ValueError, match="votes must be odd"):
+        MS(votes=2)
+    with pytest.raises(ValueError, match=r"votes must be in \[1, 4\]; got 5"):
+        MS(copies=4, votes=5)
+    index = MS(M=good, random_state=0).build(X)
+    keep = np.arange(300) != 4
+    before = (index.estimate(X[:3])[:, keep], index.U, index.M)
+    with pytest.raises(ValueError, match="u acts on vectors of dimension 7, but the dimension of the indexed vectors is 8"):
+        index.update_metric(np.ones(7))
+    with pytest.raises(ValueError, match=r"row must be in \[0, 7\]; got 8"):
+        index.update_metric(np.ones(8), row=8)
+    with pytest.raises(ValueError, match=r"row must list one index per update row \(2\); got 1"):
+        index.update_metric(np.ones((2, 8)), row=0)
+    with pytest.raises(ValueError, match="u contains NaN or inf"):
+        index.update_metric(np.full(8, np.nan))
+    with pytest.raises(ValueError, match="id 300 is not in the index"):
+        index.update_point(300, X[0])
+    with pytest.raises(ValueError, match=r"one id per vector \(2\)"):
+        index.update_point([1], X[:2])
+    with pytest.raises(ValueError, match="dimension 7 but the index holds vectors of dimension 8"):
+        index.update_point(1, X[0, :7])
+    index.delete([4])
+    with pytest.raises(ValueError, match="id 4 is not in the index"):
+        index.update_point(4, X[0])
+    with pytest.raises(ValueError, match="id 4 is not in the index"):
+        index.delete([4])
+    with pytest.raises(ValueError, match="id 4 is not in the index"):
+        index.estimate(X[0], ids=[1, 4])
+    after = (index.estimate(X[:3])[:, keep], index.U, index.M)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert np.isinf(index.estimate(X[:3])[:, 4]).all() and len(index) == 299
