@@ -12,6 +12,7 @@ import threading
 from typing import Iterator
 
 from ._validation import check_int
+from .kernels.threads import blas_controllers, blas_limit
 
 __all__ = ["set_num_threads", "get_num_threads", "threads", "max_threads"]
 
@@ -44,18 +45,6 @@ def _set_blas_threads(n: int):
     return threadpool_limits(limits=n, user_api="blas")
 
 
-_blas_libs = None  # BLAS library controllers, found once (finding them costs ~0.1 ms)
-
-
-def _blas_controllers(refresh: bool = False):
-    global _blas_libs
-    if _blas_libs is None or refresh:
-        from threadpoolctl import ThreadpoolController
-
-        _blas_libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
-    return _blas_libs
-
-
 def set_num_threads(n: int) -> None:
     """Set the number of threads for annlib's numba kernels and for BLAS, process-wide.
 
@@ -74,7 +63,7 @@ def set_num_threads(n: int) -> None:
     with _lock:
         _numba().set_num_threads(n)
         _blas_limiter = _set_blas_threads(n)
-        _blas_controllers(refresh=True)  # pick up BLAS libraries loaded since the last call
+        blas_controllers(refresh=True)  # pick up BLAS libraries loaded since the last call
 
 
 @contextlib.contextmanager
@@ -90,18 +79,13 @@ def threads(n: int | None) -> Iterator[None]:
     numba = _numba()
     n = min(check_int("threads", n, 1), max(1, numba.config.NUMBA_NUM_THREADS))
     previous = numba.get_num_threads()
-    # Per-call use (threads= on every search) must cost microseconds, so only libraries whose
-    # setting differs are touched, through controllers found once.
-    changed = [(lib, lib.get_num_threads()) for lib in _blas_controllers()]
-    changed = [(lib, old) for lib, old in changed if old != n]
+    # Per-call use (threads= on every search) must cost microseconds: blas_limit touches only
+    # libraries whose setting differs, through controllers found once.
     if previous != n:
         numba.set_num_threads(n)
-    for lib, _ in changed:
-        lib.set_num_threads(n)
     try:
-        yield
+        with blas_limit(n):
+            yield
     finally:
-        for lib, old in changed:
-            lib.set_num_threads(old)
         if previous != n:
             numba.set_num_threads(previous)

@@ -77,3 +77,17 @@ def test_exact_search_blocking_and_mask(rng, proxy, blocks, nq):
     np.testing.assert_array_equal(i, np.argsort(masked, 1, kind="stable")[:, :5])
     d, i = exact_search(Q, X, norms, 5, proxy, exact_distances=False, query_block=blocks[0], db_block=blocks[1])
     np.testing.assert_allclose(d, np.sort(ref, 1)[:, :5], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("nq", [1, 3, 40, 300])  # scan + row split, GEMM + row split, query split
+@pytest.mark.parametrize("workers", [2, 3])
+def test_exact_search_workers_equal_one_thread(rng, nq, workers):
+    X = rng.normal(size=(2_500, 16)).astype(np.float32)
+    Q = rng.normal(size=(nq, 16)).astype(np.float32)
+    norms = D.sqnorms(X)
+    mask = rng.random(2_500) < 0.5
+    for m in (None, mask):
+        d1, i1 = exact_search(Q, X, norms, 7, 0, m, db_block=128)
+        dw, iw = exact_search(Q, X, norms, 7, 0, m, db_block=128, workers=workers)
+        np.testing.assert_array_equal(i1, iw)
+        np.testing.assert_array_equal(d1, dw)

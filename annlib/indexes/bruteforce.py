@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..api import Index
+from ..config import get_num_threads
 from ..kernels.blockwise import exact_search
 from ..kernels.distances import sqnorms
 
@@ -58,7 +59,8 @@ class BruteForce(Index):
         self._X, self._sqnorm = new_X, new_norms
 
     def _search(self, Q: np.ndarray, k: int, mask: np.ndarray | None, **params: Any):
-        return exact_search(Q, self._X, self._sqnorm, k, self._metric.proxy, mask)
+        return exact_search(Q, self._X, self._sqnorm, k, self._metric.proxy, mask,
+                            workers=get_num_threads())
 
     def _state(self):
         return {}, {"vectors": self._X, "sqnorms": self._sqnorm}

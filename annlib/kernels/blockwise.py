@@ -14,9 +14,10 @@ import numpy as np
 from numba import prange
 
 from .distances import L2SQ, rows_proxy
-from .topk import heap_push, heap_sort_inplace, new_heaps, sort_rows_inplace
+from .threads import blas_limit, worker_pool
+from .topk import heap_push, heap_sort_inplace, merge_topk, new_heaps, sort_rows_inplace
 
-__all__ = ["exact_search", "fold_block", "scan_topk", "QUERY_BLOCK", "DB_BLOCK", "SCAN_MAX_QUERIES"]
+__all__ = ["exact_search", "fold_block", "fold_block_serial", "scan_topk", "QUERY_BLOCK", "DB_BLOCK", "SCAN_MAX_QUERIES"]
 
 # A 1024 x 1024 float32 block is 4 MiB: large enough for GEMM to run near peak (many queries
 # share each database row), small enough to stay in the last-level cache while it is folded.
@@ -47,9 +48,28 @@ def _fold_chunk(row, x_sqnorm, offset, j0, j1, proxy, use_mask, mask, hd, hi):
             heap_push(hd, hi, v, offset + j)
 
 
+@numba.njit(inline="always", fastmath=True, cache=True, nogil=True)
+def _fold_row(row, x_sqnorm, offset, proxy, use_mask, mask, hd, hi):
+    bn = row.shape[0]
+    two = np.float32(2.0)
+    j0 = 0
+    while j0 + _CHUNK <= bn:
+        best = np.float32(np.inf)
+        if proxy == L2SQ:
+            for j in range(j0, j0 + _CHUNK):
+                best = min(best, x_sqnorm[offset + j] - two * row[j])
+        else:
+            for j in range(j0, j0 + _CHUNK):
+                best = min(best, -row[j])
+        if best < hd[0]:
+            _fold_chunk(row, x_sqnorm, offset, j0, j0 + _CHUNK, proxy, use_mask, mask, hd, hi)
+        j0 += _CHUNK
+    _fold_chunk(row, x_sqnorm, offset, j0, bn, proxy, use_mask, mask, hd, hi)
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def fold_block(S, x_sqnorm, offset, proxy, mask, heap_d, heap_i, q_offset):
-    """Fold one block of inner products into the running heaps.
+    """Fold one block of inner products into the running heaps (parallel over query rows).
 
     Parameters
     ----------
@@ -74,42 +94,34 @@ def fold_block(S, x_sqnorm, offset, proxy, mask, heap_d, heap_i, q_offset):
     ``fastmath`` is safe here: the k survivors are re-scored exactly by the caller.
     """
     use_mask = mask.shape[0] > 0
-    bn = S.shape[1]
-    two = np.float32(2.0)
     for r in prange(S.shape[0]):
-        hd = heap_d[q_offset + r]
-        hi = heap_i[q_offset + r]
-        row = S[r]
-        j0 = 0
-        while j0 + _CHUNK <= bn:
-            best = np.float32(np.inf)
-            if proxy == L2SQ:
-                for j in range(j0, j0 + _CHUNK):
-                    best = min(best, x_sqnorm[offset + j] - two * row[j])
-            else:
-                for j in range(j0, j0 + _CHUNK):
-                    best = min(best, -row[j])
-            if best < hd[0]:
-                _fold_chunk(row, x_sqnorm, offset, j0, j0 + _CHUNK, proxy, use_mask, mask, hd, hi)
-            j0 += _CHUNK
-        _fold_chunk(row, x_sqnorm, offset, j0, bn, proxy, use_mask, mask, hd, hi)
+        _fold_row(S[r], x_sqnorm, offset, proxy, use_mask, mask, heap_d[q_offset + r], heap_i[q_offset + r])
 
 
 @numba.njit(fastmath=True, cache=True, nogil=True)
-def scan_topk(Q, X, k, proxy, mask, heap_d, heap_i):
+def fold_block_serial(S, x_sqnorm, offset, proxy, mask, heap_d, heap_i, q_offset):
+    """:func:`fold_block` on the calling thread only (for worker threads and one-thread runs)."""
+    use_mask = mask.shape[0] > 0
+    for r in range(S.shape[0]):
+        _fold_row(S[r], x_sqnorm, offset, proxy, use_mask, mask, heap_d[q_offset + r], heap_i[q_offset + r])
+
+
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def scan_topk(Q, X, k, proxy, mask, heap_d, heap_i, start=0, stop=-1):
     """Fused exact scan for a few queries: proxy of every row, folded straight into the heaps.
 
-    Distances are computed directly (no norm expansion), so they need no re-computation; the
-    heaps are left unsorted.
+    Scans rows ``start .. stop`` of ``X`` (``stop=-1``: to the end); ids are row positions.
+    Distances are computed directly (no norm expansion); the heaps are left unsorted.
     """
     use_mask = mask.shape[0] > 0
     d = X.shape[1]
+    end = X.shape[0] if stop < 0 else stop
     for r in range(Q.shape[0]):
         q = Q[r]
         hd = heap_d[r]
         hi = heap_i[r]
         worst = hd[0]
-        for i in range(X.shape[0]):
+        for i in range(start, end):
             if use_mask and not mask[i]:
                 continue
             x = X[i]
@@ -127,10 +139,36 @@ def scan_topk(Q, X, k, proxy, mask, heap_d, heap_i):
                 worst = hd[0]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _finish_rows(heap_d, heap_i):
-    for r in prange(heap_d.shape[0]):
+    for r in range(heap_d.shape[0]):
         heap_sort_inplace(heap_d[r], heap_i[r])
+
+
+def _gemm_topk(Q, X, x_sqnorm, k, proxy, mask, x_start, x_stop, query_block, db_block):
+    """Serial blocked GEMM + fold over database rows ``x_start .. x_stop``; unsorted heaps."""
+    nq = Q.shape[0]
+    heap_d, heap_i = new_heaps(nq, k)
+    bq_max = min(query_block, nq)
+    bn_max = min(db_block, x_stop - x_start)
+    buf = np.empty(bq_max * bn_max, dtype=np.float32)
+    for q0 in range(0, nq, bq_max):
+        Qb = Q[q0:q0 + bq_max]
+        for x0 in range(x_start, x_stop, bn_max):
+            Xb = X[x0:min(x0 + bn_max, x_stop)]
+            S = buf[: Qb.shape[0] * Xb.shape[0]].reshape(Qb.shape[0], Xb.shape[0])
+            np.dot(Qb, Xb.T, out=S)
+            fold_block_serial(S, x_sqnorm, x0, proxy, mask, heap_d, heap_i, q0)
+    return heap_d, heap_i
+
+
+def _partial_topk(Q, X, x_sqnorm, k, proxy, mask, x_start, x_stop, query_block, db_block):
+    """Best-k candidates (unsorted heaps) of ``Q`` among database rows ``x_start .. x_stop``."""
+    if Q.shape[0] <= SCAN_MAX_QUERIES:
+        heap_d, heap_i = new_heaps(Q.shape[0], k)
+        scan_topk(Q, X, k, proxy, mask, heap_d, heap_i, x_start, x_stop)
+        return heap_d, heap_i
+    return _gemm_topk(Q, X, x_sqnorm, k, proxy, mask, x_start, x_stop, query_block, db_block)
 
 
 def exact_search(
@@ -142,6 +180,7 @@ def exact_search(
     mask: np.ndarray | None = None,
     *,
     exact_distances: bool = True,
+    workers: int = 1,
     query_block: int = QUERY_BLOCK,
     db_block: int = DB_BLOCK,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -162,6 +201,10 @@ def exact_search(
     exact_distances : bool, default True
         Recompute the proxies of the k survivors directly from the vectors (removes the
         cancellation error of the norm expansion) and re-sort.
+    workers : int, default 1
+        Threads. With more than one, the queries (or, for few queries, the database rows) are
+        split over worker threads that each run single-threaded BLAS and serial numba code, and
+        the partial results are merged; BLAS is held at one thread meanwhile.
     query_block, db_block : int
         Block sizes of the GEMM.
 
@@ -170,29 +213,38 @@ def exact_search(
     (float32 (q, k) proxies ascending, int64 (q, k) row positions)
     """
     nq, n = Q.shape[0], X.shape[0]
-    heap_d, heap_i = new_heaps(nq, k)
     mask_arr = np.zeros(0, dtype=np.bool_) if mask is None else mask
-    if nq <= SCAN_MAX_QUERIES:
-        scan_topk(Q, X, k, proxy, mask_arr, heap_d, heap_i)
-        if exact_distances:  # fastmath sums: recompute the k survivors in plain float32
-            heap_d = rows_proxy(Q, X, heap_i, proxy)
-        sort_rows_inplace(heap_d, heap_i)
-        return heap_d, heap_i
-    bq_max = min(query_block, nq)
-    bn_max = min(db_block, n)
-    buf = np.empty(bq_max * bn_max, dtype=np.float32)
-    for q0 in range(0, nq, bq_max):
-        Qb = Q[q0:q0 + bq_max]
-        for x0 in range(0, n, bn_max):
-            Xb = X[x0:x0 + bn_max]
-            S = buf[: Qb.shape[0] * Xb.shape[0]].reshape(Qb.shape[0], Xb.shape[0])
-            np.dot(Qb, Xb.T, out=S)
-            fold_block(S, x_sqnorm, x0, proxy, mask_arr, heap_d, heap_i, q0)
+    args = (x_sqnorm, k, proxy, mask_arr)
+    workers = max(1, min(workers, n))
+    if workers == 1:
+        with blas_limit(1):
+            heap_d, heap_i = _partial_topk(Q, X, *args, 0, n, query_block, db_block)
+    elif nq >= workers * 64:
+        # Enough queries for every worker: split them; each worker keeps whole heaps.
+        bounds = np.linspace(0, nq, workers + 1).astype(np.int64)
+        with blas_limit(1):
+            parts = list(worker_pool(workers).map(
+                lambda b: _partial_topk(Q[b[0]:b[1]], X, *args, 0, n, query_block, db_block),
+                zip(bounds[:-1], bounds[1:]),
+            ))
+        heap_d = np.concatenate([p[0] for p in parts])
+        heap_i = np.concatenate([p[1] for p in parts])
+    else:
+        # Few queries: split the database rows and merge the per-range candidates.
+        bounds = np.linspace(0, n, workers + 1).astype(np.int64)
+        with blas_limit(1):
+            parts = list(worker_pool(workers).map(
+                lambda b: _partial_topk(Q, X, *args, int(b[0]), int(b[1]), query_block, db_block),
+                zip(bounds[:-1], bounds[1:]),
+            ))
+        heap_d, heap_i = parts[0]
+        for d_part, i_part in parts[1:]:
+            heap_d, heap_i = merge_topk(heap_d, heap_i, d_part, i_part, k)
     if exact_distances:
         heap_d = rows_proxy(Q, X, heap_i, proxy)
         sort_rows_inplace(heap_d, heap_i)
     else:
         _finish_rows(heap_d, heap_i)
-        if proxy == L2SQ:
+        if proxy == L2SQ and nq > SCAN_MAX_QUERIES:
             heap_d += np.einsum("ij,ij->i", Q, Q)[:, None]
     return heap_d, heap_i

@@ -84,31 +84,53 @@ def many_to_many(Q, X, proxy):
     return out
 
 
+@numba.njit(inline="always", cache=True, nogil=True)
+def _rows_proxy_row(q, X, ids_row, out_row, proxy):
+    for j in range(ids_row.shape[0]):
+        p = ids_row[j]
+        if p < 0:
+            out_row[j] = np.inf
+            continue
+        x = X[p]
+        acc = np.float32(0.0)
+        if proxy == L2SQ:
+            for t in range(q.shape[0]):
+                diff = q[t] - x[t]
+                acc += diff * diff
+            out_row[j] = acc
+        else:
+            for t in range(q.shape[0]):
+                acc += q[t] * x[t]
+            out_row[j] = -acc
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
+def _rows_proxy_parallel(Q, X, ids, proxy, out):
+    for r in prange(ids.shape[0]):
+        _rows_proxy_row(Q[r], X, ids[r], out[r], proxy)
+
+
+@numba.njit(cache=True, nogil=True)
+def _rows_proxy_serial(Q, X, ids, proxy, out):
+    for r in range(ids.shape[0]):
+        _rows_proxy_row(Q[r], X, ids[r], out[r], proxy)
+
+
+# Below this many distance terms a parallel region costs more than it saves.
+_PARALLEL_MIN_WORK = 1 << 20
+
+
 def rows_proxy(Q, X, ids, proxy):
     """Exact proxy distance from each query row to the listed rows of ``X``.
 
     ``ids`` has shape (m, c) with row positions into ``X`` (-1 = none, gives +inf). Used to
     re-rank candidates and to recompute returned distances without the norm-expansion error.
-    No ``fastmath`` here: these are the numbers users see.
+    No ``fastmath`` here: these are the numbers users see. Small inputs run on the calling
+    thread, large ones in parallel over rows.
     """
     out = np.empty(ids.shape, dtype=np.float32)
-    for r in prange(ids.shape[0]):
-        for j in range(ids.shape[1]):
-            p = ids[r, j]
-            if p < 0:
-                out[r, j] = np.inf
-            else:
-                q = Q[r]
-                x = X[p]
-                acc = np.float32(0.0)
-                if proxy == L2SQ:
-                    for t in range(q.shape[0]):
-                        diff = q[t] - x[t]
-                        acc += diff * diff
-                    out[r, j] = acc
-                else:
-                    for t in range(q.shape[0]):
-                        acc += q[t] * x[t]
-                    out[r, j] = -acc
+    if ids.size * X.shape[1] >= _PARALLEL_MIN_WORK:
+        _rows_proxy_parallel(Q, X, ids, proxy, out)
+    else:
+        _rows_proxy_serial(Q, X, ids, proxy, out)
     return out

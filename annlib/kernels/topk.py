@@ -130,28 +130,41 @@ def topk_rows(D: np.ndarray, k: int, I: np.ndarray | None = None) -> tuple[np.nd
     return out_d, out_i
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _merge_topk(Da, Ia, Db, Ib, out_d, out_i, dedup):
-    for r in prange(Da.shape[0]):
-        hd = out_d[r]
-        hi = out_i[r]
-        for src in range(2):
-            rd = Da[r] if src == 0 else Db[r]
-            ri = Ia[r] if src == 0 else Ib[r]
-            for j in range(rd.shape[0]):
-                v = rd[j]
-                if ri[j] < 0 or not v < hd[0]:
+@numba.njit(inline="always", cache=True, nogil=True)
+def _merge_row(da, ia, db, ib, hd, hi, dedup):
+    for src in range(2):
+        rd = da if src == 0 else db
+        ri = ia if src == 0 else ib
+        for j in range(rd.shape[0]):
+            v = rd[j]
+            if ri[j] < 0 or not v < hd[0]:
+                continue
+            if dedup:
+                seen = False
+                for t in range(hd.shape[0]):
+                    if hi[t] == ri[j]:
+                        seen = True
+                        break
+                if seen:
                     continue
-                if dedup:
-                    seen = False
-                    for t in range(hd.shape[0]):
-                        if hi[t] == ri[j]:
-                            seen = True
-                            break
-                    if seen:
-                        continue
-                heap_push(hd, hi, v, ri[j])
-        heap_sort_inplace(hd, hi)
+            heap_push(hd, hi, v, ri[j])
+    heap_sort_inplace(hd, hi)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _merge_topk_parallel(Da, Ia, Db, Ib, out_d, out_i, dedup):
+    for r in prange(Da.shape[0]):
+        _merge_row(Da[r], Ia[r], Db[r], Ib[r], out_d[r], out_i[r], dedup)
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_topk_serial(Da, Ia, Db, Ib, out_d, out_i, dedup):
+    for r in range(Da.shape[0]):
+        _merge_row(Da[r], Ia[r], Db[r], Ib[r], out_d[r], out_i[r], dedup)
+
+
+# Rows below which a parallel region costs more than the merge itself.
+_PARALLEL_MIN_ROWS = 256
 
 
 def merge_topk(
@@ -175,7 +188,8 @@ def merge_topk(
     (ndarray float32 (m, k), ndarray int64 (m, k))
     """
     out_d, out_i = new_heaps(Da.shape[0], k)
-    _merge_topk(
+    merge = _merge_topk_parallel if Da.shape[0] >= _PARALLEL_MIN_ROWS else _merge_topk_serial
+    merge(
         np.ascontiguousarray(Da, np.float32), np.ascontiguousarray(Ia, np.int64),
         np.ascontiguousarray(Db, np.float32), np.ascontiguousarray(Ib, np.int64),
         out_d, out_i, dedup,
@@ -183,14 +197,15 @@ def merge_topk(
     return out_d, out_i
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def sort_rows_inplace(dist, ids):
     """Sort each row of ``(dist, ids)`` by ``(dist, id)`` ascending, in place (insertion sort).
 
     Meant for short rows (a re-ranked top-k) where it beats a general sort; equal distances are
-    ordered by lower id, like the exact ground truth of ann-benchmarks files.
+    ordered by lower id, like the exact ground truth of ann-benchmarks files. Serial: the work is
+    too small to pay for a parallel region.
     """
-    for r in prange(dist.shape[0]):
+    for r in range(dist.shape[0]):
         d = dist[r]
         i = ids[r]
         for a in range(1, d.shape[0]):
