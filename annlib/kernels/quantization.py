@@ -1,0 +1,343 @@
+"""Vector quantization: 4-bit product quantization (plain or anisotropic), 8-bit lookup tables,
+and symmetric int8 scalar quantization (ALGORITHMS §2.4-§2.6).
+
+Product quantization splits a (zero-padded) vector into ``M`` sub-spaces of ``w`` dimensions and
+stores, per sub-space, the index of one of 16 codewords (4 bits). ``M`` is always even so two codes
+share one byte (:func:`pad_dim`). Codes of a point set are packed in blocks of 32 points,
+transposed so that one byte column holds the same code pair of 32 consecutive points
+(:func:`pack_codes`); :mod:`annlib.kernels.fastscan` scans that layout.
+
+Scores are inner products: a query's table holds ``-<q_s, codeword>`` per sub-space and code
+(smaller is better, as every proxy in annlib). Tables are quantized to 8 bits with a per-sub-space
+offset and one scale per query chosen so that the sum over all sub-spaces fits 16 bits, which
+makes the scan exact integer arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from .cluster import kmeans_small
+
+__all__ = [
+    "CODEWORDS",
+    "pad_dim",
+    "pad_columns",
+    "train_codebooks",
+    "encode_nearest",
+    "encode_anisotropic",
+    "parallel_cost_multiplier",
+    "split_residual_error",
+    "pack_codes",
+    "unpack_codes",
+    "build_luts",
+    "int8_fit",
+    "int8_encode",
+]
+
+CODEWORDS = 16  # 4-bit codes
+ACC_MAX = 65535  # 16-bit unsigned accumulators
+
+
+def pad_dim(d: int, w: int) -> int:
+    """Smallest ``d' >= d`` that splits into an even number of ``w``-wide sub-spaces."""
+    return int(math.ceil(d / (2 * w)) * 2 * w)
+
+
+def pad_columns(X: np.ndarray, d_pad: int) -> np.ndarray:
+    """``X`` with zero columns appended up to ``d_pad`` (float32, C-contiguous)."""
+    if X.shape[1] == d_pad:
+        return np.ascontiguousarray(X, dtype=np.float32)
+    out = np.zeros((X.shape[0], d_pad), dtype=np.float32)
+    out[:, : X.shape[1]] = X
+    return out
+
+
+def train_codebooks(R: np.ndarray, w: int, *, iters: int, rng: np.random.Generator) -> np.ndarray:
+    """Train 16 codewords per sub-space by plain k-means (ScaNN's default, ALGORITHMS §2.4.3).
+
+    Parameters
+    ----------
+    R : float32 (n, d_pad)
+        Training vectors (residuals in the partitioned index), ``d_pad`` a multiple of ``2 w``.
+    w : int
+        Dimensions per sub-space.
+    iters : int
+        Lloyd rounds.
+    rng : numpy Generator
+        Chooses the initial codewords (distinct training rows).
+
+    Returns
+    -------
+    float32 (M, 16, w)
+    """
+    n, d_pad = R.shape
+    M = d_pad // w
+    Xs = np.ascontiguousarray(R.reshape(n, M, w).transpose(1, 0, 2))
+    k = CODEWORDS
+    rows = rng.choice(n, k, replace=n < k)
+    init = np.ascontiguousarray(Xs[:, rows, :])
+    return kmeans_small(Xs, init, iters)
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
+def _nearest_codes(r, cb, codes):
+    M, k, w = cb.shape
+    for s in range(M):
+        best = np.inf
+        arg = 0
+        for j in range(k):
+            acc = np.float32(0.0)
+            for t in range(w):
+                diff = r[s * w + t] - cb[s, j, t]
+                acc += diff * diff
+            if acc < best:
+                best = acc
+                arg = j
+        codes[s] = arg
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def encode_nearest(R, cb):
+    """Plain PQ codes: the nearest codeword of every sub-space. uint8 (n, M)."""
+    n = R.shape[0]
+    out = np.empty((n, cb.shape[0]), dtype=np.uint8)
+    for i in prange(n):
+        _nearest_codes(R[i], cb, out[i])
+    return out
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def encode_anisotropic(R, U, cb, eta, rounds):
+    """Anisotropic (score-aware) PQ codes by coordinate descent (ALGORITHMS §2.4.2).
+
+    Minimises ``eta ||e_par||^2 + ||e_perp||^2`` where ``e = r - r~`` is the quantization error
+    and the parallel direction is the unit *original* vector ``u`` (not the residual).
+
+    Parameters
+    ----------
+    R : float32 (n, d_pad)
+        Vectors to encode (residuals).
+    U : float32 (n, d_pad)
+        Unit original vectors giving the parallel direction (zero rows: plain PQ).
+    cb : float32 (M, 16, w)
+    eta : float32 (n,)
+        Parallel cost multiplier per point (>= 1; 1 gives plain PQ).
+    rounds : int
+        Maximum sweeps over the sub-spaces (stops early when no code changes).
+
+    Returns
+    -------
+    uint8 (n, M)
+    """
+    n = R.shape[0]
+    M, k, w = cb.shape
+    out = np.empty((n, M), dtype=np.uint8)
+    for i in prange(n):
+        r = R[i]
+        u = U[i]
+        codes = out[i]
+        _nearest_codes(r, cb, codes)
+        if eta[i] == 1.0:
+            continue
+        # running totals of the error e = r - r~: its squared norm and <e, u>
+        enorm = 0.0
+        par = 0.0
+        for s in range(M):
+            c = codes[s]
+            for t in range(w):
+                e = r[s * w + t] - cb[s, c, t]
+                enorm += e * e
+                par += e * u[s * w + t]
+        h = eta[i]
+        for _ in range(rounds):
+            changed = False
+            for s in range(M):
+                c = codes[s]
+                old_n = 0.0
+                old_p = 0.0
+                for t in range(w):
+                    e = r[s * w + t] - cb[s, c, t]
+                    old_n += e * e
+                    old_p += e * u[s * w + t]
+                best = np.inf
+                arg = c
+                best_n = 0.0
+                best_p = 0.0
+                for j in range(k):
+                    nn = 0.0
+                    pp = 0.0
+                    for t in range(w):
+                        e = r[s * w + t] - cb[s, j, t]
+                        nn += e * e
+                        pp += e * u[s * w + t]
+                    tot_n = enorm - old_n + nn
+                    tot_p = par - old_p + pp
+                    loss = h * tot_p * tot_p + (tot_n - tot_p * tot_p)
+                    if loss < best:
+                        best = loss
+                        arg = j
+                        best_n = nn
+                        best_p = pp
+                if arg != c:
+                    changed = True
+                    codes[s] = arg
+                    enorm += best_n - old_n
+                    par += best_p - old_p
+            if not changed:
+                break
+    return out
+
+
+def parallel_cost_multiplier(threshold: float, sqnorms: np.ndarray, dim: int) -> np.ndarray:
+    """ScaNN's per-point anisotropic weight ``eta = (d-1) (T^2/||x||^2) / (1 - T^2/||x||^2)``.
+
+    Clamped to ``[1, 1e4]``: below 1 the loss would favour parallel error (the opposite of the
+    intent) and ``T >= ||x||`` would make it infinite or negative (ALGORITHMS §2.4.6).
+
+    Returns
+    -------
+    float32 (n,)
+    """
+    ratio = (threshold * threshold) / np.maximum(np.asarray(sqnorms, dtype=np.float64), 1e-30)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eta = (dim - 1) * ratio / (1.0 - ratio)
+    eta = np.where((ratio >= 1.0) | ~np.isfinite(eta), 1e4, eta)
+    return np.clip(eta, 1.0, 1e4).astype(np.float32)
+
+
+def split_residual_error(R: np.ndarray, codes: np.ndarray, cb: np.ndarray, U: np.ndarray):
+    """Mean squared parallel and orthogonal quantization error (diagnostics and tests).
+
+    Returns
+    -------
+    (float, float)
+        ``mean ||e_par||^2`` and ``mean ||e_perp||^2`` with ``e = R - decode(codes)`` and the
+        parallel direction given by the unit rows of ``U``.
+    """
+    E = R - unpack_decode(codes, cb)
+    par = np.einsum("ij,ij->i", E, U)
+    tot = np.einsum("ij,ij->i", E, E)
+    return float(np.mean(par * par)), float(np.mean(tot - par * par))
+
+
+def unpack_decode(codes: np.ndarray, cb: np.ndarray) -> np.ndarray:
+    """Reconstruct float32 (n, M*w) vectors from uint8 (n, M) codes."""
+    M, _, w = cb.shape
+    return cb[np.arange(M)[None, :], codes.astype(np.int64)].reshape(codes.shape[0], M * w)
+
+
+def pack_codes(codes: np.ndarray) -> np.ndarray:
+    """Pack uint8 (n, M) 4-bit codes, ``n`` a multiple of 32, into blocks (n/32, M/2, 32).
+
+    Byte ``[b, j, p]`` holds the codes of sub-spaces ``2j`` (low nibble) and ``2j+1`` (high
+    nibble) of point ``32 b + p``.
+    """
+    n, M = codes.shape
+    pairs = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(pairs.reshape(n // 32, 32, M // 2).transpose(0, 2, 1))
+
+
+def unpack_codes(packed: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: uint8 (n, M)."""
+    nb, M2, _ = packed.shape
+    pairs = packed.transpose(0, 2, 1).reshape(nb * 32, M2)
+    out = np.empty((nb * 32, 2 * M2), dtype=np.uint8)
+    out[:, 0::2] = pairs & 15
+    out[:, 1::2] = pairs >> 4
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _build_luts_rows(Q, cb, T, scale, base, lo, hi):
+    M, k, w = cb.shape
+    G = np.empty((M, k), dtype=np.float32)
+    for q in range(lo, hi):
+        gmax = np.float32(0.0)
+        gsum = np.float32(0.0)
+        bsum = np.float32(0.0)
+        for s in range(M):
+            mn = np.inf
+            for j in range(k):
+                acc = np.float32(0.0)
+                for t in range(w):
+                    acc += Q[q, s * w + t] * cb[s, j, t]
+                G[s, j] = -acc
+                if -acc < mn:
+                    mn = -acc
+            mx = np.float32(0.0)
+            for j in range(k):
+                G[s, j] -= mn
+                if G[s, j] > mx:
+                    mx = G[s, j]
+            bsum += mn
+            gsum += mx
+            if mx > gmax:
+                gmax = mx
+        a = np.float32(1.0)
+        if gmax > 0:
+            a = np.float32(255.0) / gmax
+            if gsum * a > 65535.0:
+                a = np.float32(65535.0) / gsum
+        for s in range(M):
+            for j in range(k):
+                v = np.floor(G[s, j] * a + np.float32(0.5))
+                if v > 255.0:
+                    v = 255.0
+                T[q, s, j] = np.uint8(v)
+        scale[q] = np.float32(1.0) / a
+        base[q] = bsum
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _build_luts_parallel(Q, cb, T, scale, base, chunks):
+    n = Q.shape[0]
+    step = (n + chunks - 1) // chunks
+    for c in prange(chunks):
+        _build_luts_rows(Q, cb, T, scale, base, c * step, min(n, (c + 1) * step))
+
+
+def build_luts(Q: np.ndarray, cb: np.ndarray, threads: int = 1):
+    """Per-query 8-bit lookup tables of ``-<q_s, codeword>`` (ALGORITHMS §2.5).
+
+    Parameters
+    ----------
+    Q : float32 (nq, d_pad)
+    cb : float32 (M, 16, w)
+    threads : int, default 1
+        More than 1 runs a parallel kernel (worth it only for large batches).
+
+    Returns
+    -------
+    T : uint8 (nq, M, 16)
+        Quantized tables; ``T[q, s, j] = round((F[q, s, j] - min_j F[q, s, j]) / scale[q])``.
+    scale : float32 (nq,)
+        Value of one table unit; an accumulated sum ``acc`` approximates ``acc * scale + base``.
+    base : float32 (nq,)
+        Sum of the per-sub-space minima.
+    """
+    nq = Q.shape[0]
+    M = cb.shape[0]
+    T = np.empty((nq, M, CODEWORDS), dtype=np.uint8)
+    scale = np.empty(nq, dtype=np.float32)
+    base = np.empty(nq, dtype=np.float32)
+    if threads > 1 and nq >= 64:
+        _build_luts_parallel(Q, cb, T, scale, base, threads)
+    else:
+        _build_luts_rows(Q, cb, T, scale, base, 0, nq)
+    return T, scale, base
+
+
+def int8_fit(R: np.ndarray) -> np.ndarray:
+    """Per-dimension symmetric int8 multipliers ``127 / max |r_j|`` (1 for all-zero columns)."""
+    amax = np.abs(R).max(axis=0)
+    return np.where(amax > 0, 127.0 / np.maximum(amax, 1e-30), 1.0).astype(np.float32)
+
+
+def int8_encode(R: np.ndarray, mult: np.ndarray) -> np.ndarray:
+    """Symmetric int8 codes ``round(r_j * mult_j)`` clipped to [-127, 127]."""
+    return np.clip(np.rint(R * mult[None, :]), -127, 127).astype(np.int8)
