@@ -12,7 +12,7 @@ import threading
 from typing import Iterator
 
 from ._validation import check_int
-from .kernels.threads import blas_controllers, blas_limit
+from .kernels.threads import assume_blas_threads, blas_controllers, blas_limit
 
 __all__ = ["set_num_threads", "get_num_threads", "threads", "max_threads"]
 
@@ -64,6 +64,7 @@ def set_num_threads(n: int) -> None:
         _numba().set_num_threads(n)
         _blas_limiter = _set_blas_threads(n)
         blas_controllers(refresh=True)  # pick up BLAS libraries loaded since the last call
+        assume_blas_threads(n)
 
 
 @contextlib.contextmanager

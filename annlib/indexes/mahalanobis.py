@@ -20,8 +20,8 @@ from .. import config
 from ..api import Index
 from ..kernels.jl import choose_copies, gaussian_columns, query_keys, sketch_size
 from ..kernels.sketch import (
-    gram_update, matvec64, median_estimate, median_search, quadform_rows, quadratic_forms,
-    rank_update, sketch_points,
+    gram_update, matvec64, median_estimate, median_search, outer_update, quadform_rows,
+    quadratic_forms, rank_update, sketch_points, sqnorm_update,
 )
 from ..kernels.topk import topk_rows
 from ..metrics import ALIASES, METRICS
@@ -30,6 +30,7 @@ __all__ = ["MahalanobisSketch"]
 
 _SUPPORTED = ["mahalanobis", "l2", "euclidean"]
 _EIG_RANK_TOL = 1e-10  # eigenvalues below this fraction of the largest are dropped from the factor
+_COEF_BLOCK = 1024  # points per block of a metric update: both passes read the block from cache
 
 
 def _reporter(progress: Any):
@@ -100,6 +101,11 @@ class MahalanobisSketch(Index):
         Copies ``R`` combined by the median for each query (odd, ``<= copies``), chosen per query by
         a keyed hash of the query. Query time grows linearly in ``R``; ``R = 1`` is fastest but
         gives no robustness to adaptively chosen queries.
+    deferred : int, default 8
+        Rank of metric updates held back before they are swept into the stored sketches. A
+        deferred update costs one pass over the points instead of a read and write of every
+        sketch entry; queries pay for it with ``r/m`` more work (``r <= deferred`` pending) and
+        memory grows by ``deferred/m`` of the sketches. 0 applies every update at once.
     random_state : None, int or numpy Generator, default None
         Seed of the projections and of the per-query copy choice. A Generator is turned into an
         int seed at construction; None draws a fresh seed at build (kept in the saved file).
@@ -135,7 +141,8 @@ class MahalanobisSketch(Index):
     """
 
     family = "mahalanobis"
-    build_defaults = {"eps": 0.1, "delta": 0.05, "m": None, "copies": 16, "votes": 3, "random_state": None}
+    build_defaults = {"eps": 0.1, "delta": 0.05, "m": None, "copies": 16, "votes": 3, "deferred": 8,
+                      "random_state": None}
     search_defaults = {"reorder": 100}
     supports_add = True
     supports_delete = True
@@ -160,6 +167,8 @@ class MahalanobisSketch(Index):
         self._seed: int | None = None
         self._m: int | None = None
         self._X = self._S = self._sn = self._P = self._xmx = self._dead = None
+        self._G = None  # projection columns of deferred metric updates (L, m, deferred)
+        self._pend = 0  # how many of them are pending
 
     # ----------------------------------------------------------------- parameters
     def _check_build_params(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -170,6 +179,7 @@ class MahalanobisSketch(Index):
             p["m"] = V.check_int("m", p["m"], 1, 1 << 16)
         p["copies"] = V.check_int("copies", p["copies"], 1, 4096)
         p["votes"] = V.check_odd_int("votes", p["votes"], 1, p["copies"])
+        p["deferred"] = V.check_int("deferred", p["deferred"], 0, 1024)
         rs = p["random_state"]
         gen = V.check_random_state(rs)
         if rs is not None and not isinstance(rs, numbers.Integral):
@@ -234,10 +244,11 @@ class MahalanobisSketch(Index):
         Pi = gaussian_columns(seed, np.arange(U.shape[0]), p["copies"], m)
         P = np.ascontiguousarray((Pi.reshape(-1, U.shape[0]) @ U).reshape(p["copies"], m, d), dtype=np.float32)
         X = np.array(X, dtype=np.float32, order="C")  # own copy: update_point writes into it
-        S, sn = sketch_points(X, P, _reporter(progress))
+        S, sn = sketch_points(X, P, _reporter(progress), extra=p["deferred"])
         xmx = quadratic_forms(X, M)
         self._U, self._M, self._seed, self._m = U, M, seed, m
         self._X, self._S, self._sn, self._P, self._xmx = X, S, sn, P, xmx
+        self._G, self._pend = np.zeros((p["copies"], m, p["deferred"]), dtype=np.float32), 0
         self._dead = np.zeros(X.shape[0], dtype=np.bool_)
 
     def _allowed(self, mask: np.ndarray | None) -> np.ndarray | None:
@@ -245,6 +256,18 @@ class MahalanobisSketch(Index):
             return mask
         live = ~self._dead
         return live if mask is None else live & mask
+
+    def _pending(self) -> np.ndarray | None:
+        """Projection columns of the deferred metric updates (L, m, r), or None."""
+        return self._G[:, :, :self._pend] if self._pend else None
+
+    def _sketches(self) -> np.ndarray:
+        """The current sketches (L, m, n) with deferred updates applied (a copy; for checks)."""
+        m = self._m
+        S = np.array(self._S[:, :m], dtype=np.float32)
+        if self._pend:
+            S += np.einsum("jat,tn->jan", self._G[:, :, :self._pend], self._S[0, m:m + self._pend])
+        return S
 
     def _select(self, Q: np.ndarray) -> np.ndarray:
         return choose_copies(Q, query_keys(self._seed), self.params["copies"], self.params["votes"])
@@ -258,7 +281,8 @@ class MahalanobisSketch(Index):
 
     def _search(self, Q: np.ndarray, k: int, mask: np.ndarray | None, reorder: int):
         c = min(max(reorder, k), self._n_positions)
-        _, cand = median_search(Q, self._P, self._S, self._sn, self._select(Q), c, self._allowed(mask))
+        _, cand = median_search(Q, self._P, self._S, self._sn, self._select(Q), c, self._allowed(mask),
+                                pending=self._pending())
         exact = self._exact_sq(Q, cand).astype(np.float32)
         return topk_rows(exact, k, cand)
 
@@ -312,8 +336,7 @@ class MahalanobisSketch(Index):
         threads = V.check_threads(threads)
         S, sn = (self._S, self._sn) if pos is None else (self._S[:, :, pos], self._sn[:, pos])
         with config.threads(threads):
-            est = median_estimate(Q32, self._P, S, sn, self._select(Q32))
-        np.sqrt(est, out=est)
+            est = median_estimate(Q32, self._P, S, sn, self._select(Q32), pending=self._pending(), root=True)
         if pos is None and self._dead.any():
             est[:, self._dead] = np.inf
         return est[0] if was_1d else est
@@ -336,7 +359,7 @@ class MahalanobisSketch(Index):
 
     # ----------------------------------------------------------------- point updates
     def _add(self, X: np.ndarray, progress: Any) -> None:
-        S_new, sn_new = sketch_points(X, self._P, _reporter(progress))
+        S_new, sn_new = sketch_points(X, self._P, _reporter(progress), extra=self._S.shape[1] - self._m)
         xmx_new = quadratic_forms(X, self._M)
         # Build every new array first, then swap, so a failure leaves the index as it was.
         X_all = np.concatenate([self._X, X])
@@ -384,7 +407,7 @@ class MahalanobisSketch(Index):
         with self._write_lock, config.threads(threads):
             pos = self._positions_of(arr.astype(np.int64))
             V.check_known_positions(arr, pos, self._dead)
-            S_new, sn_new = sketch_points(X32, self._P)
+            S_new, sn_new = sketch_points(X32, self._P, extra=self._S.shape[1] - self._m)
             xmx_new = quadratic_forms(X32, self._M)
             Xs, S, sn, xmx = (_writable(a) for a in (self._X, self._S, self._sn, self._xmx))
             Xs[pos], S[:, :, pos], sn[:, pos], xmx[pos] = X32, S_new, sn_new, xmx_new
@@ -412,9 +435,12 @@ class MahalanobisSketch(Index):
 
         Notes
         -----
-        Cost per update row: ``O(n·d)`` for ``<u, x_i>`` (twice with ``row``), ``O(n·L·m)`` for
-        the sketches, ``O(L·m·d + d^2)`` for ``P`` and ``M``. Re-transforming every point for the
-        exact path costs ``O(n·p·d)``. A new row gets projection columns drawn from the same
+        Cost per update row: one blocked pass over the points, ``O(n·d)`` for ``<u, x_i>`` (twice
+        with ``row``) plus ``O(n·L·d)`` flops (a GEMM) for the new sketch norms, and
+        ``O(L·m·d + d^2)`` for ``P`` and ``M``. The sketches themselves are not touched: the update
+        is held back (``deferred``) and every ``deferred`` rows of updates are swept into them in
+        one memory-bound pass, ``O(n·L·m)``, shared by those updates. Re-transforming every point
+        for the exact path costs ``O(n·p·d)``. A new row gets projection columns drawn from the same
         seeded streams a fresh build would use, so the result equals ``MahalanobisSketch(U=
         index.U, same parameters).build(X)`` to float rounding. An identity (``"l2"``) index
         becomes ``"mahalanobis"``. Appending rows grows ``p`` by one per row.
@@ -429,39 +455,75 @@ class MahalanobisSketch(Index):
 
     def _apply_metric_update(self, W: np.ndarray, rows: np.ndarray | None) -> None:
         # Everything that can fail (allocation) happens before the first in-place write.
-        p = self._U.shape[0]
-        cols = np.arange(p, p + W.shape[0]) if rows is None else rows
-        G = gaussian_columns(self._seed, cols, self.params["copies"], self._m).astype(np.float32)
-        C = matvec64(self._X, W)  # <w_t, x_i>, (n, r)
+        p, r, L, m = self._U.shape[0], W.shape[0], self.params["copies"], self._m
+        cols = np.arange(p, p + r) if rows is None else rows
+        G = gaussian_columns(self._seed, cols, L, m).astype(np.float32)  # (L, m, r)
+        cap = self._S.shape[1] - m
+        defer = self._pend + r <= cap
+        old = np.zeros((0, W.shape[1])) if rows is None else self._U[rows].copy()
+        C, c_old, XH = self._coefficients(W, old, G if defer else None)
         if rows is None:
             U = np.concatenate([self._U, W])
-            old = np.zeros((0, W.shape[1]))
             xmx_delta = np.einsum("ij,ij->i", C, C)
         else:
             U = self._U.copy()
-            old = U[rows].copy()
             U[rows] += W
-            c_old = matvec64(self._X, old)
             c_new = c_old + C
             xmx_delta = np.einsum("ij,ij->i", c_new, c_new) - np.einsum("ij,ij->i", c_old, c_old)
-        P_delta = np.matmul(G, W.astype(np.float32))  # (L, m, d)
         M, xmx, P = _writable(self._M), _writable(self._xmx), _writable(self._P)
-        S, sn = _writable(self._S), _writable(self._sn)
+        S, sn, Gp = _writable(self._S), _writable(self._sn), _writable(self._G)
         gram_update(M, np.ascontiguousarray(W if rows is None else U[rows]), old)
         xmx += xmx_delta
-        P += P_delta
-        rank_update(S, sn, np.ascontiguousarray(C.T, dtype=np.float32), G)
-        self._U, self._M, self._xmx, self._P, self._S, self._sn = U, M, xmx, P, S, sn
+        CT = np.ascontiguousarray(C.T, dtype=np.float32)
+        if defer:
+            # Norms from the points (before P changes); the sketches keep the update pending.
+            sqnorm_update(sn, C, XH, np.einsum("jat,jau->jtu", G, G))
+            S[:, m + self._pend:m + self._pend + r] = CT
+            Gp[:, :, self._pend:self._pend + r] = G
+            pend = self._pend + r
+        else:
+            if self._pend:  # sweep the pending updates and these in one pass
+                CT = np.concatenate([S[0, m:m + self._pend], CT])
+                G = np.concatenate([Gp[:, :, :self._pend], G], axis=2)
+            rank_update(S, sn, CT, np.ascontiguousarray(G))
+            pend = 0
+        outer_update(P, G[:, :, -r:] if not defer else G, W.astype(np.float32))
+        self._U, self._M, self._xmx, self._P, self._S, self._sn, self._G = U, M, xmx, P, S, sn, Gp
+        self._pend = pend
         self._identity = False
         self._mahalanobis = True
+
+    def _coefficients(self, W: np.ndarray, old: np.ndarray, G: np.ndarray | None):
+        """``<w_t, x_i>``, ``<old_t, x_i>`` (float64) and, with ``G``, ``<P_j^T g_{j,t}, x_i>``.
+
+        Blocked so that the float64 products and the float32 GEMM read each block of points once
+        from memory (the second read hits the cache).
+        """
+        n, r = self._X.shape[0], W.shape[0]
+        C = np.empty((n, r))
+        c_old = np.empty((n, old.shape[0]))
+        XH = H = None
+        if G is not None:
+            H = np.einsum("jat,jad->jtd", G, self._P).reshape(-1, self._dim)  # rows P_j^T g_{j,t}
+            XH = np.empty((n, H.shape[0]), dtype=np.float32)
+        for a in range(0, n, _COEF_BLOCK):
+            Xb = self._X[a:a + _COEF_BLOCK]
+            C[a:a + len(Xb)] = matvec64(Xb, W)
+            if old.shape[0]:
+                c_old[a:a + len(Xb)] = matvec64(Xb, old)
+            if H is not None:
+                np.dot(Xb, H.T, out=XH[a:a + len(Xb)])
+        return C, c_old, XH
 
     # ----------------------------------------------------------------- persistence
     def _state(self):
         meta = {"seed": str(self._seed), "m": int(self._m), "identity": bool(self._identity),
-                "mahalanobis": bool(self._mahalanobis)}
+                "mahalanobis": bool(self._mahalanobis), "pending": int(self._pend)}
         arrays = {"vectors": self._X, "sketches": self._S, "sketch_sqnorms": self._sn,
                   "maps": self._P, "factor": self._U, "matrix": self._M, "quadforms": self._xmx,
                   "deleted": self._dead}
+        if self._G.shape[2]:  # (deferred = 0 stores none: the file format refuses empty arrays)
+            arrays["pending_columns"] = self._G
         return meta, arrays
 
     def _restore(self, meta, arrays) -> None:
@@ -469,9 +531,15 @@ class MahalanobisSketch(Index):
         U, M, xmx, dead = arrays["factor"], arrays["matrix"], arrays["quadforms"], arrays["deleted"]
         n, d = X.shape
         L, m = self.params["copies"], int(meta["m"])
-        if (S.shape != (L, m, n) or sn.shape != (L, n) or P.shape != (L, m, d) or U.ndim != 2
-                or U.shape[1] != d or M.shape != (d, d) or xmx.shape != (n,) or dead.shape != (n,)):
+        # no pending columns: deferred = 0, or a file written before deferred updates existed
+        G = arrays.get("pending_columns", np.zeros((L, m, 0), dtype=np.float32))
+        pend = int(meta.get("pending", 0))
+        if (S.ndim != 3 or S.shape[0] != L or S.shape[2] != n or sn.shape != (L, n)
+                or P.shape != (L, m, d) or U.ndim != 2 or U.shape[1] != d or M.shape != (d, d)
+                or xmx.shape != (n,) or dead.shape != (n,) or G.shape != (L, m, S.shape[1] - m)
+                or not 0 <= pend <= G.shape[2]):
             raise ValueError("array shapes do not agree with each other")
+        self._G, self._pend = G, pend
         self._X, self._S, self._sn, self._P = X, S, sn, P
         self._U, self._M, self._xmx, self._dead = np.asarray(U), np.asarray(M), xmx, dead
         self._seed, self._m = int(meta["seed"]), m

@@ -42,6 +42,7 @@ PQ_ITERS = 12
 ANISO_ROUNDS = 10
 EXACT_FILTER_FACTOR = 4  # filters allowing <= factor * reorder points are searched exactly
 QUERY_CHUNK = 4096  # queries per pass (bounds the query x centre score matrix)
+FEW_QUERIES = 4  # up to this many queries run the fused one-call kernel (no BLAS, no numpy steps)
 
 
 def _progress_fn(progress):
@@ -289,6 +290,7 @@ class Partitioned(Index):
             pt = np.zeros(E_pad, dtype=np.float32)
             pt[slot] = 0.5 * sqnorms(X)[pos]
             out["point_term"] = pt
+            out["point_term_block_min"] = fastscan.block_min(pt)
         return out
 
     # ----------------------------------------------------------------- add
@@ -329,23 +331,38 @@ class Partitioned(Index):
                  for s in range(0, Q.shape[0], QUERY_CHUNK)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
+    def _centre_norms(self):
+        """Squared centre norms (cached; the centres never change after the build)."""
+        C = self._a["centres"]
+        if getattr(self, "_cn_for", None) is not C:
+            self._cn = np.ascontiguousarray(np.einsum("ij,ij->i", C, C), dtype=np.float32)
+            self._cn_for = C
+        return self._cn
+
     def _search_chunk(self, Q, k, mask, t, n_cand):
         a = self._a
         threads = _threads()
+        pt = a.get("point_term", np.zeros(0, dtype=np.float32))
+        mask_arr = np.zeros(0, dtype=np.bool_) if mask is None else mask
+        l2 = self._metric.proxy == PROXY_L2SQ
+        if "codebooks" in a and Q.shape[0] <= FEW_QUERIES:
+            cn = self._centre_norms() if l2 else np.zeros(0, dtype=np.float32)
+            return fastscan.search_pq_few(
+                Q, a["centres"], cn, t, a["codebooks"], a["leaf_start"], a["codes"], a["entry_pos"],
+                pt, a.get("point_term_block_min", np.zeros(0, dtype=np.float32)), mask_arr, n_cand,
+                a["vectors"], k, self._metric.proxy)
         S = Q @ a["centres"].T
-        if self._metric.proxy == PROXY_L2SQ:
-            cn = np.einsum("ij,ij->i", a["centres"], a["centres"])
-            D = cn[None, :] - 2.0 * S
+        if l2:
+            D = self._centre_norms()[None, :] - 2.0 * S
         else:
             D = -S
         _, leaf_ids = fastscan.select_leaves(D, t, threads=threads)
         leaf_bias = -np.take_along_axis(S, leaf_ids, axis=1).astype(np.float32)
-        pt = a.get("point_term", np.zeros(0, dtype=np.float32))
-        mask_arr = np.zeros(0, dtype=np.bool_) if mask is None else mask
         if "codebooks" in a:
             T, scale, base = build_luts(pad_columns(Q, self._meta["d_pad"]), a["codebooks"], threads)
             _, cand = fastscan.scan_pq(T, scale, base, leaf_ids, leaf_bias, a["leaf_start"], a["codes"],
-                                       a["entry_pos"], pt, mask_arr, n_cand, threads=threads)
+                                       a["entry_pos"], pt, mask_arr, n_cand, threads=threads,
+                                       pt_block_min=a.get("point_term_block_min"))
         else:
             Qs = np.ascontiguousarray(Q / a["int8_mult"][None, :], dtype=np.float32)
             _, cand = fastscan.scan_int8(Qs, leaf_ids, leaf_bias, a["leaf_start"], a["codes"],
@@ -387,6 +404,8 @@ class Partitioned(Index):
         self._meta = {"num_leaves": L, "d_pad": int(meta["d_pad"]),
                       "scale_threshold": meta.get("scale_threshold")}
         self._a = dict(arrays)
+        if "point_term" in self._a and "point_term_block_min" not in self._a:
+            self._a["point_term_block_min"] = fastscan.block_min(np.asarray(self._a["point_term"]))
 
     def stats(self) -> dict[str, float]:
         """Sizes of the built index: leaves, stored copies, spill fraction, bytes per vector.

@@ -10,15 +10,58 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from .distances import L2SQ
 
-__all__ = ["FASTMATH", "exact_proxy", "cand_push", "cand_pop", "next_tag", "allowed"]
+__all__ = ["FASTMATH", "exact_proxy", "cand_push", "cand_pop", "next_tag", "allowed",
+           "prefetch_row", "row_lines"]
 
 # Re-association lets LLVM vectorise the distance reductions; 'ninf'/'nnan' are left out on
 # purpose since heaps are initialised to +inf and compared against it.
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 _TAG_MAX = 65535
+
+
+@intrinsic
+def prefetch_row(typingctx, arr, row, lines):
+    """Hint the CPU to load ``lines`` cache lines (64 B) of row ``row`` of a C-contiguous 2-D
+    array (LLVM ``prefetch``: read, keep in all cache levels). No bounds check: the caller
+    passes a valid row. Graph walks are memory-bound on large sets; fetching the rows they
+    will read next overlaps those misses with the arithmetic of the current row.
+    """
+    if not (isinstance(arr, types.Array) and arr.ndim == 2 and isinstance(row, types.Integer)
+            and isinstance(lines, types.Integer)):
+        return None
+    sig = types.void(arr, row, lines)
+
+    def codegen(context, builder, signature, args):
+        aty = signature.args[0]
+        ary = context.make_array(aty)(context, builder, args[0])
+        r = context.cast(builder, args[1], signature.args[1], types.intp)
+        nl = context.cast(builder, args[2], signature.args[2], types.intp)
+        strides = cgutils.unpack_tuple(builder, ary.strides, 2)
+        base = builder.ptrtoint(ary.data, cgutils.intp_t)
+        start = builder.add(base, builder.mul(r, strides[0]))
+        i8p = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        with cgutils.for_range(builder, nl) as loop:
+            addr = builder.add(start, builder.mul(loop.index, cgutils.intp_t(64)))
+            builder.call(fn, [builder.inttoptr(addr, i8p), ir.IntType(32)(0), ir.IntType(32)(3),
+                              ir.IntType(32)(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
+def row_lines(X):
+    """Cache lines spanned by one row of ``X`` (rows need not start on a line boundary)."""
+    nbytes = X.shape[1] * X.itemsize
+    return (nbytes + 63) // 64 + (1 if nbytes % 64 else 0)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -216,7 +216,9 @@ def exact_search(
     mask_arr = np.zeros(0, dtype=np.bool_) if mask is None else mask
     args = (x_sqnorm, k, proxy, mask_arr)
     workers = max(1, min(workers, n))
-    if workers == 1:
+    if workers == 1 and nq <= SCAN_MAX_QUERIES:  # no BLAS on this path
+        heap_d, heap_i = _partial_topk(Q, X, *args, 0, n, query_block, db_block)
+    elif workers == 1:
         with blas_limit(1):
             heap_d, heap_i = _partial_topk(Q, X, *args, 0, n, query_block, db_block)
     elif nq >= workers * 64:

@@ -13,11 +13,14 @@ time, against the worst of the per-query candidate heap of size ``reorder``.
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 from numba import prange
 
 from .distances import proxy_pair
+from .quantization import _build_luts_rows
 from .lut16 import lut16_block, lut16_block_generic
 from .topk import heap_push, heap_sort_inplace
 
@@ -28,6 +31,8 @@ __all__ = [
     "scan_int8",
     "rerank",
     "select_leaves",
+    "block_min",
+    "search_pq_few",
 ]
 
 POINT_BLOCK = 32  # points per packed block (the layout of quantization.pack_codes)
@@ -104,51 +109,69 @@ def _compact(bd, bi, n, keep):
 
 
 @numba.njit(inline="always", cache=True, nogil=True)
-def _scan_leaf(q, leaf, cst, T, scale, leaf_start, flat, n_pairs, entry_pos, pt, mask,
+def _int_bar(lim, a):
+    """Integer admission bar: an accumulator ``acc`` can pass ``acc * a < lim`` only if ``acc < bar``.
+
+    Two units of slack cover the float rounding of ``lim``; survivors are re-checked in float, so
+    the bar only has to be conservative. 65536 (above every 16-bit sum) admits everything.
+    """
+    if not lim < np.float32(np.inf) or not a > np.float32(0.0):
+        return np.int64(65536)
+    r = lim / a
+    if r >= np.float32(65534.0):
+        return np.int64(65536)
+    if r < np.float32(-2.0):
+        return np.int64(0)
+    return np.int64(math.floor(r)) + 2
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
+def _scan_leaf(q, leaf, cst, T, scale, leaf_start, flat, n_pairs, entry_pos, pt, pt_min, mask,
                buf_d, buf_i, cnt, thr, keep, acc, has_pt, use_mask):
-    # Candidates go to an append-only buffer of 2 * keep (+ one block of slack) slots that is
-    # compacted to the best ``keep`` when full; within a block the append is branch-free (every
-    # point is written, the fill count advances only for those under the bar), which avoids a
-    # mispredicted branch per candidate.
+    # Candidates are rejected on the integer sums, against a bar derived once from the float
+    # threshold (per block when a per-point term exists, using the block's smallest term): the
+    # whole block is skipped when its smallest sum misses the bar, and only the sums under it are
+    # converted to floats and appended to a buffer of 2 * keep (+ one block of slack) slots,
+    # compacted to the best ``keep`` when full (which is also the only time the bar moves).
     table = T[q].reshape(-1)
     a = scale[q]
     cap = buf_d.shape[1] - POINT_BLOCK
     bd = buf_d[q]
     bi = buf_i[q]
+    bar = _int_bar(thr[q] - cst, a)
     for blk in range(leaf_start[leaf], leaf_start[leaf + 1]):
-        m16 = lut16_block(flat, blk * n_pairs * 32, table, 0, n_pairs, acc, 0)
-        e0 = blk * POINT_BLOCK
-        lim = thr[q] - cst
         if has_pt:
-            mn = np.float32(np.inf)
-            for p in range(POINT_BLOCK):
-                mn = min(mn, np.float32(acc[p]) * a + pt[e0 + p])
-        else:
-            mn = np.float32(m16) * a
-        if not mn < lim:
+            bar = _int_bar(thr[q] - cst - pt_min[blk], a)
+            if bar <= 0:
+                continue
+        m16 = lut16_block(flat, blk * n_pairs * 32, table, 0, n_pairs, acc, 0)
+        if np.int64(m16) >= bar:
             continue
+        e0 = blk * POINT_BLOCK
         t_q = thr[q]
         c = cnt[q]
         for p in range(POINT_BLOCK):
-            v = np.float32(acc[p]) * a + cst
-            if has_pt:
-                v += pt[e0 + p]
-            pos = entry_pos[e0 + p]
-            ok = (v < t_q) & (pos >= 0)
-            if use_mask:
-                ok = ok & mask[max(pos, 0)]
-            bd[c] = v
-            bi[c] = pos
-            c += np.int64(ok)
+            if np.int64(acc[p]) < bar:
+                v = np.float32(acc[p]) * a + cst
+                if has_pt:
+                    v += pt[e0 + p]
+                pos = entry_pos[e0 + p]
+                if v < t_q and pos >= 0:
+                    if use_mask and not mask[pos]:
+                        continue
+                    bd[c] = v
+                    bi[c] = pos
+                    c += 1
         if c >= cap:
             thr[q] = _compact(bd, bi, c, keep)
             c = keep
+            bar = _int_bar(thr[q] - cst, a)
         cnt[q] = c
 
 
 @numba.njit(cache=True, nogil=True)
 def _scan_query_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, pt,
-                      mask, buf_d, buf_i, cnt, thr, keep, q_lo, q_hi):
+                      pt_min, mask, buf_d, buf_i, cnt, thr, keep, q_lo, q_hi):
     n_pairs = codes.shape[1]
     flat = codes.reshape(-1)
     has_pt = pt.shape[0] > 0
@@ -159,7 +182,7 @@ def _scan_query_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, en
             leaf = leaf_ids[q, t]
             if leaf >= 0:
                 _scan_leaf(q, leaf, base[q] + leaf_bias[q, t], T, scale, leaf_start, flat, n_pairs,
-                           entry_pos, pt, mask, buf_d, buf_i, cnt, thr, keep, acc, has_pt, use_mask)
+                           entry_pos, pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, acc, has_pt, use_mask)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -187,7 +210,7 @@ def _group_by_leaf(leaf_ids, n_leaves, q_lo, q_hi):
 
 @numba.njit(cache=True, nogil=True)
 def _scan_leaf_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, pt,
-                     mask, buf_d, buf_i, cnt, thr, keep, q_lo, q_hi):
+                     pt_min, mask, buf_d, buf_i, cnt, thr, keep, q_lo, q_hi):
     # Same work as the query-major order, visited leaf by leaf so that a leaf's codes stay in
     # cache while every query that probes it is scored.
     n_pairs = codes.shape[1]
@@ -201,12 +224,12 @@ def _scan_leaf_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, ent
         for g in range(offsets[leaf], offsets[leaf + 1]):
             q = qq[g]
             _scan_leaf(q, leaf, base[q] + leaf_bias[q, tt[g]], T, scale, leaf_start, flat, n_pairs,
-                       entry_pos, pt, mask, buf_d, buf_i, cnt, thr, keep, acc, has_pt, use_mask)
+                       entry_pos, pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, acc, has_pt, use_mask)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _scan_parallel(leaf_major, T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos,
-                   pt, mask, buf_d, buf_i, cnt, thr, keep, chunks):
+                   pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, chunks):
     nq = T.shape[0]
     step = (nq + chunks - 1) // chunks
     for c in prange(chunks):
@@ -216,14 +239,14 @@ def _scan_parallel(leaf_major, T, scale, base, leaf_ids, leaf_bias, leaf_start, 
             continue
         if leaf_major:
             _scan_leaf_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos,
-                             pt, mask, buf_d, buf_i, cnt, thr, keep, lo, hi)
+                             pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, lo, hi)
         else:
             _scan_query_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos,
-                              pt, mask, buf_d, buf_i, cnt, thr, keep, lo, hi)
+                              pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, lo, hi)
 
 
 def scan_pq(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, pt, mask,
-            n_cand, *, leaf_major=False, threads=1):
+            n_cand, *, leaf_major=False, threads=1, pt_block_min=None):
     """Approximate top-``n_cand`` candidates of every query from packed 4-bit PQ codes.
 
     Parameters
@@ -251,6 +274,9 @@ def scan_pq(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, p
         machine, kept for experiments).
     threads : int, default 1
         Query chunks scanned in parallel (1 runs the serial kernel without a thread launch).
+    pt_block_min : float32 (nb,) or None, default None
+        Smallest ``pt`` of each packed block (:func:`block_min`); computed here when None and
+        ``pt`` is not empty (callers that search often should compute it once).
 
     Returns
     -------
@@ -263,7 +289,9 @@ def scan_pq(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, p
     buf_i = np.full((nq, 2 * n_cand + POINT_BLOCK), -1, dtype=np.int64)
     cnt = np.zeros(nq, dtype=np.int64)
     thr = np.full(nq, np.inf, dtype=np.float32)
-    args = (T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, pt, mask,
+    if pt_block_min is None:
+        pt_block_min = block_min(pt)
+    args = (T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, pt, pt_block_min, mask,
             buf_d, buf_i, cnt, thr, n_cand)
     if threads > 1 and nq > 1:
         _scan_parallel(bool(leaf_major), *args, min(threads, nq))
@@ -279,6 +307,17 @@ def scan_pq(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, p
     cand_d = np.ascontiguousarray(buf_d[:, :n_cand])
     cand_i = np.ascontiguousarray(buf_i[:, :n_cand])
     return cand_d, cand_i
+
+
+def block_min(pt):
+    """Smallest per-entry term of each packed block (float32 (nb,)), empty for an empty ``pt``.
+
+    The scan turns it into a per-block integer bar on the 16-bit sums.
+    """
+    pt = np.asarray(pt, dtype=np.float32)
+    if pt.shape[0] == 0:
+        return np.zeros(0, dtype=np.float32)
+    return np.ascontiguousarray(pt.reshape(-1, POINT_BLOCK).min(axis=1))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -461,4 +500,90 @@ def select_leaves(D, t, *, threads=1):
         _select_parallel(D, t, out_d, out_i, min(threads, m))
     else:
         _select_rows(D, t, out_d, out_i, 0, m)
+    return out_d, out_i
+
+
+@numba.njit(cache=True, nogil=True)
+def _search_pq_few(Q, C, cn, l2, t, cb, leaf_start, codes, entry_pos, pt, pt_min, mask,
+                   n_cand, X, k, proxy, out_d, out_i):
+    nq, d = Q.shape
+    L = C.shape[0]
+    M, K, w = cb.shape
+    Qp = np.zeros((nq, M * w), dtype=np.float32)
+    Qp[:, :d] = Q
+    T = np.empty((nq, M, K), dtype=np.uint8)
+    scale = np.empty(nq, dtype=np.float32)
+    base = np.empty(nq, dtype=np.float32)
+    _build_luts_rows(Qp, cb, T, scale, base, 0, nq)
+    leaf_ids = np.full((nq, t), -1, dtype=np.int64)
+    leaf_bias = np.zeros((nq, t), dtype=np.float32)
+    sd = np.empty(t, dtype=np.float32)
+    for q in range(nq):
+        S = np.dot(C, Q[q])
+        sd[:] = np.inf
+        ids = leaf_ids[q]
+        for j in range(L):
+            v = cn[j] - np.float32(2.0) * S[j] if l2 else -S[j]
+            if v < sd[0]:
+                heap_push(sd, ids, v, j)
+        heap_sort_inplace(sd, ids)
+        for j in range(t):
+            if ids[j] >= 0:
+                leaf_bias[q, j] = -S[ids[j]]
+    width = 2 * n_cand + POINT_BLOCK
+    buf_d = np.full((nq, width), np.inf, dtype=np.float32)
+    buf_i = np.full((nq, width), -1, dtype=np.int64)
+    cnt = np.zeros(nq, dtype=np.int64)
+    thr = np.full(nq, np.inf, dtype=np.float32)
+    _scan_query_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, pt,
+                      pt_min, mask, buf_d, buf_i, cnt, thr, n_cand, 0, nq)
+    _finish_buffers(buf_d, buf_i, cnt, n_cand)
+    cand = np.full((nq, n_cand), -1, dtype=np.int64)
+    for q in range(nq):
+        for j in range(min(cnt[q], n_cand)):
+            cand[q, j] = buf_i[q, j]
+    _rerank_rows(Q, X, cand, k, proxy, out_d, out_i, 0, nq)
+
+
+def search_pq_few(Q, C, cn, t, cb, leaf_start, codes, entry_pos, pt, pt_block_min, mask, n_cand,
+                  X, k, proxy):
+    """The whole 4-bit PQ search of a few queries in one serial kernel call.
+
+    Centre scoring, leaf selection, table building, the scan and the exact re-ranking of
+    :func:`select_leaves`, :func:`annlib.kernels.quantization.build_luts`, :func:`scan_pq` and
+    :func:`rerank`, fused so that a single query pays one call instead of about fifteen.
+
+    Parameters
+    ----------
+    Q : float32 (nq, d)
+        Queries (unpadded; padded to the codebooks' width inside).
+    C : float32 (L, d)
+        Leaf centres.
+    cn : float32 (L,) or (0,)
+        Squared centre norms, which make leaves rank by squared L2; empty ranks them by
+        ``-<q, c>``.
+    t : int
+        Leaves probed per query (``1 <= t <= L``).
+    cb : float32 (M, 16, w)
+        PQ codebooks.
+    leaf_start, codes, entry_pos, pt, mask, n_cand
+        As in :func:`scan_pq`.
+    pt_block_min : float32 (nb,) or (0,)
+        :func:`block_min` of ``pt``.
+    X : float32 (n, d)
+        Re-ranking vectors.
+    k : int
+    proxy : int
+        0 = squared L2, 1 = negative inner product (of the re-ranking).
+
+    Returns
+    -------
+    (float32 (nq, k) exact proxies ascending, int64 (nq, k) positions), (+inf, -1) padded.
+    """
+    nq = Q.shape[0]
+    out_d = np.full((nq, k), np.inf, dtype=np.float32)
+    out_i = np.full((nq, k), -1, dtype=np.int64)
+    _search_pq_few(np.ascontiguousarray(Q, dtype=np.float32), C, cn, cn.shape[0] > 0, int(t), cb,
+                   leaf_start, codes, entry_pos, pt, pt_block_min, mask, int(n_cand), X, int(k),
+                   int(proxy), out_d, out_i)
     return out_d, out_i

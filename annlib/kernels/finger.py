@@ -33,7 +33,7 @@ from numba import prange
 from numba.core import types
 from numba.extending import intrinsic
 
-from .beam import FASTMATH, _allowed, cand_pop, cand_push
+from .beam import FASTMATH, _allowed, cand_pop, cand_push, prefetch_row, row_lines
 from .distances import L2SQ, dot, proxy_pair
 from .topk import heap_push
 
@@ -217,17 +217,24 @@ def cos_table(r: int, dm: tuple[float, float, float, float] | None, slack: float
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _finger_layer0(q, X, links0, ep, ep_d, proxy, mask, deleted, visited, tag, Cd, Ci, Wd, Wi,
-                   fB, fcode, fpay, ftable, qB):
+                   fB, fcode, fpay, ftable, qB, nbuf):
     """Layer-0 best-first search where, once the result heap is full, a neighbour is evaluated
     exactly only if its FINGER estimate can enter the result heap.
 
     Pruned neighbours are not marked visited (another node may still lead to them). Every item
-    of the result heap has an exact distance. Returns (exact evaluations, estimates).
+    of the result heap has an exact distance. ``nbuf`` (int64, >= M0) is scratch. Returns
+    (exact evaluations, estimates).
+
+    Memory: the links and payload rows of the next candidate are prefetched while the current
+    one is expanded, and the vectors of the neighbours that pass the filter are prefetched
+    together before their exact distances are computed.
     """
     r = fB.shape[0]
     M0 = links0.shape[1] - 1
     off_t = 2 * M0
     off_p = 4 * M0
+    lines = row_lines(X)
+    plines = (fcode.shape[1] * 8 + 63) // 64
     for j in range(r):
         qB[j] = dot(fB[j], q)
     qq = dot(q, q)
@@ -246,7 +253,12 @@ def _finger_layer0(q, X, links0, ep, ep_d, proxy, mask, deleted, visited, tag, C
         if cd > Wd[0]:
             break
         size = cand_pop(Cd, Ci, size)
+        if size > 0:
+            nxt = Ci[0]
+            prefetch_row(links0, nxt, 1)
+            prefetch_row(fcode, nxt, plines)
         cnt = links0[c, 0]
+        m = 0
         if Wd[0] == np.inf:
             # start-up phase: the bound is +inf, estimates cannot prune anything
             for s in range(1, cnt + 1):
@@ -254,38 +266,41 @@ def _finger_layer0(q, X, links0, ep, ep_d, proxy, mask, deleted, visited, tag, C
                 if visited[e] == tag:
                     continue
                 visited[e] = tag
-                d = proxy_pair(q, X[e], proxy)
-                evals += 1
-                if d < Wd[0]:
-                    size = cand_push(Cd, Ci, size, d, e)
-                    if _allowed(e, mask, deleted):
-                        heap_push(Wd, Wi, d, e)
-            continue
-        row = fpay[c]
-        cc = row[off_p + r]
-        qc = np.float32(0.5) * (qq + cc - cd) if l2 else -cd
-        tq, r2 = _split(qq, cc, qc)
-        nq = np.sqrt(r2)
-        code = _code(qB, tq, row[off_p:], r)
-        crow = fcode[c]
-        for s in range(cnt):
-            e = links0[c, 1 + s]
-            if visited[e] == tag:
-                continue
-            n_est += 1
-            cos = ftable[popcount64(code ^ crow[s])]
-            te = row[off_t + 2 * s]
-            ne = row[off_t + 2 * s + 1]
-            if l2:
-                dt = tq - te
-                est = dt * dt * cc + r2 + ne * ne - np.float32(2.0) * nq * ne * cos
-            else:
-                est = -(te * qc + nq * ne * cos)
-            if not est < Wd[0]:
-                continue
-            visited[e] = tag
+                prefetch_row(X, e, lines)
+                nbuf[m] = e
+                m += 1
+        else:
+            row = fpay[c]
+            cc = row[off_p + r]
+            qc = np.float32(0.5) * (qq + cc - cd) if l2 else -cd
+            tq, r2 = _split(qq, cc, qc)
+            nq = np.sqrt(r2)
+            code = _code(qB, tq, row[off_p:], r)
+            crow = fcode[c]
+            bound = Wd[0]
+            for s in range(cnt):
+                e = links0[c, 1 + s]
+                if visited[e] == tag:
+                    continue
+                n_est += 1
+                cos = ftable[popcount64(code ^ crow[s])]
+                te = row[off_t + 2 * s]
+                ne = row[off_t + 2 * s + 1]
+                if l2:
+                    dt = tq - te
+                    est = dt * dt * cc + r2 + ne * ne - np.float32(2.0) * nq * ne * cos
+                else:
+                    est = -(te * qc + nq * ne * cos)
+                if not est < bound:
+                    continue
+                visited[e] = tag
+                prefetch_row(X, e, lines)
+                nbuf[m] = e
+                m += 1
+        evals += m
+        for j in range(m):
+            e = nbuf[j]
             d = proxy_pair(q, X[e], proxy)
-            evals += 1
             if d < Wd[0]:
                 size = cand_push(Cd, Ci, size, d, e)
                 if _allowed(e, mask, deleted):

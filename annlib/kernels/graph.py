@@ -24,7 +24,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .beam import FASTMATH, _allowed, cand_pop, cand_push, exact_proxy, next_tag
+from .beam import FASTMATH, _allowed, cand_pop, cand_push, exact_proxy, next_tag, prefetch_row, row_lines
 from .distances import proxy_pair
 from .finger import _finger_layer0
 from .topk import heap_push, heap_sort_inplace
@@ -38,6 +38,8 @@ __all__ = [
     "repair_deleted",
     "search_queries",
     "search_serial",
+    "bfs_order",
+    "relabel_rows",
 ]
 
 
@@ -65,13 +67,18 @@ def greedy_descend(q, X, upper, ustart, cur, cur_d, top, bottom, proxy):
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def search_layer(q, X, links0, upper, ustart, level, ep, ep_d, proxy, mask, deleted,
-                 visited, tag, Cd, Ci, Wd, Wi):
+                 visited, tag, Cd, Ci, Wd, Wi, nbuf):
     """Best-first search of one layer (HNSW's SEARCH-LAYER) from one entry point.
 
     ``Wd``/``Wi`` (length ef) receive the ef best allowed nodes as a max-heap (+inf/-1 where
     fewer were found); nodes excluded by ``mask``/``deleted`` are walked through but never
     enter the result heap. ``visited`` is one row of tags; ``tag`` marks this search.
+    ``nbuf`` (int64, >= row width) is scratch for the unvisited neighbours of one node.
     Returns the number of distance evaluations.
+
+    Each expansion first collects the unvisited neighbours and asks the CPU to fetch their
+    vectors, then computes the distances: the misses of a row overlap instead of queueing one
+    after another (the walk is memory-bound once the vectors outgrow the caches).
     """
     Wd[:] = np.inf
     Wi[:] = -1
@@ -81,6 +88,7 @@ def search_layer(q, X, links0, upper, ustart, level, ep, ep_d, proxy, mask, dele
     size = cand_push(Cd, Ci, 0, ep_d, ep)
     evals = 0
     links = links0 if level == 0 else upper
+    lines = row_lines(X)
     while size > 0:
         cd = Cd[0]
         c = Ci[0]
@@ -88,14 +96,23 @@ def search_layer(q, X, links0, upper, ustart, level, ep, ep_d, proxy, mask, dele
             break
         size = cand_pop(Cd, Ci, size)
         row = c if level == 0 else ustart[c] + level - 1
+        if size > 0:
+            nxt = Ci[0]
+            prefetch_row(links, nxt if level == 0 else ustart[nxt] + level - 1, 1)
         cnt = links[row, 0]
+        m = 0
         for s in range(1, cnt + 1):
             e = links[row, s]
             if visited[e] == tag:
                 continue
             visited[e] = tag
+            prefetch_row(X, e, lines)
+            nbuf[m] = e
+            m += 1
+        evals += m
+        for j in range(m):
+            e = nbuf[j]
             d = proxy_pair(q, X[e], proxy)
-            evals += 1
             if d < Wd[0]:
                 size = cand_push(Cd, Ci, size, d, e)
                 if _allowed(e, mask, deleted):
@@ -152,6 +169,7 @@ def insert_batch(X, nodes, levels, ustart, links0, upper, entry, max_level, M, e
         Wd = np.empty(ef_c, dtype=np.float32)
         Wi = np.empty(ef_c, dtype=np.int64)
         sel = np.empty(M, dtype=np.int64)
+        nbuf = np.empty(links0.shape[1], dtype=np.int64)
         ev = 0
         for b in range(t, nb, n_chunks):
             p = nodes[b]
@@ -166,7 +184,7 @@ def insert_batch(X, nodes, levels, ustart, links0, upper, entry, max_level, M, e
             for level in range(min(lq, max_level), -1, -1):
                 tag = next_tag(visited, tags, t)
                 ev += search_layer(q, X, links0, upper, ustart, level, cur, cur_d, proxy,
-                                   empty_mask, empty_mask, visited[t], tag, Cd, Ci, Wd, Wi)
+                                   empty_mask, empty_mask, visited[t], tag, Cd, Ci, Wd, Wi, nbuf)
                 heap_sort_inplace(Wd, Wi)
                 m = 0
                 while m < ef_c and Wi[m] >= 0:
@@ -362,7 +380,7 @@ def _finish(q, X, Wd, Wi, k, proxy, out_d, out_i):
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _query(q, X, links0, upper, ustart, entry, max_level, proxy, mask, deleted, visited, tag,
-           Cd, Ci, Wd, Wi, k, out_d, out_i, fB, fcode, fpay, ftable, use_finger, qB):
+           Cd, Ci, Wd, Wi, k, out_d, out_i, fB, fcode, fpay, ftable, use_finger, qB, nbuf):
     """One query: greedy descent, then layer 0 (exact or FINGER-filtered); returns (exact, est)."""
     cur = entry
     cur_d = proxy_pair(q, X[cur], proxy)
@@ -373,11 +391,11 @@ def _query(q, X, links0, upper, ustart, entry, max_level, proxy, mask, deleted, 
     n_est = 0
     if use_finger:
         e2, n_est = _finger_layer0(q, X, links0, cur, cur_d, proxy, mask, deleted, visited, tag,
-                                   Cd, Ci, Wd, Wi, fB, fcode, fpay, ftable, qB)
+                                   Cd, Ci, Wd, Wi, fB, fcode, fpay, ftable, qB, nbuf)
         ev += e2
     else:
         ev += search_layer(q, X, links0, upper, ustart, 0, cur, cur_d, proxy, mask, deleted,
-                           visited, tag, Cd, Ci, Wd, Wi)
+                           visited, tag, Cd, Ci, Wd, Wi, nbuf)
     _finish(q, X, Wd, Wi, k, proxy, out_d, out_i)
     return ev, n_est
 
@@ -417,11 +435,12 @@ def search_queries(Q, X, links0, upper, ustart, entry, max_level, ef, k, proxy, 
         Wd = np.empty(ef, dtype=np.float32)
         Wi = np.empty(ef, dtype=np.int64)
         qB = np.empty(fB.shape[0], dtype=np.float32)
+        nbuf = np.empty(links0.shape[1], dtype=np.int64)
         for r in range(t, nq, n_chunks):
             tag = next_tag(visited, tags, t)
             ev, est = _query(Q[r], X, links0, upper, ustart, entry, max_level, proxy, mask,
                              deleted, visited[t], tag, Cd, Ci, Wd, Wi, k, out_d[r], out_i[r],
-                             fB, fcode, fpay, ftable, use_finger, qB)
+                             fB, fcode, fpay, ftable, use_finger, qB, nbuf)
             counts[r, 0] = ev
             counts[r, 1] = est
 
@@ -438,11 +457,52 @@ def search_serial(Q, X, links0, upper, ustart, entry, max_level, ef, k, proxy, m
     Wd = np.empty(ef, dtype=np.float32)
     Wi = np.empty(ef, dtype=np.int64)
     qB = np.empty(fB.shape[0], dtype=np.float32)
+    nbuf = np.empty(links0.shape[1], dtype=np.int64)
     for r in range(nq):
         tag = next_tag(visited, tags, 0)
         ev, est = _query(Q[r], X, links0, upper, ustart, entry, max_level, proxy, mask, deleted,
                          visited[0], tag, Cd, Ci, Wd, Wi, k, out_d[r], out_i[r],
-                         fB, fcode, fpay, ftable, use_finger, qB)
+                         fB, fcode, fpay, ftable, use_finger, qB, nbuf)
         counts[r, 0] = ev
         counts[r, 1] = est
 
+
+
+# ------------------------------------------------------------------------------------ layout
+@numba.njit(cache=True, nogil=True)
+def bfs_order(links0, n, entry):
+    """Breadth-first order of the layer-0 graph from ``entry`` (unreached nodes follow, each
+    starting its own traversal). Returns int64 (n,) old node numbers in their new order.
+
+    Renumbering nodes in this order puts a node's neighbours near it in memory, so the vectors
+    and rows a walk reads next share cache lines, pages and DRAM rows with the current ones.
+    """
+    order = np.empty(n, dtype=np.int64)
+    seen = np.zeros(n, dtype=np.bool_)
+    head = 0
+    tail = 0
+    for s0 in range(-1, n):
+        s = entry if s0 < 0 else s0
+        if s < 0 or seen[s]:
+            continue
+        seen[s] = True
+        order[tail] = s
+        tail += 1
+        while head < tail:
+            v = order[head]
+            head += 1
+            for j in range(1, links0[v, 0] + 1):
+                e = links0[v, j]
+                if not seen[e]:
+                    seen[e] = True
+                    order[tail] = e
+                    tail += 1
+    return order
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def relabel_rows(links, inv):
+    """Replace every node number ``v`` in the used slots of each row by ``inv[v]`` (in place)."""
+    for r in prange(links.shape[0]):
+        for j in range(1, links[r, 0] + 1):
+            links[r, j] = inv[links[r, j]]

@@ -3,10 +3,15 @@
 Layout shared by every function here:
 
 * ``P``  float32 (L, m, d): per copy ``j`` the sketch map ``P_j = Pi_j U`` (``Pi_j`` Gaussian).
-* ``S``  float32 (L, m, n): per copy the sketches ``s_{j,i} = P_j x_i`` as columns (row-major
-  ``m x n`` per copy is what the GEMM ``Z @ S_j`` reads fastest, and a metric update then sweeps
-  contiguous rows); ``sn`` (L, n) their squared norms, so
+* ``S``  float32 (L, m + e, n): per copy the sketches ``s_{j,i} = P_j x_i`` as columns in the
+  first ``m`` rows (row-major ``m x n`` per copy is what the GEMM ``Z @ S_j`` reads fastest, and a
+  metric update then sweeps contiguous rows); ``sn`` (L, n) their squared norms, so
   ``||z - s||^2 = ||z||^2 - 2<z, s> + ||s||^2`` scores a block by one GEMM.
+* Deferred metric updates: rows ``m .. m + r`` of every copy hold the coefficients ``c_{t,i}``
+  of ``r`` pending low-rank updates and ``pending`` (L, m, r) their projection columns ``g_{j,t}``;
+  the current sketch is ``s_{j,i} + sum_t g_{j,t} c_{t,i}``. A query row ``z`` is extended by
+  ``<z, g_{j,t}>`` so that the same GEMM (inner size ``m + r``) scores the current sketches;
+  ``sn`` always holds the current norms.
 * ``sel`` int64 (q, R): the ``R`` copies each query uses; the estimate of ``d_M(q, x_i)^2`` is the
   median over those copies of ``||P_j q - s_{j,i}||^2`` (the median of squares is the square of
   the median of distances, so no square root is taken while ranking).
@@ -33,6 +38,8 @@ __all__ = [
     "matvec64",
     "rank_update",
     "gram_update",
+    "sqnorm_update",
+    "outer_update",
     "quadform_rows",
     "median_estimate",
     "median_search",
@@ -43,15 +50,18 @@ __all__ = [
 # Queries are blocked so that each copy sees about ROWS_PER_COPY sketched query rows: each copy's
 # sketches are then read once per block by a GEMM with enough rows to be compute-bound rather than
 # memory-bound (with L copies and R votes a block holds ROWS_PER_COPY * L / R queries). The score
-# block (ROWS_PER_COPY * L) x DB_BLOCK float32 is ~25 MiB for L = 8: long database blocks measured
-# 5-10% faster than cache-sized ones, because the GEMMs have few rows per copy.
-ROWS_PER_COPY = 96
+# block is (ROWS_PER_COPY * L) x DB_BLOCK float32 (48 MiB for L = 16): at d = 784, 1,000 queries,
+# whole-batch query blocks with 2-4k database columns measured 10-20% faster than 96 rows per
+# copy with 8k columns (more rows per copy GEMM run closer to the single big GEMM's speed).
+ROWS_PER_COPY = 192
 MAX_QUERY_BLOCK = 2048
-DB_BLOCK = 8192
+DB_BLOCK = 4096
 
 
 # ----------------------------------------------------------------------------- build and updates
-def sketch_points(X: np.ndarray, P: np.ndarray, report: Callable[[int, int], None] | None = None):
+def sketch_points(
+    X: np.ndarray, P: np.ndarray, report: Callable[[int, int], None] | None = None, extra: int = 0,
+):
     """Sketch every row of ``X`` with every copy.
 
     Parameters
@@ -60,17 +70,24 @@ def sketch_points(X: np.ndarray, P: np.ndarray, report: Callable[[int, int], Non
     P : float32 (L, m, d)
     report : callable (done, total), optional
         Called after each copy.
+    extra : int, default 0
+        Zero rows appended to each copy (room for deferred-update coefficients; a point sketched
+        with the current maps has none pending).
 
     Returns
     -------
-    (float32 (L, m, n) sketches, float32 (L, n) squared norms)
+    (float32 (L, m + extra, n) sketches, float32 (L, n) squared norms)
     """
     L, m, _ = P.shape
-    S = np.empty((L, m, X.shape[0]), dtype=np.float32)
+    S = np.empty((L, m + extra, X.shape[0]), dtype=np.float32)
+    S[:, m:] = 0.0
     sn = np.empty((L, X.shape[0]), dtype=np.float32)
     for j in range(L):
-        np.dot(P[j], X.T, out=S[j])
-        column_sqnorms(S[j], sn[j])
+        if extra:
+            S[j, :m] = P[j] @ X.T
+        else:
+            np.dot(P[j], X.T, out=S[j])
+        column_sqnorms(S[j, :m], sn[j])
         if report is not None:
             report(j + 1, L)
     return S, sn
@@ -143,15 +160,15 @@ def rank_update(S, sn, CT, G):
 
     Parameters
     ----------
-    S : float32 (L, m, n), updated in place
+    S : float32 (L, m + e, n), first ``m`` rows updated in place (``m`` from ``G``)
     sn : float32 (L, n), updated in place
     CT : float32 (r, n), r >= 1
         Coefficients per point (``<w_t, x_i>``), one row per update direction.
     G : float32 (L, m, r)
         Per copy the projection columns the update adds along.
     """
-    L, m, n = S.shape
-    r = CT.shape[0]
+    L, _, n = S.shape
+    m, r = G.shape[1], CT.shape[0]
     for j in prange(L):
         snj = sn[j]
         for i in range(n):
@@ -169,6 +186,50 @@ def rank_update(S, sn, CT, G):
                 x = row[i] + g * ct[i]
                 row[i] = x
                 snj[i] += x * x
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def sqnorm_update(sn, C, XH, GG):
+    """Squared sketch norms after ``s_{j,i} += sum_t g_{j,t} c_{t,i}``, without reading ``S``.
+
+    ``||s + G c||^2 = ||s||^2 + 2 sum_t c_t <g_t, s> + c^T (G^T G) c`` where
+    ``<g_{j,t}, s_{j,i}> = <P_j^T g_{j,t}, x_i>`` comes from one GEMM over the points.
+
+    Parameters
+    ----------
+    sn : float32 (L, n), updated in place
+    C : float64 (n, r)
+        Coefficients ``c_{t,i}``.
+    XH : float32 (n, L * r)
+        ``<P_j^T g_{j,t}, x_i>`` at column ``j * r + t`` (``P_j`` before the update).
+    GG : float32 (L, r, r)
+        ``G_j^T G_j``.
+    """
+    L, n = sn.shape
+    r = C.shape[1]
+    for j in prange(L):
+        for i in range(n):
+            acc = 0.0
+            for t in range(r):
+                ct = C[i, t]
+                acc += 2.0 * ct * XH[i, j * r + t]
+                for u in range(r):
+                    acc += ct * C[i, u] * GG[j, t, u]
+            sn[j, i] += acc
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def outer_update(P, G, W):
+    """In place ``P_j += G_j W`` for every copy: P float32 (L, m, d), G (L, m, r), W (r, d)."""
+    L, m, d = P.shape
+    for j in prange(L):
+        for a in range(m):
+            row = P[j, a]
+            for t in range(W.shape[0]):
+                g = G[j, a, t]
+                w = W[t]
+                for c in range(d):
+                    row[c] += g * w[c]
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -310,20 +371,26 @@ def fold_median_block(G, t_of, copy_of, zn, sn, offset, mask, heap_d, heap_i, q_
                 heap_push(hd, hi, v, offset + i)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def median_block(G, t_of, copy_of, zn, sn, offset, out, q_offset):
-    """Write one database block of median squared estimates into ``out`` (q, n)."""
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def median_block(G, t_of, copy_of, zn, sn, offset, out, q_offset, root):
+    """Write one database block of median estimates into ``out`` (q, n): squared, or their
+    square roots when ``root`` (taken while the row is still in cache, not in a second pass)."""
     bn = G.shape[1]
     for r in prange(t_of.shape[0]):
         tmp = np.empty(t_of.shape[1], dtype=np.float32)
-        _median_row(G, t_of[r], copy_of, zn, sn, offset, out[q_offset + r, offset:offset + bn], tmp)
+        row = out[q_offset + r, offset:offset + bn]
+        _median_row(G, t_of[r], copy_of, zn, sn, offset, row, tmp)
+        if root:
+            for i in range(bn):
+                row[i] = np.sqrt(row[i])
 
 
-def _sketch_queries(Qb: np.ndarray, P: np.ndarray, sel: np.ndarray):
+def _sketch_queries(Qb: np.ndarray, P: np.ndarray, sel: np.ndarray, pending: np.ndarray | None):
     """Sketch a query block with the copies it chose, rows grouped by copy.
 
     Returns ``(Z, zn, copy_of, t_of, groups)`` where ``groups`` lists ``(copy, start, stop)``
-    row ranges of ``Z`` that share a copy.
+    row ranges of ``Z`` that share a copy. With ``pending`` (L, m, r), ``Z`` has ``m + r``
+    columns: the sketch ``z`` and its products ``<z, g_{j,t}>`` with the pending columns.
     """
     bq, R = sel.shape
     flat = sel.ravel()
@@ -340,10 +407,17 @@ def _sketch_queries(Qb: np.ndarray, P: np.ndarray, sel: np.ndarray):
     groups = [(int(copy_of[a]), int(a), int(b)) for a, b in zip(starts, stops)]
     for j, a, b in groups:
         np.dot(Qb[query_of[a:b]], P[j].T, out=Z[a:b])
-    return Z, sqnorms(Z), copy_of, t_of, groups
+    zn = sqnorms(Z)
+    if pending is not None and pending.shape[2]:
+        Zx = np.empty((Z.shape[0], Z.shape[1] + pending.shape[2]), dtype=np.float32)
+        Zx[:, :Z.shape[1]] = Z
+        for j, a, b in groups:
+            Zx[a:b, Z.shape[1]:] = Z[a:b] @ pending[j]
+        Z = Zx
+    return Z, zn, copy_of, t_of, groups
 
 
-def _blocks(Q, P, S, sel, query_block, db_block):
+def _blocks(Q, P, S, sel, query_block, db_block, pending=None):
     """Yield ``(q0, x0, G, zn, copy_of, t_of)`` for every (query block, database block) pair."""
     nq, n = Q.shape[0], S.shape[2]
     if query_block is None:
@@ -352,19 +426,21 @@ def _blocks(Q, P, S, sel, query_block, db_block):
     bq_max = min(query_block, nq)
     bn_max = min(db_block, n)
     buf = np.empty(bq_max * sel.shape[1] * bn_max, dtype=np.float32)
+    k = P.shape[1] + (0 if pending is None else pending.shape[2])  # inner size of the GEMMs
     for q0 in range(0, nq, bq_max):
-        Z, zn, copy_of, t_of, groups = _sketch_queries(Q[q0:q0 + bq_max], P, sel[q0:q0 + bq_max])
+        Z, zn, copy_of, t_of, groups = _sketch_queries(Q[q0:q0 + bq_max], P, sel[q0:q0 + bq_max], pending)
         for x0 in range(0, n, bn_max):
             bn = min(bn_max, n - x0)
             G = buf[: Z.shape[0] * bn].reshape(Z.shape[0], bn)
             for j, a, b in groups:
-                np.dot(Z[a:b], S[j, :, x0:x0 + bn], out=G[a:b])
+                np.dot(Z[a:b], S[j, :k, x0:x0 + bn], out=G[a:b])
             yield q0, x0, G, zn, copy_of, t_of
 
 
 def median_estimate(
     Q: np.ndarray, P: np.ndarray, S: np.ndarray, sn: np.ndarray, sel: np.ndarray,
-    *, query_block: int | None = None, db_block: int = DB_BLOCK,
+    *, pending: np.ndarray | None = None, root: bool = False, query_block: int | None = None,
+    db_block: int = DB_BLOCK,
 ) -> np.ndarray:
     """Median-of-copies estimates of the squared distance from every query to every sketched point.
 
@@ -372,29 +448,35 @@ def median_estimate(
     ----------
     Q : float32 (q, d)
     P : float32 (L, m, d)
-    S : float32 (L, m, n)
+    S : float32 (L, m + e, n)
     sn : float32 (L, n)
     sel : int64 (q, R)
         Copies per query (distinct, in ``[0, L)``).
+    pending : float32 (L, m, r), optional
+        Projection columns of deferred updates whose coefficients are rows ``m .. m + r`` of
+        ``S`` (``r <= e``).
+    root : bool, default False
+        Return distances (square roots) instead of squared distances.
 
     Returns
     -------
     ndarray float32 (q, n)
-        Squared estimates (take the square root for distances).
+        Squared estimates, or distances with ``root``.
     """
     out = np.empty((Q.shape[0], S.shape[2]), dtype=np.float32)
-    for q0, x0, G, zn, copy_of, t_of in _blocks(Q, P, S, sel, query_block, db_block):
-        median_block(G, t_of, copy_of, zn, sn, x0, out, q0)
+    for q0, x0, G, zn, copy_of, t_of in _blocks(Q, P, S, sel, query_block, db_block, pending):
+        median_block(G, t_of, copy_of, zn, sn, x0, out, q0, root)
     return out
 
 
 def median_search(
     Q: np.ndarray, P: np.ndarray, S: np.ndarray, sn: np.ndarray, sel: np.ndarray, c: int,
-    mask: np.ndarray | None = None, *, query_block: int | None = None, db_block: int = DB_BLOCK,
+    mask: np.ndarray | None = None, *, pending: np.ndarray | None = None,
+    query_block: int | None = None, db_block: int = DB_BLOCK,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``c`` points with the smallest median squared estimate, per query, ascending.
 
-    Same arguments as :func:`median_estimate`, plus ``c`` (candidates per query, ``<= n``) and an
+    Same arguments as :func:`median_estimate` (without ``root``), plus ``c`` (candidates per query, ``<= n``) and an
     optional boolean ``mask`` (n,) of allowed points. Rows with fewer allowed points are padded
     with (+inf, -1).
 
@@ -404,7 +486,7 @@ def median_search(
     """
     heap_d, heap_i = new_heaps(Q.shape[0], c)
     mask_arr = np.zeros(0, dtype=np.bool_) if mask is None else mask
-    for q0, x0, G, zn, copy_of, t_of in _blocks(Q, P, S, sel, query_block, db_block):
+    for q0, x0, G, zn, copy_of, t_of in _blocks(Q, P, S, sel, query_block, db_block, pending):
         fold_median_block(G, t_of, copy_of, zn, sn, x0, mask_arr, heap_d, heap_i, q0)
     sort_heaps(heap_d, heap_i)
     return heap_d, heap_i

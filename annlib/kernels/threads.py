@@ -8,14 +8,13 @@ calling single-threaded BLAS and serial numba code, and this module provides the
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
-__all__ = ["blas_controllers", "blas_limit", "worker_pool"]
+__all__ = ["blas_controllers", "blas_limit", "assume_blas_threads", "worker_pool"]
 
 _blas_libs = None
+_assumed: int | None = None  # BLAS thread count last set through this module
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 
@@ -33,21 +32,45 @@ def blas_controllers(refresh: bool = False) -> list:
     return _blas_libs
 
 
-@contextlib.contextmanager
-def blas_limit(n: int) -> Iterator[None]:
-    """Run the block with every known BLAS library at ``n`` threads, then restore.
+class blas_limit:
+    """Context manager: every known BLAS library at ``n`` threads inside the block, then restore.
 
-    Only libraries whose setting differs are touched, so the common case costs microseconds.
+    Per-call use must cost microseconds: when the last setting made through this module already
+    is ``n`` nothing is queried or changed; otherwise only libraries whose setting differs are
+    touched, through controllers found once.
     """
-    changed = [(lib, lib.get_num_threads()) for lib in blas_controllers()]
-    changed = [(lib, old) for lib, old in changed if old != n]
-    for lib, _ in changed:
-        lib.set_num_threads(n)
-    try:
-        yield
-    finally:
-        for lib, old in changed:
+
+    __slots__ = ("n", "changed", "outer")
+
+    def __init__(self, n: int):
+        self.n = n
+        self.changed = ()
+        self.outer = None
+
+    def __enter__(self):
+        global _assumed
+        self.outer = _assumed
+        if _assumed == self.n:
+            return self
+        changed = [(lib, lib.get_num_threads()) for lib in blas_controllers()]
+        self.changed = [(lib, old) for lib, old in changed if old != self.n]
+        for lib, _ in self.changed:
+            lib.set_num_threads(self.n)
+        _assumed = self.n
+        return self
+
+    def __exit__(self, *exc):
+        global _assumed
+        for lib, old in self.changed:
             lib.set_num_threads(old)
+        _assumed = self.outer
+        return False
+
+
+def assume_blas_threads(n: int | None) -> None:
+    """Record that every BLAS library now runs ``n`` threads (None: unknown, query next time)."""
+    global _assumed
+    _assumed = n
 
 
 def worker_pool(n: int) -> ThreadPoolExecutor:
