@@ -40,6 +40,8 @@ _CRC_CHUNK = 1 << 24
 
 
 def _crc32(arr: np.ndarray) -> int:
+    if arr.nbytes == 0:
+        return 0
     view = memoryview(np.ascontiguousarray(arr)).cast("B")
     crc = 0
     for start in range(0, len(view), _CRC_CHUNK):
@@ -128,7 +130,8 @@ def write_index_file(
             fh.write(header_bytes)
             for entry in table:
                 fh.write(b"\x00" * (payload_start + entry["offset"] - fh.tell()))
-                fh.write(memoryview(prepared[entry["name"]]).cast("B"))
+                if entry["nbytes"]:
+                    fh.write(memoryview(prepared[entry["name"]]).cast("B"))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)

@@ -4,7 +4,8 @@
 * query time of ``estimate`` / ``search`` against exact Mahalanobis distances computed the best way
   a user could (points pre-transformed by the factor, one matmul per query batch; faiss
   ``IndexFlatL2`` on the transformed points for k-NN) and the naive way ``(q-x)^T M (q-x)``;
-* update cost: rank-1 ``update_metric`` vs re-transforming every point, ``update_point`` vs rebuild.
+* update cost: rank-1 ``update_metric`` (amortised over a stream, deferred sweeps included) vs
+  re-transforming every point, ``update_point`` vs rebuild.
 
 Single-threaded (numba and BLAS), best of ``--repeats`` after a warm-up. Run from the repository
 root, under the machine's benchmark lock::
@@ -176,26 +177,44 @@ def query_times(data_dir: Path, d: int, n_queries: int, single: int, repeats: in
 
 
 # ----------------------------------------------------------------------------- updates
-def update_costs(data_dir: Path, repeats: int) -> list[dict]:
-    X, _ = read(data_dir, SETS[784], 1)
+def update_costs(data_dir: Path, repeats: int, stream: int = 27) -> list[dict]:
+    """Rank-1 ``update_metric`` over a stream of updates (amortised: deferred calls and the
+    sweeps they trigger), against re-transforming every point; ``update_point`` against a rebuild."""
+    X, Q = read(data_dir, SETS[784], 1000)
     M = random_psd(X.shape[1])
     g = np.random.default_rng(1)
     rows = []
-    for copies in (8, 16):
-        index = annlib.MahalanobisSketch(M=M, copies=copies, random_state=0).build(X)
-        u = g.normal(size=X.shape[1]) * 1e-3
-        t_update = best(lambda: index.update_metric(u), repeats)
+    for copies, deferred in ((8, 8), (16, 0), (16, 8), (16, 16)):
+        index = annlib.MahalanobisSketch(M=M, copies=copies, deferred=deferred, random_state=0).build(X)
+        index.update_metric(g.normal(size=X.shape[1]) * 1e-3)  # warm-up (JIT), then a full cycle
+        while index._pend:
+            index.update_metric(g.normal(size=X.shape[1]) * 1e-3)
+        calls = []
+        for _ in range(stream):
+            u = g.normal(size=X.shape[1]) * 1e-3
+            t0 = time.perf_counter()
+            index.update_metric(u)
+            calls.append(time.perf_counter() - t0)
+        calls = np.array(calls)
         U = index.U.astype(np.float32)
         t_transform = best(lambda: X @ U.T, repeats)
         x = X[0] + 1.0
         t_point = best(lambda: index.update_point(0, x), repeats)
-        params = dict(copies=copies, m=index.sketch_size, random_state=0)
+        params = dict(copies=copies, deferred=deferred, m=index.sketch_size, random_state=0)
         t_build = best(lambda: annlib.MahalanobisSketch(U=index.U, **params).build(X), 1)
+        # query cost with the maximum number of updates pending, against none pending
+        while index._pend < deferred:
+            index.update_metric(g.normal(size=X.shape[1]) * 1e-3)
+        t_q_pending = best(lambda: index.estimate(Q), repeats)
+        fresh = annlib.MahalanobisSketch(U=index.U, **params).build(X)
+        t_q_clean = best(lambda: fresh.estimate(Q), repeats)
         rows.append({
-            "copies": copies, "m": index.sketch_size, "n": len(X), "d": X.shape[1],
-            "update_metric_rank1_ms": 1e3 * t_update, "retransform_ms": 1e3 * t_transform,
-            "metric_ratio": t_transform / t_update,
+            "copies": copies, "deferred": deferred, "m": index.sketch_size, "n": len(X), "d": X.shape[1],
+            "stream": stream, "update_metric_rank1_amortised_ms": 1e3 * calls.mean(),
+            "deferred_call_median_ms": 1e3 * float(np.median(calls)), "slowest_call_ms": 1e3 * calls.max(),
+            "retransform_ms": 1e3 * t_transform, "metric_ratio": t_transform / calls.mean(),
             "update_point_ms": 1e3 * t_point, "rebuild_ms": 1e3 * t_build, "point_ratio": t_build / t_point,
+            "estimate_all_pending_ms": 1e3 * t_q_pending, "estimate_none_pending_ms": 1e3 * t_q_clean,
         })
         print(rows[-1], flush=True)
     return rows

@@ -128,3 +128,13 @@ def test_atomic_write_keeps_old_file(saved, monkeypatch):
         index.save(path)
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_zero_size_arrays_round_trip(tmp_path):
+    p = tmp_path / "z.annlib"
+    arrays = {"empty": np.zeros((0, 5), np.float32), "also": np.zeros(0, np.int64), "x": np.arange(3.0)}
+    io.write_index_file(p, family="bruteforce", metric="l2", params={}, meta={}, arrays=arrays, library_version="0")
+    for mmap in (False, True):
+        got = io.read_index_file(p, mmap=mmap)["arrays"]
+        assert got["empty"].shape == (0, 5) and got["also"].dtype == np.int64
+        np.testing.assert_array_equal(got["x"], np.arange(3.0))

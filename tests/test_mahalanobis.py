@@ -167,12 +167,15 @@ def test_nca_metric_on_digits():
 
 
 # ----------------------------------------------------------------------------- updates
-def test_updates_equal_a_fresh_build_with_the_same_randomness(tmp_path):
+@pytest.mark.parametrize("deferred", [0, 2, 8])
+def test_updates_equal_a_fresh_build_with_the_same_randomness(tmp_path, deferred):
+    """deferred = 0 sweeps every update into the sketches; 2 holds the first back, sweeps it with
+    the second and keeps the third pending; 8 keeps all of them pending (queries fold them in)."""
     X, Q, *_ = read_shared("sift-128-euclidean-10k", n_queries=20)
     X, extra = X[:3000], X[3000:3200]
     g = np.random.default_rng(9)
     M = random_psd(128, 6)
-    index = annlib.MahalanobisSketch(M=M, copies=6, random_state=11).build(X)
+    index = annlib.MahalanobisSketch(M=M, copies=6, deferred=deferred, random_state=11).build(X)
     index.update_point([5, 17], extra[:2])
     index.update_metric(g.normal(size=128) * 0.1)                  # M + u u^T: a new factor row
     index.add(extra[2:100])
@@ -186,8 +189,9 @@ def test_updates_equal_a_fresh_build_with_the_same_randomness(tmp_path):
     X_now[[5, 17]] = extra[:2]
     X_now[3090] = extra[150]
     fresh = annlib.MahalanobisSketch(U=index.U, copies=6, m=index.sketch_size, random_state=11).build(X_now[live])
+    assert index._pend == {0: 0, 2: 2, 8: 5}[deferred]
     scale = np.abs(fresh._S).max()
-    np.testing.assert_allclose(index._S[:, :, live], fresh._S, atol=2e-5 * scale)
+    np.testing.assert_allclose(index._sketches()[:, :, live], fresh._sketches(), atol=2e-5 * scale)
     np.testing.assert_allclose(index._sn[:, live], fresh._sn, rtol=1e-4)
     np.testing.assert_allclose(index._P, fresh._P, atol=2e-5 * np.abs(fresh._P).max())
     np.testing.assert_allclose(index.M, fresh.M, rtol=1e-10, atol=1e-10 * np.abs(fresh.M).max())
@@ -198,6 +202,8 @@ def test_updates_equal_a_fresh_build_with_the_same_randomness(tmp_path):
     np.testing.assert_allclose(dist, np.take_along_axis(index.exact_distances(Q), ids, 1), rtol=1e-5)
     fids, _ = fresh.search(Q, 10)
     np.testing.assert_array_equal(np.flatnonzero(live)[fids], ids)
+    est, fest = index.estimate(Q)[:, live], fresh.estimate(Q)  # same seed: same copies per query
+    np.testing.assert_allclose(est, fest, rtol=1e-3, atol=1e-3 * fest.max())
     # persistence keeps the factor, the matrix and the sketch, and a mapped copy can be updated
     path = tmp_path / "m.annlib"
     index.save(path)

@@ -21,7 +21,7 @@ from ..api import Index
 from ..kernels.jl import choose_copies, gaussian_columns, query_keys, sketch_size
 from ..kernels.sketch import (
     gram_update, matvec64, median_estimate, median_search, outer_update, quadform_rows,
-    quadratic_forms, rank_update, sketch_points, sqnorm_update,
+    quadratic_forms, rank_update, row_combinations, sketch_points, sqnorm_update,
 )
 from ..kernels.topk import topk_rows
 from ..metrics import ALIASES, METRICS
@@ -30,7 +30,6 @@ __all__ = ["MahalanobisSketch"]
 
 _SUPPORTED = ["mahalanobis", "l2", "euclidean"]
 _EIG_RANK_TOL = 1e-10  # eigenvalues below this fraction of the largest are dropped from the factor
-_COEF_BLOCK = 1024  # points per block of a metric update: both passes read the block from cache
 
 
 def _reporter(progress: Any):
@@ -93,7 +92,7 @@ class MahalanobisSketch(Index):
         Rows per sketch copy; default the smallest ``m`` for which the median of ``votes`` copies
         meets ``(eps, delta)`` exactly (chi-square law of Gaussian sketches; 87 for the defaults,
         192 with ``votes=1``). Overrides ``eps`` and ``delta``.
-    copies : int, default 8
+    copies : int, default 16
         Independent sketch copies ``L`` stored. Memory and build time grow linearly; more copies
         make it harder for an adaptive sequence of queries to find directions every copy
         underestimates (the theory asks for ``L`` of order ``rank(M)``; see the user guide).
@@ -119,8 +118,9 @@ class MahalanobisSketch(Index):
     Notes
     -----
     Costs (``n`` points, dimension ``d``, factor rows ``p``, ``L`` copies of ``m`` rows, ``R``
-    votes): build ``O(n·L·m·d + n·d^2)``; memory ``4·n·(d + L·m + L)`` bytes plus ``P``, ``U``,
-    ``M``; ``estimate`` ``O(R·m·(d + n))`` per query; ``search`` that plus ``O(d^2 + reorder·d)``.
+    votes, ``e`` = ``deferred``): build ``O(n·L·m·d + n·d^2)``; memory ``4·n·(d + L·(m + e + 1))``
+    bytes plus ``P``, ``U``, ``M``; ``estimate`` ``O(R·m·(d + n))`` per query (``R·(m + r)·n``
+    with ``r`` updates pending); ``search`` that plus ``O(d^2 + reorder·d)``.
     Returned ``search`` distances are exact (float64 quadratic form on the raw points).
     Supports ``add``, ``delete``, ``filter=``, ids, save/load (mmap; an update then copies the
     mapped arrays), :meth:`estimate`, :meth:`exact_distances`, :meth:`update_point`,
@@ -435,11 +435,11 @@ class MahalanobisSketch(Index):
 
         Notes
         -----
-        Cost per update row: one blocked pass over the points, ``O(n·d)`` for ``<u, x_i>`` (twice
-        with ``row``) plus ``O(n·L·d)`` flops (a GEMM) for the new sketch norms, and
-        ``O(L·m·d + d^2)`` for ``P`` and ``M``. The sketches themselves are not touched: the update
-        is held back (``deferred``) and every ``deferred`` rows of updates are swept into them in
-        one memory-bound pass, ``O(n·L·m)``, shared by those updates. Re-transforming every point
+        Cost per update row: one pass over the points, ``O(n·d)`` for ``<u, x_i>`` (twice with
+        ``row``), one read-only pass over the sketches, ``O(n·L·m)``, for their new norms, and
+        ``O(L·m·d + d^2)`` for ``P`` and ``M``. The sketches are not written: the update is held
+        back (``deferred``) and every ``deferred`` rows of updates are swept into them in one
+        read-and-write pass, ``O(n·L·m)``, shared by those updates. Re-transforming every point
         for the exact path costs ``O(n·p·d)``. A new row gets projection columns drawn from the same
         seeded streams a fresh build would use, so the result equals ``MahalanobisSketch(U=
         index.U, same parameters).build(X)`` to float rounding. An identity (``"l2"``) index
@@ -461,7 +461,7 @@ class MahalanobisSketch(Index):
         cap = self._S.shape[1] - m
         defer = self._pend + r <= cap
         old = np.zeros((0, W.shape[1])) if rows is None else self._U[rows].copy()
-        C, c_old, XH = self._coefficients(W, old, G if defer else None)
+        C, c_old = self._coefficients(W, old)
         if rows is None:
             U = np.concatenate([self._U, W])
             xmx_delta = np.einsum("ij,ij->i", C, C)
@@ -476,8 +476,8 @@ class MahalanobisSketch(Index):
         xmx += xmx_delta
         CT = np.ascontiguousarray(C.T, dtype=np.float32)
         if defer:
-            # Norms from the points (before P changes); the sketches keep the update pending.
-            sqnorm_update(sn, C, XH, np.einsum("jat,jau->jtu", G, G))
+            # New norms from one read of the current sketches; the update itself stays pending.
+            sqnorm_update(sn, C, self._sketch_products(G), np.einsum("jat,jau->jtu", G, G))
             S[:, m + self._pend:m + self._pend + r] = CT
             Gp[:, :, self._pend:self._pend + r] = G
             pend = self._pend + r
@@ -493,27 +493,25 @@ class MahalanobisSketch(Index):
         self._identity = False
         self._mahalanobis = True
 
-    def _coefficients(self, W: np.ndarray, old: np.ndarray, G: np.ndarray | None):
-        """``<w_t, x_i>``, ``<old_t, x_i>`` (float64) and, with ``G``, ``<P_j^T g_{j,t}, x_i>``.
+    def _coefficients(self, W: np.ndarray, old: np.ndarray):
+        """``<w_t, x_i>`` and ``<old_t, x_i>`` in float64 (they feed the exact quadratic forms)."""
+        c_old = matvec64(self._X, old) if old.shape[0] else np.zeros((self._X.shape[0], 0))
+        return matvec64(self._X, W), c_old
 
-        Blocked so that the float64 products and the float32 GEMM read each block of points once
-        from memory (the second read hits the cache).
+    def _sketch_products(self, G: np.ndarray) -> np.ndarray:
+        """``<g_{j,t}, s_{j,i}>`` (L, r, n) with the current sketches, pending updates included.
+
+        The current sketch is ``S_base + sum_u g_u c_u`` (``c_u`` = coefficient row ``m + u``), so
+        the weights of the pending rows are ``<g_t, g_u>``: one pass over ``m + pending`` rows.
         """
-        n, r = self._X.shape[0], W.shape[0]
-        C = np.empty((n, r))
-        c_old = np.empty((n, old.shape[0]))
-        XH = H = None
-        if G is not None:
-            H = np.einsum("jat,jad->jtd", G, self._P).reshape(-1, self._dim)  # rows P_j^T g_{j,t}
-            XH = np.empty((n, H.shape[0]), dtype=np.float32)
-        for a in range(0, n, _COEF_BLOCK):
-            Xb = self._X[a:a + _COEF_BLOCK]
-            C[a:a + len(Xb)] = matvec64(Xb, W)
-            if old.shape[0]:
-                c_old[a:a + len(Xb)] = matvec64(Xb, old)
-            if H is not None:
-                np.dot(Xb, H.T, out=XH[a:a + len(Xb)])
-        return C, c_old, XH
+        m, pend = self._m, self._pend
+        Wt = np.empty((G.shape[0], m + pend, G.shape[2]), dtype=np.float32)
+        Wt[:, :m] = G
+        if pend:
+            Wt[:, m:] = np.einsum("jau,jat->jut", self._G[:, :, :pend], G)
+        out = np.empty((G.shape[0], G.shape[2], self._X.shape[0]), dtype=np.float32)
+        row_combinations(self._S, Wt, out)
+        return out
 
     # ----------------------------------------------------------------- persistence
     def _state(self):

@@ -39,6 +39,7 @@ __all__ = [
     "rank_update",
     "gram_update",
     "sqnorm_update",
+    "row_combinations",
     "outer_update",
     "quadform_rows",
     "median_estimate",
@@ -189,19 +190,46 @@ def rank_update(S, sn, CT, G):
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def sqnorm_update(sn, C, XH, GG):
-    """Squared sketch norms after ``s_{j,i} += sum_t g_{j,t} c_{t,i}``, without reading ``S``.
+def row_combinations(S, Wt, out):
+    """``out[j, t, i] = sum_a Wt[j, a, t] S[j, a, i]`` over the first ``Wt.shape[1]`` rows.
 
-    ``||s + G c||^2 = ||s||^2 + 2 sum_t c_t <g_t, s> + c^T (G^T G) c`` where
-    ``<g_{j,t}, s_{j,i}> = <P_j^T g_{j,t}, x_i>`` comes from one GEMM over the points.
+    One read-only streaming pass over those rows of the sketches (no writes to ``S``): the
+    products ``<g_{j,t}, s_{j,i}>`` a deferred update needs for the new sketch norms. Parallel
+    over copies; ``fastmath`` is safe (finite inputs) and lets the row loops vectorise.
+
+    Parameters
+    ----------
+    S : float32 (L, k', n), k' >= k
+    Wt : float32 (L, k, r)
+    out : float32 (L, r, n), written
+    """
+    L, k, r = Wt.shape
+    n = S.shape[2]
+    for j in prange(L):
+        for t in range(r):
+            o = out[j, t]
+            for i in range(n):
+                o[i] = 0.0
+            for a in range(k):
+                w = Wt[j, a, t]
+                row = S[j, a]
+                for i in range(n):
+                    o[i] += w * row[i]
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def sqnorm_update(sn, C, D, GG):
+    """Squared sketch norms after ``s_{j,i} += sum_t g_{j,t} c_{t,i}``, without writing ``S``.
+
+    ``||s + G c||^2 = ||s||^2 + 2 sum_t c_t <g_t, s> + c^T (G^T G) c``.
 
     Parameters
     ----------
     sn : float32 (L, n), updated in place
     C : float64 (n, r)
         Coefficients ``c_{t,i}``.
-    XH : float32 (n, L * r)
-        ``<P_j^T g_{j,t}, x_i>`` at column ``j * r + t`` (``P_j`` before the update).
+    D : float32 (L, r, n)
+        ``<g_{j,t}, s_{j,i}>`` with the current (pre-update) sketches.
     GG : float32 (L, r, r)
         ``G_j^T G_j``.
     """
@@ -212,7 +240,7 @@ def sqnorm_update(sn, C, XH, GG):
             acc = 0.0
             for t in range(r):
                 ct = C[i, t]
-                acc += 2.0 * ct * XH[i, j * r + t]
+                acc += 2.0 * ct * D[j, t, i]
                 for u in range(r):
                     acc += ct * C[i, u] * GG[j, t, u]
             sn[j, i] += acc
