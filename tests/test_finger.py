@@ -30,6 +30,7 @@ def test_stored_edge_terms_reproduce_the_distance(sift):
     X, Q, index = sift
     g, n, M0, r, pay = _payload(index)
     rng = np.random.default_rng(0)
+    X = g["X"][:n]  # node order (the build renumbers nodes for locality)
     for c in rng.choice(n, 40, replace=False):
         q = Q[rng.integers(len(Q))].astype(np.float64)
         xc = X[c].astype(np.float64)
@@ -50,6 +51,7 @@ def _correlation(index, X, Q, table, fB=None, payload=None):
     """ALGORITHMS §1.9 protocol: the 6 nodes nearest each query as centres, all their edges."""
     g = index._g
     n = g["n"]
+    X = g["X"][:n]  # node order
     fB = g["fB"] if fB is None else fB
     codes, pay = (g["fcode"][:n], g["fpay"][:n]) if payload is None else payload
     d2 = ((Q[:, None, :].astype(np.float64) - X[None]) ** 2).sum(-1)
@@ -71,8 +73,9 @@ def test_estimate_correlates_with_true_distance_sift(sift):
     # a random orthonormal basis of the same rank, same graph, no distribution matching
     G = np.linalg.qr(np.random.default_rng(1).normal(size=(X.shape[1], r)))[0].T.astype(np.float32)
     codes, pay = new_payload(n, M0, r)
-    P = np.ascontiguousarray(X @ G.T, dtype=np.float32)
-    edge_payload(X, g["links0"][:n], P, np.arange(n, dtype=np.int64), codes, pay)
+    Xn = g["X"][:n]
+    P = np.ascontiguousarray(Xn @ G.T, dtype=np.float32)
+    edge_payload(Xn, g["links0"][:n], P, np.arange(n, dtype=np.int64), codes, pay)
     corr_rand = _correlation(index, X, Q, cos_table(r, None), fB=G, payload=(codes, pay))
     assert corr_svd > corr_rand + 0.01, (corr_svd, corr_rand)
 

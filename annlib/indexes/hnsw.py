@@ -53,10 +53,12 @@ class HNSW(Index):
     ----------
     metric : {"l2", "cosine", "ip"}, default "l2"
         Cosine data are normalised once and searched by inner product.
-    M : int, default 24
+    M : int, default 32
         Out-degree on layers >= 1; layer 0 keeps up to ``2 * M``. Range 2..256. Higher M gives
         better recall per visited node on hard, high-intrinsic-dimension data (GloVe), a larger
-        index and a slower build.
+        index and a slower build. 32 was fastest with FINGER at recall 0.95 on GloVe-200k,
+        kdewall-SIFT-100k and MNIST; 16 was faster on WordNet-MiniLM and on small sets
+        (docs/benchmarks-hnsw.md).
     ef_construction : int, default 200
         Beam width while inserting (at least ``M`` is used). Range 1..4096.
     finger : bool, default True
@@ -82,6 +84,9 @@ class HNSW(Index):
       adds reverse edges grouped by target node, so the graph does not depend on the thread
       count; a batch is at most 1/256 of the graph (1 point at a time for the first 256); recall at
       equal ef stays within 0.005 of one-at-a-time insertion (tested).
+    * After a build, nodes are renumbered in breadth-first order of layer 0 so graph neighbours
+      sit close in memory (faster walks on sets larger than the caches); positions and ids are
+      unaffected (the permutation is kept and saved). Vectors added later are appended.
     * ``delete`` marks tombstones and immediately repairs the graph around them (each node that
       pointed to a deleted one re-selects among its live neighbours and theirs); deleted vectors
       stay in memory (positions are never reused). Rebuild to reclaim the space.
@@ -102,7 +107,7 @@ class HNSW(Index):
     """
 
     family = "hnsw"
-    build_defaults = {"M": 24, "ef_construction": 200, "finger": True, "finger_rank": 64,
+    build_defaults = {"M": 32, "ef_construction": 200, "finger": True, "finger_rank": 64,
                       "random_state": 0}
     search_defaults = {"ef": 64, "finger": True}
     supports_add = True
