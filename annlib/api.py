@@ -219,6 +219,7 @@ class Index:
             self._n_positions = X32.shape[0]
             self._ids = ext
             self._id_to_pos = None
+            self._forget_validated_params()
         return self
 
     build = _ClassOrInstanceMethod(_build_on_class, _build_on_instance)
@@ -317,11 +318,7 @@ class Index:
         if Q32.shape[1] != self._dim:
             V.check_dim(Q32.shape[1], self._dim)
         k = V.check_k(k, len(self))
-        if params:
-            V.check_params(params, self.search_defaults, f"{type(self).__name__}.search()")
-            sp = self._check_search_params({**self.search_defaults, **params})
-        else:
-            sp = self._default_search_params()
+        sp = self._validated_search_params(params) if params else self._default_search_params()
         mask = None if filter is None else V.check_filter(filter, self._n_positions, self._positions_of)
         Qp = self._metric.prepare(Q32)
         if threads is None:
@@ -331,12 +328,35 @@ class Index:
                 proxy, pos = self._search(Qp, k, mask, **sp)
         dist = self._metric.to_distance(proxy)
         pos = np.asarray(pos, dtype=np.int64)
-        if pos.size and pos.min() < 0:
+        # Rows are sorted with padding last, so a -1 anywhere shows in the last column.
+        if pos.size and pos[:, -1].min() < 0:
             dist[pos < 0] = np.inf
         ids = self._external_ids(pos)
         if was_1d:
             return SearchResult(ids[0], dist[0])
         return SearchResult(ids, dist)
+
+    def _forget_validated_params(self) -> None:
+        # Search-parameter checks may depend on the index's size; redo them after it changes.
+        self.__dict__.pop("_search_param_cache", None)
+        self.__dict__.pop("_cached_search_defaults", None)
+
+    def _validated_search_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        # One-query-at-a-time callers repeat the same settings; validating them once per distinct
+        # setting keeps the per-call cost flat. Unhashable values skip the cache.
+        cache = self.__dict__.setdefault("_search_param_cache", {})
+        try:
+            key = tuple(params.items())
+            hit = cache.get(key)
+        except TypeError:
+            key, hit = None, None
+        if hit is not None:
+            return hit
+        V.check_params(params, self.search_defaults, f"{type(self).__name__}.search()")
+        checked = self._check_search_params({**self.search_defaults, **params})
+        if key is not None and len(cache) < 256:
+            cache[key] = checked
+        return checked
 
     def _default_search_params(self) -> dict[str, Any]:
         cached = self.__dict__.get("_cached_search_defaults")
@@ -385,6 +405,7 @@ class Index:
                 self._ids = new_ids
                 self._id_to_pos = None
             self._n_positions += X32.shape[0]
+            self._forget_validated_params()
         return self
 
     def _new_ids_for_add(self, ids, m: int) -> np.ndarray | None:
@@ -418,6 +439,7 @@ class Index:
             raise ValueError(f"id {int(arr[np.flatnonzero(pos < 0)[0]])} is not in the index")
         with self._write_lock:
             self._delete(pos)
+            self._forget_validated_params()
 
     # ----------------------------------------------------------------- sizes and spaces
     def memory_bytes(self) -> int:
