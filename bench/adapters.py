@@ -251,7 +251,12 @@ class FaissHNSW(_Faiss):
 
 
 class FaissIVF(_Faiss):
-    """faiss ``IVF<nlist>,Flat`` with nlist = 4·√n; search parameter ``nprobe``."""
+    """faiss ``IVF<nlist>,Flat`` with nlist = 4·√n; search parameter ``nprobe``.
+
+    A build grid may give ``nlist`` itself or ``nlist_factor`` (nlist = round(factor · √n), so
+    one config file sets the leaf count relative to each data set's size, e.g. 2 to match
+    ScaNN's and Partitioned's 2·√n leaves).
+    """
 
     name = "faiss-ivf"
 
@@ -260,14 +265,21 @@ class FaissIVF(_Faiss):
         nlist = max(1, min(n, int(round(4 * math.sqrt(n)))))
         return {"build": {"nlist": [nlist]}, "search": {"nprobe": _clip_sweep(PROBE_SWEEP, nlist)}}
 
+    def _nlist(self) -> int:
+        """nlist as given, or from ``nlist_factor`` · √n, or the default grid's."""
+        if "nlist" not in self.build_params and "nlist_factor" in self.build_params:
+            factor = float(self.build_params["nlist_factor"])
+            return max(1, min(self.n, int(round(factor * math.sqrt(self.n)))))
+        return int(self._build_param("nlist"))
+
     def _factory(self):
-        return f"IVF{int(self._build_param('nlist'))},Flat"
+        return f"IVF{self._nlist()},Flat"
 
     def _make(self, faiss, d, metric):
         return faiss.index_factory(d, self._factory(), metric)
 
     def search_space(self):
-        return {"nprobe": _clip_sweep(PROBE_SWEEP, int(self._build_param("nlist")))}
+        return {"nprobe": _clip_sweep(PROBE_SWEEP, self._nlist())}
 
     def _apply(self, params):
         if "nprobe" in params:
@@ -295,7 +307,7 @@ class FaissIVFPQFastScan(FaissIVF):
         return {**super().search_space(), "k_factor": [4, 16]}
 
     def _factory(self):
-        nlist, m = int(self._build_param("nlist")), int(self._build_param("m"))
+        nlist, m = self._nlist(), int(self._build_param("m"))
         return f"IVF{nlist},PQ{m}x4fs,RFlat"
 
     def _apply(self, params):

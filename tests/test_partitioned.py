@@ -176,5 +176,5 @@ def test_search_space(sift):
     X, _ = sift
     space = annlib.Partitioned.build(X, num_leaves=30).search_space()
     assert set(space["search"]) == {"leaves", "reorder"}
-    assert max(space["search"]["leaves"]) <= 100  # clipped to sqrt(n) leaves
-    assert annlib.Partitioned.search_space(n=40_000, dim=50)["build"] == {"num_leaves": [200]}
+    assert max(space["search"]["leaves"]) <= 200  # clipped to the default 2 sqrt(n) leaves
+    assert annlib.Partitioned.search_space(n=40_000, dim=50)["build"] == {"num_leaves": [400]}

@@ -18,10 +18,11 @@ import math
 import numba
 import numpy as np
 from numba import prange
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from .distances import proxy_pair
 from .quantization import _build_luts_rows
-from .lut16 import lut16_block, lut16_block_generic
+from .lut16 import lut16_block, lut16_block_generic, lut16_block_mask
 from .topk import heap_push, heap_sort_inplace
 
 __all__ = [
@@ -70,10 +71,11 @@ def lut_accumulate(T, codes, generic=False):
 
 
 @numba.njit(cache=True, nogil=True)
-def _compact(bd, bi, n, keep):
+def _compact(bd, bi, n, keep, seen):
     """Quickselect: move the ``keep`` smallest of ``bd[:n]`` (with their ids) to the front.
 
-    Returns the largest kept value, the new admission threshold of the buffer.
+    Returns the largest kept value, the new admission threshold of the buffer. Evicted ids are
+    cleared in ``seen`` (the per-query set of ids held, empty when not tracked).
     """
     lo = 0
     hi = n - 1
@@ -105,6 +107,9 @@ def _compact(bd, bi, n, keep):
     worst = bd[0]
     for t in range(1, keep):
         worst = max(worst, bd[t])
+    if seen.shape[0] > 0:
+        for t in range(keep, n):
+            seen[bi[t]] = 0
     return worst
 
 
@@ -127,12 +132,15 @@ def _int_bar(lim, a):
 
 @numba.njit(inline="always", cache=True, nogil=True)
 def _scan_leaf(q, leaf, cst, T, scale, leaf_start, flat, n_pairs, entry_pos, pt, pt_min, mask,
-               buf_d, buf_i, cnt, thr, keep, acc, has_pt, use_mask):
+               buf_d, buf_i, cnt, thr, keep, acc, has_pt, use_mask, seen):
     # Candidates are rejected on the integer sums, against a bar derived once from the float
     # threshold (per block when a per-point term exists, using the block's smallest term): the
-    # whole block is skipped when its smallest sum misses the bar, and only the sums under it are
+    # shuffle kernel returns the bit mask of the sums under the bar, and only those are
     # converted to floats and appended to a buffer of 2 * keep (+ one block of slack) slots,
     # compacted to the best ``keep`` when full (which is also the only time the bar moves).
+    # With ``seen`` (query-major order) a point already held is not admitted again, so spilled
+    # copies do not take two of the ``keep`` slots.
+    dedupe = seen.shape[0] > 0
     table = T[q].reshape(-1)
     a = scale[q]
     cap = buf_d.shape[1] - POINT_BLOCK
@@ -142,28 +150,40 @@ def _scan_leaf(q, leaf, cst, T, scale, leaf_start, flat, n_pairs, entry_pos, pt,
     for blk in range(leaf_start[leaf], leaf_start[leaf + 1]):
         if has_pt:
             bar = _int_bar(thr[q] - cst - pt_min[blk], a)
-            if bar <= 0:
+        if bar <= 0:
+            if has_pt:
                 continue
-        m16 = lut16_block(flat, blk * n_pairs * 32, table, 0, n_pairs, acc, 0)
-        if np.int64(m16) >= bar:
+            break  # without a per-point term the bar only falls: nothing left in this leaf
+        # the shuffle kernel compares its sums with the bar on the vector registers and
+        # returns the mask of the points under it; 65536 and above admit every point
+        bits = lut16_block_mask(flat, blk * n_pairs * 32, table, 0, n_pairs, acc, 0,
+                                np.uint16(min(bar, 65535)))
+        if bar > 65535:
+            bits = np.uint32(0xFFFFFFFF)
+        if bits == 0:
             continue
         e0 = blk * POINT_BLOCK
         t_q = thr[q]
         c = cnt[q]
-        for p in range(POINT_BLOCK):
-            if np.int64(acc[p]) < bar:
-                v = np.float32(acc[p]) * a + cst
-                if has_pt:
-                    v += pt[e0 + p]
-                pos = entry_pos[e0 + p]
-                if v < t_q and pos >= 0:
-                    if use_mask and not mask[pos]:
+        while bits != 0:
+            p = trailing_zeros(bits)
+            bits &= bits - np.uint32(1)
+            v = np.float32(acc[p]) * a + cst
+            if has_pt:
+                v += pt[e0 + p]
+            pos = entry_pos[e0 + p]
+            if v < t_q and pos >= 0:
+                if use_mask and not mask[pos]:
+                    continue
+                if dedupe:
+                    if seen[pos] != 0:
                         continue
-                    bd[c] = v
-                    bi[c] = pos
-                    c += 1
+                    seen[pos] = 1
+                bd[c] = v
+                bi[c] = pos
+                c += 1
         if c >= cap:
-            thr[q] = _compact(bd, bi, c, keep)
+            thr[q] = _compact(bd, bi, c, keep, seen)
             c = keep
             bar = _int_bar(thr[q] - cst, a)
         cnt[q] = c
@@ -171,18 +191,28 @@ def _scan_leaf(q, leaf, cst, T, scale, leaf_start, flat, n_pairs, entry_pos, pt,
 
 @numba.njit(cache=True, nogil=True)
 def _scan_query_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, pt,
-                      pt_min, mask, buf_d, buf_i, cnt, thr, keep, q_lo, q_hi):
+                      pt_min, mask, buf_d, buf_i, cnt, thr, keep, q_lo, q_hi, n_points):
     n_pairs = codes.shape[1]
     flat = codes.reshape(-1)
     has_pt = pt.shape[0] > 0
     use_mask = mask.shape[0] > 0
     acc = np.empty(POINT_BLOCK, dtype=np.uint16)
+    # ids held in the current query's buffer (all zero again after each query); n_points <= 0
+    # turns the de-duplication off
+    seen = np.zeros(max(n_points, 0), dtype=np.uint8)
     for q in range(q_lo, q_hi):
         for t in range(leaf_ids.shape[1]):
             leaf = leaf_ids[q, t]
             if leaf >= 0:
                 _scan_leaf(q, leaf, base[q] + leaf_bias[q, t], T, scale, leaf_start, flat, n_pairs,
-                           entry_pos, pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, acc, has_pt, use_mask)
+                           entry_pos, pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, acc, has_pt,
+                           use_mask, seen)
+        if seen.shape[0] > 0:
+            if cnt[q] > keep:
+                thr[q] = _compact(buf_d[q], buf_i[q], cnt[q], keep, seen)
+                cnt[q] = keep
+            for j in range(cnt[q]):
+                seen[buf_i[q, j]] = 0
 
 
 @numba.njit(cache=True, nogil=True)
@@ -219,17 +249,19 @@ def _scan_leaf_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, ent
     has_pt = pt.shape[0] > 0
     use_mask = mask.shape[0] > 0
     acc = np.empty(POINT_BLOCK, dtype=np.uint16)
+    seen = np.zeros(0, dtype=np.uint8)  # queries interleave here: no de-duplication
     offsets, qq, tt = _group_by_leaf(leaf_ids, n_leaves, q_lo, q_hi)
     for leaf in range(n_leaves):
         for g in range(offsets[leaf], offsets[leaf + 1]):
             q = qq[g]
             _scan_leaf(q, leaf, base[q] + leaf_bias[q, tt[g]], T, scale, leaf_start, flat, n_pairs,
-                       entry_pos, pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, acc, has_pt, use_mask)
+                       entry_pos, pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, acc, has_pt,
+                       use_mask, seen)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _scan_parallel(leaf_major, T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos,
-                   pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, chunks):
+                   pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, chunks, n_points):
     nq = T.shape[0]
     step = (nq + chunks - 1) // chunks
     for c in prange(chunks):
@@ -242,11 +274,11 @@ def _scan_parallel(leaf_major, T, scale, base, leaf_ids, leaf_bias, leaf_start, 
                              pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, lo, hi)
         else:
             _scan_query_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos,
-                              pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, lo, hi)
+                              pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, lo, hi, n_points)
 
 
 def scan_pq(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, pt, mask,
-            n_cand, *, leaf_major=False, threads=1, pt_block_min=None):
+            n_cand, *, leaf_major=False, threads=1, pt_block_min=None, n_points=0):
     """Approximate top-``n_cand`` candidates of every query from packed 4-bit PQ codes.
 
     Parameters
@@ -277,6 +309,10 @@ def scan_pq(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, p
     pt_block_min : float32 (nb,) or None, default None
         Smallest ``pt`` of each packed block (:func:`block_min`); computed here when None and
         ``pt`` is not empty (callers that search often should compute it once).
+    n_points : int, default 0
+        Number of vector positions (``> max(entry_pos)``). When given (> 0), the query-major
+        scan admits each position once, so spilled copies do not crowd the ``n_cand`` slots;
+        0 keeps duplicates (they are removed by :func:`rerank`).
 
     Returns
     -------
@@ -294,11 +330,11 @@ def scan_pq(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, p
     args = (T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, pt, pt_block_min, mask,
             buf_d, buf_i, cnt, thr, n_cand)
     if threads > 1 and nq > 1:
-        _scan_parallel(bool(leaf_major), *args, min(threads, nq))
+        _scan_parallel(bool(leaf_major), *args, min(threads, nq), int(n_points))
     elif leaf_major:
         _scan_leaf_major(*args, 0, nq)
     else:
-        _scan_query_major(*args, 0, nq)
+        _scan_query_major(*args, 0, nq, int(n_points))
     _finish_buffers(buf_d, buf_i, cnt, n_cand)
     # slots past the fill count may hold rejected writes; blank them before returning
     live = np.arange(n_cand)[None, :] < cnt[:, None]
@@ -324,7 +360,7 @@ def block_min(pt):
 def _finish_buffers(buf_d, buf_i, cnt, keep):
     for q in range(buf_d.shape[0]):
         if cnt[q] > keep:
-            _compact(buf_d[q], buf_i[q], cnt[q], keep)
+            _compact(buf_d[q], buf_i[q], cnt[q], keep, np.zeros(0, dtype=np.uint8))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -406,8 +442,11 @@ def _rerank_rows(Q, X, cand_i, k, proxy, out_d, out_i, q_lo, q_hi):
                 x = X[p]
                 for t in range(0, x.shape[0], 16):
                     touch += x[t]
-        if touch == np.float32(np.nan):  # never true; keeps the loads from being optimised away
-            hd[0] = touch
+        # keeps the loads alive: a test against NaN is folded to "false" by the compiler, which
+        # then deleted this whole loop; a finite constant cannot be folded (and is never hit
+        # by real data; if it were, the heap's first slot is overwritten by the scoring below)
+        if touch == np.float32(-3.0e38):
+            hd[0] = np.float32(np.inf)
         prev = -1
         for j in range(R):
             p = ids[j]
@@ -536,7 +575,7 @@ def _search_pq_few(Q, C, cn, l2, t, cb, leaf_start, codes, entry_pos, pt, pt_min
     cnt = np.zeros(nq, dtype=np.int64)
     thr = np.full(nq, np.inf, dtype=np.float32)
     _scan_query_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, pt,
-                      pt_min, mask, buf_d, buf_i, cnt, thr, n_cand, 0, nq)
+                      pt_min, mask, buf_d, buf_i, cnt, thr, n_cand, 0, nq, X.shape[0])
     _finish_buffers(buf_d, buf_i, cnt, n_cand)
     cand = np.full((nq, n_cand), -1, dtype=np.int64)
     for q in range(nq):

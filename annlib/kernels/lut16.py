@@ -14,6 +14,8 @@ Layouts (see :func:`annlib.kernels.quantization.pack_codes` and ``build_luts``):
   ``(M, 16)`` table flattened);
 * output: 32 uint16 sums ``sum_s T[s, code_s(p)]``, written at ``acc[a_off:a_off+32]``;
   the function returns the smallest of them (the block's best score, for early rejection).
+  ``lut16_block_mask`` takes a uint16 bar as well and returns instead the 32-bit mask of the
+  points whose sum is below it (the compare runs on the vector registers, as in faiss and ScaNN).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["IMPLEMENTATION", "available", "lut16_block", "lut16_block_generic"]
+__all__ = ["IMPLEMENTATION", "available", "lut16_block", "lut16_block_generic", "lut16_block_mask",
+           "lut16_block_mask_generic"]
 
 
 def _host_features() -> dict:
@@ -61,13 +64,17 @@ def _const_vec(ty, n, values):
     return ir.Constant(ir.VectorType(ty, n), list(values))
 
 
-def _codegen(width: int):
-    """IR generator of the block kernel for 512- (``width=64``) or 256-bit (``width=32``) shuffles."""
+def _codegen(width: int, masked: bool = False):
+    """IR generator of the block kernel for 512- (``width=64``) or 256-bit (``width=32``) shuffles.
+
+    ``masked``: the kernel takes one more argument, a uint16 bar, and returns the 32-bit mask of
+    the points whose sum is below it (bit ``p`` for point ``p``) instead of the smallest sum.
+    """
     i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
     v32i8 = ir.VectorType(i8, 32)
 
     def codegen(context, builder, signature, args):
-        codes_v, c_off, table_v, t_off, n_pairs, acc_v, a_off = args
+        codes_v, c_off, table_v, t_off, n_pairs, acc_v, a_off = args[:7]
         codes = context.make_array(signature.args[0])(context, builder, codes_v)
         table = context.make_array(signature.args[2])(context, builder, table_v)
         acc = context.make_array(signature.args[5])(context, builder, acc_v)
@@ -104,6 +111,20 @@ def _codegen(width: int):
                 x0 = builder.zext(builder.shuffle_vector(r, undef, _const_vec(i32, lanes, first)), vacc)
                 x1 = builder.zext(builder.shuffle_vector(r, undef, _const_vec(i32, lanes, second)), vacc)
                 builder.store(builder.add(builder.load(slot), builder.add(x0, x1)), slot)
+        if masked:
+            bar = builder.insert_element(ir.Constant(vacc, None), args[7], ir.Constant(i32, 0))
+            bar = builder.shuffle_vector(bar, ir.Constant(vacc, None), _const_vec(i32, lanes, [0] * lanes))
+            bits = ir.Constant(i32, 0)
+            for h, slot in enumerate(slots):
+                v = builder.load(slot)
+                dst = builder.gep(acc.data, [builder.add(a_off, ir.Constant(a_off.type, h * lanes))])
+                builder.store(v, builder.bitcast(dst, vacc.as_pointer()), align=2)
+                below = builder.bitcast(builder.icmp_unsigned("<", v, bar), ir.IntType(lanes))
+                part = builder.zext(below, i32) if lanes < 32 else below
+                if h:
+                    part = builder.shl(part, ir.Constant(i32, h * lanes))
+                bits = builder.or_(bits, part)
+            return bits
         reduce = _declare(builder.module, ir.FunctionType(i16, [vacc]), f"llvm.vector.reduce.umin.v{lanes}i16")
         smallest = None
         for h, slot in enumerate(slots):
@@ -126,8 +147,19 @@ def _make_intrinsic(width: int):
     return block
 
 
+def _make_masked_intrinsic(width: int):
+    @intrinsic
+    def block_mask(typingctx, codes, c_off, table, t_off, n_pairs, acc, a_off, bar):
+        sig = types.uint32(codes, types.intp, table, types.intp, types.intp, acc, types.intp, types.uint16)
+        return sig, _codegen(width, masked=True)
+
+    return block_mask
+
+
 _lut16_avx512 = _make_intrinsic(64)
 _lut16_avx2 = _make_intrinsic(32)
+_lut16_mask_avx512 = _make_masked_intrinsic(64)
+_lut16_mask_avx2 = _make_masked_intrinsic(32)
 
 
 @numba.njit(inline="always", cache=True, nogil=True)
@@ -148,6 +180,17 @@ def lut16_block_generic(codes, c_off, table, t_off, n_pairs, acc, a_off):
     return np.uint16(smallest)
 
 
+@numba.njit(inline="always", cache=True, nogil=True)
+def lut16_block_mask_generic(codes, c_off, table, t_off, n_pairs, acc, a_off, bar):
+    """Portable version of :func:`lut16_block_mask` (plain loops, same result)."""
+    lut16_block_generic(codes, c_off, table, t_off, n_pairs, acc, a_off)
+    bits = np.uint32(0)
+    for p in range(32):
+        if acc[a_off + p] < bar:
+            bits |= np.uint32(1) << np.uint32(p)
+    return bits
+
+
 def _pick() -> str:
     forced = os.environ.get("ANNLIB_LUT16")
     avail = available()
@@ -159,7 +202,10 @@ def _pick() -> str:
 IMPLEMENTATION = _pick()
 if IMPLEMENTATION == "avx512":
     lut16_block = _lut16_avx512
+    lut16_block_mask = _lut16_mask_avx512
 elif IMPLEMENTATION == "avx2":
     lut16_block = _lut16_avx2
+    lut16_block_mask = _lut16_mask_avx2
 else:
     lut16_block = lut16_block_generic
+    lut16_block_mask = lut16_block_mask_generic
