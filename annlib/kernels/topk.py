@@ -23,15 +23,8 @@ __all__ = [
 
 
 @numba.njit(inline="always", cache=True, nogil=True)
-def heap_push(dist, ids, d, i):
-    """Offer ``(d, i)`` to the max-heap ``(dist, ids)``; returns True if it entered.
-
-    Callers test ``d < dist[0]`` first on their hot path; the test is repeated here so the
-    function is safe on its own.
-    """
-    if not d < dist[0]:
-        return False
-    size = dist.shape[0]
+def _sift_down(dist, ids, d, i, size):
+    """Place ``(d, i)`` at the root of the max-heap ``dist[:size]`` and sift it down."""
     pos = 0
     while True:
         left = 2 * pos + 1
@@ -48,36 +41,30 @@ def heap_push(dist, ids, d, i):
         pos = child
     dist[pos] = d
     ids[pos] = i
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
+def heap_push(dist, ids, d, i):
+    """Offer ``(d, i)`` to the max-heap ``(dist, ids)``; returns True if it entered.
+
+    Callers test ``d < dist[0]`` first on their hot path; the test is repeated here so the
+    function is safe on its own.
+    """
+    if not d < dist[0]:
+        return False
+    _sift_down(dist, ids, d, i, dist.shape[0])
     return True
 
 
 @numba.njit(cache=True, nogil=True)
 def heap_sort_inplace(dist, ids):
     """Turn a max-heap into ascending order in place (heap sort's second phase)."""
-    n = dist.shape[0]
-    for end in range(n - 1, 0, -1):
-        dtop = dist[0]
-        itop = ids[0]
+    for end in range(dist.shape[0] - 1, 0, -1):
         d = dist[end]
         i = ids[end]
-        dist[end] = dtop
-        ids[end] = itop
-        pos = 0
-        while True:
-            left = 2 * pos + 1
-            if left >= end:
-                break
-            right = left + 1
-            child = left
-            if right < end and dist[right] > dist[left]:
-                child = right
-            if dist[child] <= d:
-                break
-            dist[pos] = dist[child]
-            ids[pos] = ids[child]
-            pos = child
-        dist[pos] = d
-        ids[pos] = i
+        dist[end] = dist[0]
+        ids[end] = ids[0]
+        _sift_down(dist, ids, d, i, end)
 
 
 def new_heaps(n_rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
