@@ -14,7 +14,8 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .distances import L2SQ
+from .distances import L2SQ, proxy_pair
+from .topk import heap_push
 
 __all__ = ["FASTMATH", "exact_proxy", "cand_push", "cand_pop", "next_tag", "allowed",
            "prefetch_row", "row_lines"]
@@ -157,3 +158,21 @@ def _allowed(e, mask, deleted):
 
 
 allowed = _allowed
+
+
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True, nogil=True)
+def score_collected(q, X, nbuf, m, proxy, Cd, Ci, size, Wd, Wi, mask, deleted):
+    """Exact proxies of the ``m`` neighbours collected in ``nbuf`` (their rows already
+    prefetched), pushed into the candidate heap and, when allowed, the result heap.
+
+    The step both layer-0 walks (plain and FINGER) end every expansion with; returns the new
+    candidate-heap size.
+    """
+    for j in range(m):
+        e = nbuf[j]
+        d = proxy_pair(q, X[e], proxy)
+        if d < Wd[0]:
+            size = cand_push(Cd, Ci, size, d, e)
+            if _allowed(e, mask, deleted):
+                heap_push(Wd, Wi, d, e)
+    return size

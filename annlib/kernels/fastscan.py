@@ -23,7 +23,7 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 from .distances import proxy_pair
 from .quantization import _build_luts_rows
 from .lut16 import lut16_block, lut16_block_generic, lut16_block_mask
-from .topk import heap_push, heap_sort_inplace
+from .topk import heap_push, heap_sort_inplace, new_heaps
 
 __all__ = [
     "POINT_BLOCK",
@@ -490,8 +490,7 @@ def rerank(Q, X, cand_i, k, proxy, *, threads=1):
     (float32 (nq, k) exact proxies ascending, int64 (nq, k) positions), (+inf, -1) padded.
     """
     nq = Q.shape[0]
-    out_d = np.full((nq, k), np.inf, dtype=np.float32)
-    out_i = np.full((nq, k), -1, dtype=np.int64)
+    out_d, out_i = new_heaps(nq, k)
     if threads > 1 and nq > 1:
         _rerank_parallel(Q, X, cand_i, k, proxy, out_d, out_i, min(threads, nq))
     else:
@@ -620,8 +619,7 @@ def search_pq_few(Q, C, cn, t, cb, leaf_start, codes, entry_pos, pt, pt_block_mi
     (float32 (nq, k) exact proxies ascending, int64 (nq, k) positions), (+inf, -1) padded.
     """
     nq = Q.shape[0]
-    out_d = np.full((nq, k), np.inf, dtype=np.float32)
-    out_i = np.full((nq, k), -1, dtype=np.int64)
+    out_d, out_i = new_heaps(nq, k)
     _search_pq_few(np.ascontiguousarray(Q, dtype=np.float32), C, cn, cn.shape[0] > 0, int(t), cb,
                    leaf_start, codes, entry_pos, pt, pt_block_min, mask, int(n_cand), X, int(k),
                    int(proxy), out_d, out_i)

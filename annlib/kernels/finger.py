@@ -33,7 +33,7 @@ from numba import prange
 from numba.core import types
 from numba.extending import intrinsic
 
-from .beam import FASTMATH, _allowed, cand_pop, cand_push, prefetch_row, row_lines
+from .beam import FASTMATH, _allowed, cand_pop, cand_push, score_collected, prefetch_row, row_lines
 from .distances import L2SQ, dot, proxy_pair
 from .topk import heap_push
 
@@ -298,13 +298,7 @@ def _finger_layer0(q, X, links0, ep, ep_d, proxy, mask, deleted, visited, tag, C
                 nbuf[m] = e
                 m += 1
         evals += m
-        for j in range(m):
-            e = nbuf[j]
-            d = proxy_pair(q, X[e], proxy)
-            if d < Wd[0]:
-                size = cand_push(Cd, Ci, size, d, e)
-                if _allowed(e, mask, deleted):
-                    heap_push(Wd, Wi, d, e)
+        size = score_collected(q, X, nbuf, m, proxy, Cd, Ci, size, Wd, Wi, mask, deleted)
     return evals, n_est
 
 

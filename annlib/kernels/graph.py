@@ -24,7 +24,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .beam import FASTMATH, _allowed, cand_pop, cand_push, exact_proxy, next_tag, prefetch_row, row_lines
+from .beam import FASTMATH, _allowed, cand_pop, cand_push, score_collected, exact_proxy, next_tag, prefetch_row, row_lines
 from .distances import proxy_pair
 from .finger import _finger_layer0
 from .topk import heap_push, heap_sort_inplace
@@ -110,13 +110,7 @@ def search_layer(q, X, links0, upper, ustart, level, ep, ep_d, proxy, mask, dele
             nbuf[m] = e
             m += 1
         evals += m
-        for j in range(m):
-            e = nbuf[j]
-            d = proxy_pair(q, X[e], proxy)
-            if d < Wd[0]:
-                size = cand_push(Cd, Ci, size, d, e)
-                if _allowed(e, mask, deleted):
-                    heap_push(Wd, Wi, d, e)
+        size = score_collected(q, X, nbuf, m, proxy, Cd, Ci, size, Wd, Wi, mask, deleted)
     return evals
 
 
