@@ -28,6 +28,12 @@ __all__ = [
     "check_progress",
     "check_random_state",
     "add_not_supported",
+    "abstract_index_build",
+    "delete_not_supported",
+    "check_id_list",
+    "already_deleted",
+    "check_save_path",
+    "resolve_seed",
     "check_odd_int",
     "check_exclusive",
     "check_matrix",
@@ -44,7 +50,8 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def as_vectors(X: Any, name: str = "X", *, allow_1d: bool = False) -> tuple[np.ndarray, bool]:
+def as_vectors(X: Any, name: str = "X", *, allow_1d: bool = False,
+               limit: Callable[[int], float] | None = None) -> tuple[np.ndarray, bool]:
     """Convert an array-like of vectors to a C-contiguous float32 matrix, checking it.
 
     Parameters
@@ -55,6 +62,9 @@ def as_vectors(X: Any, name: str = "X", *, allow_1d: bool = False) -> tuple[np.n
         Argument name used in error messages.
     allow_1d : bool, default False
         Accept a single vector of shape (d,) and return it as shape (1, d).
+    limit : callable, optional
+        ``limit(d)`` is the largest magnitude an entry may have (a metric's float32 range, see
+        :meth:`annlib.metrics.Metric.max_abs`); larger entries are refused.
 
     Returns
     -------
@@ -66,7 +76,8 @@ def as_vectors(X: Any, name: str = "X", *, allow_1d: bool = False) -> tuple[np.n
     TypeError
         Non-numeric dtype (object, string, complex, ...).
     ValueError
-        Wrong number of dimensions, zero rows or columns, NaN or inf (names the first bad row).
+        Wrong number of dimensions, zero rows or columns, NaN or inf (names the first bad row),
+        or an entry above ``limit(d)``.
     """
     if type(X) is np.ndarray:
         arr = X
@@ -90,14 +101,24 @@ def as_vectors(X: Any, name: str = "X", *, allow_1d: bool = False) -> tuple[np.n
     if arr.shape[1] == 0:
         raise ValueError(f"{name} has zero columns (shape {arr.shape}); vectors need at least one dimension")
     out = arr if arr.dtype == np.float32 and arr.flags.c_contiguous else np.ascontiguousarray(arr, dtype=np.float32)
-    # Checked after the cast so float64 values that overflow float32 are caught too. A finite sum
-    # proves every entry finite without allocating a mask; only a non-finite sum (a bad entry, or
-    # a harmless overflow of the sum) pays for the full check.
-    if not np.isfinite(np.add.reduce(out, axis=None, dtype=np.float64)):
+    # Checked after the cast so float64 values that overflow float32 are caught too. The largest
+    # and smallest entries are NaN when any entry is, inf when any is, and bound the magnitude:
+    # two passes that allocate nothing.
+    top, bottom = float(out.max()), float(out.min())
+    if not (np.isfinite(top) and np.isfinite(bottom)):
         finite = np.isfinite(out)
-        if not finite.all():
-            bad_row = int(np.flatnonzero(~finite.all(axis=1))[0])
-            raise ValueError(f"{name} contains NaN or inf; the first bad row is {bad_row}")
+        bad_row = int(np.flatnonzero(~finite.all(axis=1))[0])
+        raise ValueError(f"{name} contains NaN or inf; the first bad row is {bad_row}")
+    if limit is not None:
+        bound = limit(out.shape[1])
+        biggest = max(top, -bottom)
+        if biggest > bound:
+            bad_row = int(np.flatnonzero(np.abs(out).max(axis=1) > bound)[0])
+            raise ValueError(
+                f"{name} has an entry of magnitude {biggest:.3g} (first in row {bad_row}); in dimension "
+                f"{out.shape[1]} entries must be at most {bound:.3g}, or distances overflow float32. "
+                f"Rescale the vectors (distances scale with them)"
+            )
     return out, was_1d
 
 
@@ -220,8 +241,10 @@ def check_ids(ids: Any, n: int, existing: np.ndarray | None = None) -> np.ndarra
         Wrong shape or length, negative or repeated ids, or ids already present.
     """
     arr = np.asarray(ids)
-    if arr.dtype.kind not in "iu" or arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+    if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
         raise TypeError(f"ids must be integers; got dtype {arr.dtype}")
+    if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"ids must be in [0, 2**63 - 1] (stored as int64); got {int(arr.max())}")
     if arr.ndim != 1 or arr.shape[0] != n:
         raise ValueError(f"ids must be a 1-D array with one id per vector ({n}); got shape {arr.shape}")
     arr = arr.astype(np.int64)
@@ -262,6 +285,8 @@ def check_filter(
     if filter is None:
         return None
     arr = np.asarray(filter)
+    if arr.size == 0 and arr.ndim == 1 and arr.dtype.kind in "fiub":  # [] is an empty set of ids
+        return np.zeros(n, dtype=np.bool_)
     if arr.ndim != 1:
         raise ValueError(f"filter must be 1-D (a boolean mask or an array of allowed ids); got shape {arr.shape}")
     if arr.dtype == np.bool_:
@@ -271,6 +296,8 @@ def check_filter(
     if arr.dtype.kind not in "iu":
         raise TypeError(f"filter must be a boolean mask or an integer array of ids; got dtype {arr.dtype}")
     mask = np.zeros(n, dtype=np.bool_)
+    if arr.dtype == np.uint64:  # ids above 2**63 - 1 cannot be in the index
+        arr = arr[arr <= np.iinfo(np.int64).max]
     pos = positions_of(arr.astype(np.int64))
     mask[pos[pos >= 0]] = True
     return mask
@@ -290,6 +317,36 @@ def check_progress(progress: Any) -> Any:
     raise TypeError(f"progress must be True, False or a callable (done, total); got {_describe(progress)}")
 
 
+def resolve_seed(random_state: Any) -> int:
+    """The one seed policy: turn ``random_state`` into the int seed an index keeps and saves.
+
+    ``None`` draws a fresh seed (from OS entropy) once; an int is used as given; a numpy
+    ``Generator`` or ``SeedSequence`` gives one draw. The returned seed is stored in the index's
+    parameters, so saving and loading reproduce the build.
+
+    Raises
+    ------
+    TypeError
+        Anything else.
+    ValueError
+        A negative int.
+    """
+    if random_state is None:
+        return int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> np.uint64(1))
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(0, 2**63 - 1))
+    if isinstance(random_state, np.random.SeedSequence):
+        return int(random_state.generate_state(1, np.uint64)[0] >> np.uint64(1))
+    if isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral):
+        raise TypeError(
+            f"random_state must be None, an int seed, a SeedSequence or a numpy Generator; "
+            f"got {_describe(random_state)}"
+        )
+    if random_state < 0 or random_state > 2**63 - 1:
+        raise ValueError(f"random_state must be an integer seed in [0, 2**63 - 1]; got {random_state}")
+    return int(random_state)
+
+
 def check_random_state(random_state: Any) -> np.random.Generator:
     """Return a numpy Generator for None, an int seed, a SeedSequence or a Generator."""
     if random_state is None or isinstance(random_state, (numbers.Integral, np.random.SeedSequence)):
@@ -299,6 +356,78 @@ def check_random_state(random_state: Any) -> np.random.Generator:
     if isinstance(random_state, np.random.Generator):
         return random_state
     raise TypeError(f"random_state must be None, an int seed or a numpy Generator; got {_describe(random_state)}")
+
+
+def abstract_index_build() -> TypeError:
+    """The error for ``Index().build(X)``: the base class indexes nothing by itself."""
+    return TypeError(
+        "Index is the common base class and indexes nothing itself; use "
+        "Index.build(X, method=...) or a family class such as annlib.HNSW(...).build(X)"
+    )
+
+
+def delete_not_supported(family: str, families_that_can: Iterable[str]) -> NotImplementedError:
+    """The error for ``delete`` on a family that cannot delete (returned, for the caller to raise)."""
+    can = ", ".join(sorted(families_that_can)) or "(none yet)"
+    return NotImplementedError(f"{family} does not support delete(); families that can delete: {can}")
+
+
+def check_id_list(ids: Any, name: str = "ids") -> np.ndarray:
+    """Check a set of external ids given to ``delete`` (or similar); return it as 1-D int64.
+
+    An empty list (numpy makes it float64) is a valid empty set.
+
+    Raises
+    ------
+    TypeError
+        Non-integer ids.
+    ValueError
+        More than one dimension, or ids outside [0, 2**63 - 1] (they cannot be in any index).
+    """
+    try:
+        arr = np.asarray(ids)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be an integer or an array-like of integers ({exc})") from None
+    arr = np.atleast_1d(arr)
+    if arr.size == 0 and arr.ndim == 1:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers; got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one id or a 1-D array of ids; got shape {arr.shape}")
+    if arr.dtype == np.uint64 and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"id {int(arr.max())} is not in the index (ids are in [0, 2**63 - 1])")
+    return arr.astype(np.int64)
+
+
+def already_deleted(external_id: int) -> ValueError:
+    """The error for deleting an id twice (returned, for the caller to raise)."""
+    return ValueError(f"id {external_id} was already deleted; nothing was deleted by this call")
+
+
+def check_save_path(path: Any) -> Any:
+    """Check a ``save`` destination: a non-empty path that is not a folder.
+
+    Raises
+    ------
+    TypeError
+        Not a str or path-like.
+    ValueError
+        An empty path, or one that names an existing folder.
+    """
+    import os
+
+    try:
+        text = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path must be a str or os.PathLike; got {_describe(path)}") from None
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not text:
+        raise ValueError("path must name a file; got an empty path")
+    if os.path.isdir(text):
+        raise ValueError(f"path {text!r} is a folder; give a file name inside it")
+    return text
 
 
 def add_not_supported(family: str, families_that_can: Iterable[str]) -> NotImplementedError:

@@ -13,13 +13,14 @@ import functools
 import importlib
 import importlib.util
 import os
-import threading
 from typing import Any, Callable, ClassVar, Mapping, NamedTuple
 
 import numpy as np
 
 from . import _validation as V
 from . import config, io
+from ._locks import ReadWriteLock
+from ._state import bad_field, check_array, check_range, require, take_meta
 from .errors import IndexFormatError, NotBuiltError
 from .metrics import Metric, get_metric
 
@@ -132,12 +133,17 @@ class Index:
         self._metric: Metric = get_metric(metric)
         V.check_params(params, self.build_defaults, f"{type(self).__name__}()")
         merged = {**self.build_defaults, **params}
+        if "random_state" in merged:
+            # One seed policy for every family: None draws a seed once, a Generator gives one;
+            # the int kept in params is what is saved, so a loaded index rebuilds identically.
+            merged["random_state"] = V.resolve_seed(merged["random_state"])
         self.params: dict[str, Any] = self._check_build_params(merged)
         self._dim: int | None = None
         self._n_positions = 0
         self._ids: np.ndarray | None = None  # None: ids are positions
         self._id_to_pos: dict[int, int] | None = None
-        self._write_lock = threading.RLock()
+        # Searches share the lock; build/add/delete (and family writers) hold it alone.
+        self._rw = ReadWriteLock()
 
     # ----------------------------------------------------------------- hooks for families
     def _check_build_params(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -174,6 +180,43 @@ class Index:
     def _live_count(self) -> int:
         return self._n_positions
 
+    def _is_deleted(self, positions: np.ndarray) -> np.ndarray:
+        """True where a position was deleted (families that delete override this)."""
+        return np.zeros(positions.shape, dtype=np.bool_)
+
+    def _live_mask(self) -> np.ndarray | None:
+        """Boolean mask of live positions, or None when nothing was deleted."""
+        return None
+
+    def _scan_is_cheaper(self, n_allowed: int, k: int, params: dict[str, Any]) -> bool:
+        """Whether an exact scan of ``n_allowed`` allowed rows beats the family's own search.
+
+        Families with a sub-linear search (graph walks, probed leaves) override this; the base
+        then answers filtered (or heavily deleted) searches by :meth:`_exact_over`.
+        """
+        return False
+
+    def _vectors_at(self, positions: np.ndarray) -> np.ndarray:
+        """Stored (metric-prepared) float32 vectors at ``positions``, shape (m, d)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its vectors")
+
+    def _exact_over(self, Q: np.ndarray, k: int, rows: np.ndarray):
+        """Exact top-``k`` of ``Q`` among the positions ``rows`` (proxy distances, positions)."""
+        from .kernels.blockwise import exact_search
+        from .kernels.distances import sqnorms
+
+        nq = Q.shape[0]
+        out_d = np.full((nq, k), np.inf, np.float32)
+        out_i = np.full((nq, k), -1, np.int64)
+        if rows.size == 0:
+            return out_d, out_i
+        Xs = np.ascontiguousarray(self._vectors_at(rows), dtype=np.float32)
+        kk = min(k, rows.size)
+        d, i = exact_search(Q, Xs, sqnorms(Xs), kk, self._metric.proxy)
+        out_d[:, :kk] = d
+        out_i[:, :kk] = np.where(i >= 0, rows[np.maximum(i, 0)], -1)
+        return out_d, out_i
+
     @classmethod
     def _search_space(cls, n: int | None, dim: int | None) -> dict[str, dict[str, list]]:
         return {"build": {}, "search": {}}
@@ -208,19 +251,31 @@ class Index:
         TypeError, ValueError
             Bad vectors or ids (DESIGN §4), or parameters that do not fit the data.
         """
-        X32, _ = V.as_vectors(X, "X")
+        if type(self) is Index:
+            raise V.abstract_index_build()
+        X32, _ = V.as_vectors(X, "X", limit=self._metric.max_abs)
         ext = None if ids is None else V.check_ids(ids, X32.shape[0])
         V.check_progress(progress)
         threads = V.check_threads(threads)
         self._check_build_data(X32.shape[0])
-        with self._write_lock, config.threads(threads):
-            self._build(self._metric.prepare(X32), progress)
+        Xp = self._owned(self._metric.prepare(X32), X)
+        with self._rw.write(), config.threads(threads):
+            self._build(Xp, progress)
             self._dim = X32.shape[1]
             self._n_positions = X32.shape[0]
             self._ids = ext
             self._id_to_pos = None
             self._forget_validated_params()
         return self
+
+    @staticmethod
+    def _owned(prepared: np.ndarray, given: Any) -> np.ndarray:
+        """``prepared`` as an array the index may keep and write: never the caller's memory."""
+        if isinstance(given, np.ndarray) and np.may_share_memory(prepared, given):
+            return prepared.copy()
+        if not prepared.flags.writeable:
+            return prepared.copy()
+        return prepared
 
     build = _ClassOrInstanceMethod(_build_on_class, _build_on_instance)
     build.__doc__ = (
@@ -314,27 +369,47 @@ class Index:
         """
         # This path runs once per query in one-at-a-time use, so it avoids work it can skip.
         self._require_built()
-        Q32, was_1d = V.as_vectors(Q, "Q", allow_1d=True)
+        Q32, was_1d = V.as_vectors(Q, "Q", allow_1d=True, limit=self._metric.max_abs)
         if Q32.shape[1] != self._dim:
             V.check_dim(Q32.shape[1], self._dim)
-        k = V.check_k(k, len(self))
-        sp = self._validated_search_params(params) if params else self._default_search_params()
-        mask = None if filter is None else V.check_filter(filter, self._n_positions, self._positions_of)
+        if threads is not None:
+            threads = V.check_threads(threads)
         Qp = self._metric.prepare(Q32)
-        if threads is None:
-            proxy, pos = self._search(Qp, k, mask, **sp)
-        else:
-            with config.threads(V.check_threads(threads)):
-                proxy, pos = self._search(Qp, k, mask, **sp)
-        dist = self._metric.to_distance(proxy)
-        pos = np.asarray(pos, dtype=np.int64)
-        # Rows are sorted with padding last, so a -1 anywhere shows in the last column.
-        if pos.size and pos[:, -1].min() < 0:
-            dist[pos < 0] = np.inf
-        ids = self._external_ids(pos)
+        with self._rw.read():
+            k = V.check_k(k, len(self))
+            sp = self._validated_search_params(params) if params else self._default_search_params()
+            mask = None if filter is None else V.check_filter(filter, self._n_positions, self._positions_of)
+            if threads is None:
+                proxy, pos = self._search_under_policy(Qp, k, mask, sp)
+            else:
+                with config.threads(threads):
+                    proxy, pos = self._search_under_policy(Qp, k, mask, sp)
+            dist = self._metric.to_distance(proxy)
+            pos = np.asarray(pos, dtype=np.int64)
+            # Rows are sorted with padding last, so a -1 anywhere shows in the last column.
+            if pos.size and pos[:, -1].min() < 0:
+                dist[pos < 0] = np.inf
+            ids = self._external_ids(pos)
         if was_1d:
             return SearchResult(ids[0], dist[0])
         return SearchResult(ids, dist)
+
+    def _search_under_policy(self, Q: np.ndarray, k: int, mask: np.ndarray | None, sp: dict[str, Any]):
+        """The one filter policy: scan the allowed rows exactly when that is cheaper.
+
+        A filter (or many deletions) leaves ``n_allowed`` candidates; a graph walk or a leaf probe
+        then has to visit about ``n / n_allowed`` times more vectors to fill ``k`` results, so below
+        the family's break-even point (:meth:`_scan_is_cheaper`) the exact answer is also the
+        fastest one.
+        """
+        live = self._live_mask()
+        if mask is None and live is None:
+            return self._search(Q, k, None, **sp)
+        allowed = mask if live is None else (live if mask is None else mask & live)
+        n_allowed = int(np.count_nonzero(allowed))
+        if self._scan_is_cheaper(n_allowed, k, sp):
+            return self._exact_over(Q, k, np.flatnonzero(allowed))
+        return self._search(Q, k, mask, **sp)
 
     def _forget_validated_params(self) -> None:
         # Search-parameter checks may depend on the index's size; redo them after it changes.
@@ -394,13 +469,16 @@ class Index:
         if not self.supports_add:
             raise V.add_not_supported(type(self).__name__, _families_with("supports_add"))
         self._require_built()
-        X32, _ = V.as_vectors(X, "X")
+        X32, _ = V.as_vectors(X, "X", limit=self._metric.max_abs)
         V.check_dim(X32.shape[1], self._dim, "X")
         V.check_progress(progress)
         threads = V.check_threads(threads)
-        new_ids = self._new_ids_for_add(ids, X32.shape[0])
-        with self._write_lock, config.threads(threads):
-            self._add(self._metric.prepare(X32), progress)
+        Xp = self._owned(self._metric.prepare(X32), X)
+        with self._rw.write(), config.threads(threads):
+            # ids are checked against the index as it is under the lock, so two writers can
+            # never both take the same ids or lose each other's.
+            new_ids = self._new_ids_for_add(ids, X32.shape[0])
+            self._add(Xp, progress)
             if new_ids is not None:
                 self._ids = new_ids
                 self._id_to_pos = None
@@ -420,24 +498,32 @@ class Index:
     def delete(self, ids) -> None:
         """Remove vectors by external id; they are never returned by ``search`` again.
 
+        ``ids`` is a set: an id repeated within one call is removed once, and an empty list does
+        nothing. Every id must be in the index now: an unknown id, or one already deleted, raises
+        and nothing is deleted (the same rule in every family).
+
         Raises
         ------
         NotImplementedError
             The family cannot delete (the message names the families that can).
+        TypeError
+            Non-integer ids.
         ValueError
-            An id that is not in the index.
+            An id that is not in the index or was already deleted.
         """
         if not self.supports_delete:
-            can = ", ".join(sorted(_families_with("supports_delete"))) or "(none yet)"
-            raise NotImplementedError(f"{type(self).__name__} does not support delete(); families that can: {can}")
+            raise V.delete_not_supported(type(self).__name__, _families_with("supports_delete"))
         self._require_built()
-        arr = np.atleast_1d(np.asarray(ids))
-        if arr.dtype.kind not in "iu":
-            raise TypeError(f"ids must be integers; got dtype {arr.dtype}")
-        pos = self._positions_of(arr.astype(np.int64))
-        if (pos < 0).any():
-            raise ValueError(f"id {int(arr[np.flatnonzero(pos < 0)[0]])} is not in the index")
-        with self._write_lock:
+        arr = V.check_id_list(ids, "ids")
+        if arr.size == 0:
+            return
+        with self._rw.write():
+            arr = np.unique(arr)
+            pos = self._positions_of(arr)
+            V.check_known_positions(arr, pos, dead=None)
+            dead = self._is_deleted(pos)
+            if dead.any():
+                raise V.already_deleted(int(arr[np.flatnonzero(dead)[0]]))
             self._delete(pos)
             self._forget_validated_params()
 
@@ -445,7 +531,8 @@ class Index:
     def memory_bytes(self) -> int:
         """Bytes held by the index's arrays (vectors, graph, codes, ids)."""
         self._require_built()
-        _, arrays = self._state()
+        with self._rw.read():
+            _, arrays = self._state()
         total = sum(int(a.nbytes) for a in arrays.values())
         return total + (0 if self._ids is None else int(self._ids.nbytes))
 
@@ -476,8 +563,9 @@ class Index:
         OSError
             The destination cannot be written; an existing file there is left as it was.
         """
+        path = V.check_save_path(path)
         self._require_built()
-        with self._write_lock:
+        with self._rw.read():
             meta, arrays = self._state()
             arrays = dict(arrays)
             if self._ids is not None:
@@ -520,23 +608,48 @@ def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True) ->
     """
     header = io.read_index_file(path, mmap=mmap, verify=verify)
     family_name = header["family"]
-    if family_name not in _REGISTRY:
+    if not isinstance(family_name, str) or family_name not in _REGISTRY:
         raise IndexFormatError(f"{path} holds an index of unknown family {family_name!r}")
     cls = get_family(family_name)
-    meta = dict(header["meta"])
+    meta = dict(header["meta"]) if isinstance(header["meta"], dict) else None
     arrays = dict(header["arrays"])
     try:
-        index = cls(metric=header["metric"], **header["params"])
-        dim = int(meta.pop("__dim__"))
-        n_positions = int(meta.pop("__n_positions__"))
+        if meta is None:
+            raise bad_field("meta", "expected a mapping")
+        if not isinstance(header["params"], dict):
+            raise bad_field("params", "expected a mapping")
+        try:
+            index = cls(metric=header["metric"], **header["params"])
+        except (TypeError, ValueError) as exc:
+            raise bad_field("params", f"not valid for {cls.__name__} ({exc})") from None
+        dim = take_meta(meta, "__dim__")
+        n_positions = take_meta(meta, "__n_positions__")
+        require(1 <= dim <= 1 << 24, "__dim__", f"must be in [1, 2^24]; got {dim}")
+        require(0 <= n_positions < 1 << 40, "__n_positions__", f"must be >= 0; got {n_positions}")
+        del meta["__dim__"], meta["__n_positions__"]
         ids = arrays.pop("__ids__", None)
+        if ids is not None:
+            ids = _checked_ids(ids, n_positions)
+        # The family's _restore reads its typed state and validates it against these.
+        index._dim = dim
+        index._n_positions = n_positions
         index._restore(meta, arrays)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise IndexFormatError(f"{path} is corrupt: cannot restore the {family_name} index ({exc})") from None
-    index._dim = dim
-    index._n_positions = n_positions
-    index._ids = None if ids is None else np.asarray(ids, dtype=np.int64)
+    except IndexFormatError as exc:
+        raise IndexFormatError(f"{path} is corrupt: {family_name} index, {exc}") from None
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        # A family check that is not yet phrased as a field error; still never a half-load.
+        raise IndexFormatError(f"{path} is corrupt: cannot restore the {family_name} index "
+                               f"({type(exc).__name__}: {exc})") from None
+    index._ids = ids
+    index._id_to_pos = None
     return index
+
+
+def _checked_ids(ids: np.ndarray, n_positions: int) -> np.ndarray:
+    check_array(ids, "__ids__", np.int64, (n_positions,))
+    check_range(ids, "__ids__", 0, np.iinfo(np.int64).max)
+    require(np.unique(ids).size == ids.size, "__ids__", "external ids must be distinct")
+    return np.array(ids, dtype=np.int64)
 
 
 register_family("bruteforce", "annlib.indexes.bruteforce:BruteForce")

@@ -123,7 +123,11 @@ def write_index_file(
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), zlib.crc32(header_bytes) & 0xFFFFFFFF)
 
     folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    _remove_orphans(folder, path.name)
+    # The writer's pid is in the name, so a later save can tell an orphan of a killed writer
+    # from a file another live process is still writing.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
+    _OPEN_TEMPS.add(Path(tmp_name).name)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(prefix)
@@ -136,11 +140,54 @@ def write_index_file(
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
     except BaseException:
+        _OPEN_TEMPS.discard(Path(tmp_name).name)
         try:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
         raise
+    _OPEN_TEMPS.discard(Path(tmp_name).name)
+
+
+def _remove_orphans(folder: Path, name: str) -> None:
+    """Delete temporary files of earlier saves to ``name`` whose writer process is gone."""
+    try:
+        candidates = list(folder.glob(f".{glob_escape(name)}.*.tmp"))
+    except OSError:
+        return
+    for tmp in candidates:
+        parts = tmp.name[len(name) + 2:].split(".")
+        if not parts or not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        if pid != os.getpid() and _process_alive(pid):
+            continue
+        if pid == os.getpid() and tmp.name in _OPEN_TEMPS:
+            continue
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob metacharacters escaped."""
+    import glob
+
+    return glob.escape(text)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+_OPEN_TEMPS: set[str] = set()
 
 
 def read_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True) -> dict[str, Any]:
@@ -169,16 +216,20 @@ def read_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
         mismatch.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IndexFormatError(f"{path} is a folder, not an annlib index file")
     size = path.stat().st_size
     with open(path, "rb") as fh:
         raw_prefix = fh.read(_PREFIX.size)
-        if len(raw_prefix) < _PREFIX.size or not raw_prefix.startswith(MAGIC[:6]):
+        if len(raw_prefix) < _PREFIX.size or raw_prefix[:8] != MAGIC:
             raise IndexFormatError(f"{path} is not an annlib index file (bad magic bytes)")
         magic, version, header_len, header_crc = _PREFIX.unpack(raw_prefix)
-        if magic != MAGIC or version != FORMAT_VERSION:
-            raise IndexFormatError(
-                f"{path} has index format version {version}; this annlib reads version {FORMAT_VERSION}"
-            )
+        if version != FORMAT_VERSION:
+            if 0 < version < 1000:  # a plausible version number: a file of another release
+                raise IndexFormatError(
+                    f"{path} has index format version {version}; this annlib reads version {FORMAT_VERSION}"
+                )
+            raise IndexFormatError(f"{path} is corrupt: the format version field holds {version}")
         if _PREFIX.size + header_len > size:
             raise IndexFormatError(f"{path} is truncated: the header runs past the end of the file")
         header_bytes = fh.read(header_len)
@@ -199,6 +250,9 @@ def read_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
             shape, start, nbytes = tuple(entry["shape"]), payload_start + entry["offset"], entry["nbytes"]
         except (KeyError, TypeError, ValueError) as exc:
             raise IndexFormatError(f"{path} is corrupt: bad array entry ({exc})") from None
+        if (not isinstance(start, int) or not isinstance(nbytes, int) or entry["offset"] < 0 or nbytes < 0
+                or any(not isinstance(s, int) or s < 0 for s in shape) or not isinstance(name, str)):
+            raise IndexFormatError(f"{path} is corrupt: array entry {name!r} has a negative or non-integer field")
         if dtype.hasobject or int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != nbytes:
             raise IndexFormatError(f"{path} is corrupt: array {name!r} has inconsistent shape and size")
         if start + nbytes > size:

@@ -38,12 +38,31 @@ class Metric:
     normalize: bool
 
     def prepare(self, X: np.ndarray) -> np.ndarray:
-        """Return ``X`` as the kernels expect it (unit rows for cosine; zero rows stay zero)."""
+        """Return ``X`` as the kernels expect it (unit rows for cosine; zero rows stay zero).
+
+        Cosine rows are first divided by their largest entry, so the norm is computed on values
+        in [-1, 1]: no float32 overflow at 1e30 nor underflow at 1e-25.
+        """
         if not self.normalize:
             return X
-        norms = np.linalg.norm(X, axis=1, keepdims=True)
-        np.maximum(norms, np.float32(1e-30), out=norms)
-        return np.ascontiguousarray(X / norms, dtype=np.float32)
+        scale = np.abs(X).max(axis=1, keepdims=True)
+        scale[scale == 0] = 1.0  # zero rows stay zero
+        Y = X / scale
+        norms = np.sqrt(np.einsum("ij,ij->i", Y, Y))[:, None]
+        norms[norms == 0] = 1.0
+        Y /= norms
+        return np.ascontiguousarray(Y, dtype=np.float32)
+
+    def max_abs(self, dim: int) -> float:
+        """Largest entry magnitude whose distances stay finite in float32, in dimension ``dim``.
+
+        The kernels compute ``|q|^2 + |x|^2 - 2<q, x>`` (or ``<q, x>``) in float32; with every
+        entry at most ``sqrt(FLT_MAX / (8 dim))`` none of the terms can overflow. Cosine
+        normalises first, so any finite value is fine.
+        """
+        if self.normalize:
+            return float("inf")
+        return float(np.sqrt(np.finfo(np.float32).max / (8.0 * max(1, dim))))
 
     def to_distance(self, proxy: np.ndarray) -> np.ndarray:
         """Convert proxy values to public distances in place where possible (inf stays inf)."""
