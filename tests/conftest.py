@@ -30,6 +30,33 @@ def read_shared(name: str, n_queries: int | None = None, seed: int = 0):
     return train, test, neighbors, distances, metric
 
 
+def synthetic_set(n: int = 5000, d: int = 32, n_queries: int = 100, metric: str = "l2", k: int = 100,
+                  seed: int = 0, clusters: int = 50):
+    """A clustered synthetic set shaped like :func:`read_shared`'s result, with exact ground truth.
+
+    Gaussian clusters of unequal size and spread (closer to real embeddings than i.i.d. Gaussian
+    data), queries drawn from the same mixture, neighbours and distances computed in float64.
+    Returns ``(train, test, neighbors, distances, metric)``.
+    """
+    g = np.random.default_rng(seed)
+    centers = g.normal(size=(clusters, d)) * 3.0
+    weights = g.dirichlet(np.full(clusters, 0.7))
+    spread = g.uniform(0.5, 1.5, clusters)
+    lab = g.choice(clusters, n + n_queries, p=weights)
+    data = centers[lab] + g.normal(size=(n + n_queries, d)) * spread[lab, None]
+    train = data[:n].astype(np.float32)
+    test = data[n:].astype(np.float32)
+    k = min(k, n)
+    neighbors = np.empty((n_queries, k), np.int64)
+    distances = np.empty((n_queries, k), np.float32)
+    for lo in range(0, n_queries, 64):
+        D = true_distances(train, test[lo:lo + 64], metric)
+        order = np.argsort(D, axis=1, kind="stable")[:, :k]
+        neighbors[lo:lo + 64] = order
+        distances[lo:lo + 64] = np.take_along_axis(D, order, axis=1)
+    return train, test, neighbors, distances, metric
+
+
 def true_distances(train, Q, metric):
     """Exact public distances (DESIGN §3) in float64, shape (q, n)."""
     X = train.astype(np.float64)
