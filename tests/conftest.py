@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# ANNLIB_TEST_SHARED_DATA points the suite at another folder (a missing one runs it as a clone
+# without ../shared would).
+SHARED_DATA = Path(os.environ.get("ANNLIB_TEST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 SHARED_SETS = sorted(p.stem for p in SHARED_DATA.glob("*.hdf5")) if SHARED_DATA.is_dir() else []
 
 

@@ -32,7 +32,7 @@ from annlib.datasets import (
 from annlib.datasets.registry import RegistryEntry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared" / "data"
+from conftest import SHARED_DATA as SHARED  # noqa: E402
 SIFT10K = SHARED / "sift-128-euclidean-10k.hdf5"
 GLOVE200K = SHARED / "glove-50-angular-200k.hdf5"
 
