@@ -379,7 +379,7 @@ class Index:
             k = V.check_k(k, len(self))
             sp = self._validated_search_params(params) if params else self._default_search_params()
             mask = None if filter is None else V.check_filter(filter, self._n_positions, self._positions_of)
-            if threads is None:
+            if threads is None and config._process_threads is None:
                 proxy, pos = self._search_under_policy(Qp, k, mask, sp)
             else:
                 with config.threads(threads):

@@ -14,10 +14,18 @@ from typing import Iterator
 from ._validation import check_int
 from .kernels.threads import assume_blas_threads, blas_controllers, blas_limit
 
-__all__ = ["set_num_threads", "get_num_threads", "threads", "max_threads"]
+__all__ = ["set_num_threads", "get_num_threads", "threads", "max_threads", "process_threads"]
 
 _lock = threading.Lock()
 _blas_limiter = None  # threadpoolctl limiter kept alive so a global BLAS limit persists
+# numba's thread count is per Python thread; the process-wide setting is kept here and applied by
+# every annlib call in whichever thread it runs (None: never set, numba's own default applies).
+_process_threads: int | None = None
+
+
+def process_threads() -> int | None:
+    """The count set by :func:`set_num_threads`, or None when it was never called."""
+    return _process_threads
 
 
 def max_threads() -> int:
@@ -58,9 +66,10 @@ def set_num_threads(n: int) -> None:
     TypeError, ValueError
         ``n`` is not a positive integer.
     """
-    global _blas_limiter
+    global _blas_limiter, _process_threads
     n = min(check_int("n", n, 1), max(1, _numba().config.NUMBA_NUM_THREADS))
     with _lock:
+        _process_threads = n
         _numba().set_num_threads(n)
         _blas_limiter = _set_blas_threads(n)
         blas_controllers(refresh=True)  # pick up BLAS libraries loaded since the last call
@@ -71,12 +80,15 @@ def set_num_threads(n: int) -> None:
 def threads(n: int | None) -> Iterator[None]:
     """Context manager: run the enclosed block with ``n`` numba and BLAS threads, then restore.
 
-    ``n=None`` leaves the current settings untouched, so call sites can pass a per-call
-    ``threads=`` argument straight through.
+    ``n=None`` means the process setting of :func:`set_num_threads` (applied in this thread too:
+    numba counts threads per Python thread), or nothing to change when it was never set, so call
+    sites can pass a per-call ``threads=`` argument straight through.
     """
     if n is None:
-        yield
-        return
+        n = _process_threads
+        if n is None:
+            yield
+            return
     numba = _numba()
     n = min(check_int("threads", n, 1), max(1, numba.config.NUMBA_NUM_THREADS))
     previous = numba.get_num_threads()

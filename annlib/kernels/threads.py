@@ -32,45 +32,77 @@ def blas_controllers(refresh: bool = False) -> list:
     return _blas_libs
 
 
+# BLAS thread counts are process-wide, while blas_limit blocks run in many threads at once: the
+# blocks in flight are counted under one lock, BLAS runs the smallest count any of them asked for
+# (never more threads than a caller allowed), and the setting found before the first block is put
+# back when the last one leaves.
+_blas_lock = threading.Lock()
+_active: dict[int, int] = {}  # requested thread count -> blocks in flight asking for it
+_saved: list = []  # (controller, threads before the first block) of libraries this module changed
+
+
+def _apply_blas(n: int) -> None:
+    global _assumed
+    if _assumed == n:
+        return
+    saved = {id(lib) for lib, _ in _saved}
+    for lib in blas_controllers():
+        old = lib.get_num_threads()
+        if old != n:
+            if id(lib) not in saved:
+                _saved.append((lib, old))
+            lib.set_num_threads(n)
+    _assumed = n
+
+
 class blas_limit:
     """Context manager: every known BLAS library at ``n`` threads inside the block, then restore.
 
-    Per-call use must cost microseconds: when the last setting made through this module already
-    is ``n`` nothing is queried or changed; otherwise only libraries whose setting differs are
-    touched, through controllers found once.
+    Safe when blocks overlap in several threads (see the note above). Per-call use must cost
+    microseconds: when the setting already is ``n`` nothing is queried or changed; otherwise only
+    libraries whose setting differs are touched, through controllers found once.
     """
 
-    __slots__ = ("n", "changed", "outer")
+    __slots__ = ("n",)
 
     def __init__(self, n: int):
         self.n = n
-        self.changed = ()
-        self.outer = None
 
     def __enter__(self):
-        global _assumed
-        self.outer = _assumed
-        if _assumed == self.n:
-            return self
-        changed = [(lib, lib.get_num_threads()) for lib in blas_controllers()]
-        self.changed = [(lib, old) for lib, old in changed if old != self.n]
-        for lib, _ in self.changed:
-            lib.set_num_threads(self.n)
-        _assumed = self.n
+        with _blas_lock:
+            if not _active:
+                _saved.clear()
+            _active[self.n] = _active.get(self.n, 0) + 1
+            _apply_blas(min(_active))
         return self
 
     def __exit__(self, *exc):
         global _assumed
-        for lib, old in self.changed:
-            lib.set_num_threads(old)
-        _assumed = self.outer
+        with _blas_lock:
+            left = _active[self.n] - 1
+            if left:
+                _active[self.n] = left
+            else:
+                del _active[self.n]
+            if _active:
+                _apply_blas(min(_active))
+            else:
+                for lib, old in _saved:
+                    lib.set_num_threads(old)
+                if _saved:
+                    _assumed = None if len({old for _, old in _saved}) > 1 else _saved[0][1]
+                _saved.clear()
         return False
 
 
 def assume_blas_threads(n: int | None) -> None:
     """Record that every BLAS library now runs ``n`` threads (None: unknown, query next time)."""
     global _assumed
-    _assumed = n
+    with _blas_lock:
+        _assumed = n
+        if _active and n is not None:
+            # a process-wide setting made while blocks run is what the last block restores
+            _saved[:] = [(lib, n) for lib in blas_controllers()]
 
 
 def worker_pool(n: int) -> ThreadPoolExecutor:
