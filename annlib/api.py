@@ -144,6 +144,9 @@ class Index:
         self._id_to_pos: dict[int, int] | None = None
         # Searches share the lock; build/add/delete (and family writers) hold it alone.
         self._rw = ReadWriteLock()
+        # Search defaults set on this index (by the tuner or the user), saved with it.
+        self._search_overrides: dict[str, Any] = {}
+        self.tuning: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- hooks for families
     def _check_build_params(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -411,6 +414,33 @@ class Index:
             return self._exact_over(Q, k, np.flatnonzero(allowed))
         return self._search(Q, k, mask, **sp)
 
+    def exact_search(self, Q, k: int = 10, *, threads: int | None = None) -> SearchResult:
+        """Exact k nearest neighbours among the index's own stored vectors (deleted ones excluded).
+
+        The ground truth for this index: the tuner and tests compare ``search`` against it. For
+        families that keep full-precision vectors the distances are those ``search`` returns.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`search`.
+        """
+        self._require_built()
+        Q32, was_1d = V.as_vectors(Q, "Q", allow_1d=True, limit=self._metric.max_abs)
+        V.check_dim(Q32.shape[1], self._dim)
+        threads = V.check_threads(threads)
+        Qp = self._metric.prepare(Q32)
+        with self._rw.read(), config.threads(threads):
+            k = V.check_k(k, len(self))
+            live = self._live_mask()
+            rows = np.arange(self._n_positions, dtype=np.int64) if live is None else np.flatnonzero(live)
+            proxy, pos = self._exact_over(Qp, k, rows)
+            dist = self._metric.to_distance(proxy)
+            ids = self._external_ids(np.asarray(pos, dtype=np.int64))
+        if was_1d:
+            return SearchResult(ids[0], dist[0])
+        return SearchResult(ids, dist)
+
     def _forget_validated_params(self) -> None:
         # Search-parameter checks may depend on the index's size; redo them after it changes.
         self.__dict__.pop("_search_param_cache", None)
@@ -428,7 +458,7 @@ class Index:
         if hit is not None:
             return hit
         V.check_params(params, self.search_defaults, f"{type(self).__name__}.search()")
-        checked = self._check_search_params({**self.search_defaults, **params})
+        checked = self._check_search_params({**self.search_defaults, **self._search_overrides, **params})
         if key is not None and len(cache) < 256:
             cache[key] = checked
         return checked
@@ -436,9 +466,37 @@ class Index:
     def _default_search_params(self) -> dict[str, Any]:
         cached = self.__dict__.get("_cached_search_defaults")
         if cached is None:
-            cached = self._check_search_params(dict(self.search_defaults))
+            cached = self._check_search_params({**self.search_defaults, **self._search_overrides})
             self.__dict__["_cached_search_defaults"] = cached
         return cached
+
+    @property
+    def default_search_params(self) -> dict[str, Any]:
+        """The search parameters used when ``search`` is called without them.
+
+        The family's defaults, overridden by :meth:`set_default_search_params` (for example by
+        ``annlib.tune(..., apply=True)``); saved with the index.
+        """
+        return {**self.search_defaults, **self._search_overrides}
+
+    def set_default_search_params(self, **params: Any) -> None:
+        """Make ``params`` this index's default search parameters (saved with the index).
+
+        Parameters not named keep their current default; call with no arguments to return to
+        the family's own defaults.
+
+        Raises
+        ------
+        ValueError, TypeError
+            Unknown parameter names or values out of range (checked before anything changes).
+        """
+        self._require_built()
+        V.check_params(params, self.search_defaults, f"{type(self).__name__}.set_default_search_params()")
+        with self._rw.write():
+            overrides = {**self._search_overrides, **params} if params else {}
+            self._check_search_params({**self.search_defaults, **overrides})
+            self._search_overrides = overrides
+            self._forget_validated_params()
 
     def warmup(self) -> None:
         """Run tiny searches so JIT compilation is not counted in the first real query."""
@@ -571,6 +629,10 @@ class Index:
             if self._ids is not None:
                 arrays["__ids__"] = self._ids
             meta = {**meta, "__dim__": self._dim, "__n_positions__": self._n_positions}
+            if self._search_overrides:
+                meta["__search_defaults__"] = dict(self._search_overrides)
+            if self.tuning is not None:
+                meta["__tuning__"] = self.tuning
             io.write_index_file(
                 path, family=self.family, metric=self.metric, params=self.params,
                 meta=meta, arrays=arrays, library_version=__version__,
@@ -627,6 +689,8 @@ def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True) ->
         require(1 <= dim <= 1 << 24, "__dim__", f"must be in [1, 2^24]; got {dim}")
         require(0 <= n_positions < 1 << 40, "__n_positions__", f"must be >= 0; got {n_positions}")
         del meta["__dim__"], meta["__n_positions__"]
+        overrides = meta.pop("__search_defaults__", None) or {}
+        tuning = meta.pop("__tuning__", None)
         ids = arrays.pop("__ids__", None)
         if ids is not None:
             ids = _checked_ids(ids, n_positions)
@@ -634,6 +698,15 @@ def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True) ->
         index._dim = dim
         index._n_positions = n_positions
         index._restore(meta, arrays)
+        if overrides:
+            try:
+                require(isinstance(overrides, dict), "__search_defaults__", "expected a mapping")
+                V.check_params(overrides, index.search_defaults, "the saved search defaults")
+                index._check_search_params({**index.search_defaults, **overrides})
+            except (TypeError, ValueError) as exc:
+                raise bad_field("__search_defaults__", str(exc)) from None
+            index._search_overrides = dict(overrides)
+        index.tuning = tuning if isinstance(tuning, dict) else None
     except IndexFormatError as exc:
         raise IndexFormatError(f"{path} is corrupt: {family_name} index, {exc}") from None
     except (KeyError, TypeError, ValueError, IndexError) as exc:
