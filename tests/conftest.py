@@ -99,3 +99,68 @@ def blobs():
     X = (centers[g.integers(0, 20, 2000)] + g.normal(size=(2000, 24))).astype(np.float32)
     Q = (centers[g.integers(0, 20, 50)] + g.normal(size=(50, 24))).astype(np.float32)
     return X, Q
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-family helpers for the robustness, property, load-fuzz and concurrency suites.
+
+# Build parameters that keep every family fast on a few hundred points.
+SMALL_BUILD = {
+    "bruteforce": {},
+    "hnsw": {"M": 8, "ef_construction": 100, "random_state": 0},
+    "partitioned": {"random_state": 0},
+    "tpuknn": {},
+    "mahalanobis": {"copies": 4, "m": 16, "random_state": 0},
+}
+
+
+def family_metrics(family):
+    """Public metrics a family serves (MahalanobisSketch: only "l2" among the common ones)."""
+    return ["l2"] if family == "mahalanobis" else ["l2", "cosine", "ip"]
+
+
+def small_index(family, X, metric="l2", **kw):
+    """Build ``family`` on ``X`` with :data:`SMALL_BUILD` parameters (``kw`` overrides them)."""
+    import annlib
+
+    return annlib.Index.build(X, method=family, metric=metric, **{**SMALL_BUILD.get(family, {}), **kw})
+
+
+def exhaustive_search_params(index):
+    """Search parameters under which ``index`` examines every stored vector (exact answers)."""
+    n = max(1, index.n_positions)
+    return {
+        "hnsw": {"ef": max(64, n)},
+        "partitioned": {"leaves": n, "reorder": n},
+        "mahalanobis": {"reorder": n},
+        "tpuknn": {"recall_target": 1.0},
+    }.get(index.family, {})
+
+
+def assert_valid_rows(ids, dist, k, valid_ids=None, allow_padding=True, where=""):
+    """Check search output rows: shape, dtypes, ids valid and unique, -1 only as trailing padding
+    with +inf distances, distances ascending. ``valid_ids`` is a set or a callable id -> bool."""
+    ids = np.asarray(ids)
+    dist = np.asarray(dist)
+    assert ids.dtype == np.int64 and dist.dtype == np.float32, f"{where}: dtypes {ids.dtype}, {dist.dtype}"
+    assert ids.ndim == 2 and ids.shape[1] == k and dist.shape == ids.shape, f"{where}: shapes {ids.shape}, {dist.shape}"
+    for r in range(ids.shape[0]):
+        row, drow = ids[r], dist[r]
+        pad = row < 0
+        assert (row[pad] == -1).all(), f"{where}: row {r} has negative ids other than -1: {row}"
+        if pad.any():
+            assert allow_padding, f"{where}: row {r} padded with -1 although enough vectors exist: {row}"
+            first = int(np.argmax(pad))
+            assert pad[first:].all(), f"{where}: row {r} has -1 before a real id: {row}"
+            assert np.isinf(drow[pad]).all() and (drow[pad] > 0).all(), f"{where}: row {r} padding distance not +inf"
+        real = row[~pad]
+        assert len(set(real.tolist())) == real.size, f"{where}: row {r} repeats an id: {row}"
+        dr = drow[~pad].astype(np.float64)
+        assert np.isfinite(dr).all(), f"{where}: row {r} has a non-finite distance for a real id: {drow}"
+        if dr.size > 1:
+            slack = 1e-6 * np.maximum(np.abs(dr[:-1]), np.abs(dr[1:])) + 1e-30
+            assert (np.diff(dr) >= -slack).all(), f"{where}: row {r} distances not ascending: {drow}"
+        if valid_ids is not None:
+            check = valid_ids if callable(valid_ids) else valid_ids.__contains__
+            bad = [int(i) for i in real if not check(int(i))]
+            assert not bad, f"{where}: row {r} returns unknown ids {bad[:5]}"
