@@ -15,7 +15,6 @@ norm is ``+inf``, so their score is ``+inf`` and they are never selected.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -136,6 +135,9 @@ def _put(host: np.ndarray, sharding: NamedSharding):
 class DeviceDatabase:
     """The device copy of an index's vectors, blocked and sharded (see the module docstring).
 
+    Immutable once made: :meth:`appended` returns a new database, so a search holding this one
+    keeps a consistent copy whatever a writer does, and a failed append changes nothing.
+
     Parameters
     ----------
     vectors : ndarray float32 (n, d)
@@ -154,8 +156,14 @@ class DeviceDatabase:
         self.mesh = device_mesh(shards)
         self.dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
         self.layout = Layout.plan(vectors.shape[0], vectors.shape[1], self.mesh.devices.size, block)
-        self._lock = threading.Lock()
         self.vectors, self.terms = self._upload(vectors, half_sqnorms)
+
+    def _with(self, layout: "Layout", vectors, terms) -> "DeviceDatabase":
+        """A database on the same mesh and dtype with the given layout and device arrays."""
+        new = object.__new__(DeviceDatabase)
+        new.mesh, new.dtype = self.mesh, self.dtype
+        new.layout, new.vectors, new.terms = layout, vectors, terms
+        return new
 
     @property
     def sharding(self) -> NamedSharding:
@@ -165,37 +173,40 @@ class DeviceDatabase:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
 
-    def _upload(self, vectors, terms):
-        lay = self.layout
+    def _upload(self, vectors, terms, layout: "Layout | None" = None):
+        lay = self.layout if layout is None else layout
         host_x = lay.to_slot_order(np.asarray(vectors, dtype=self.dtype), 0)
-        return _put(host_x, self.sharding), self.put_terms(terms)
+        return _put(host_x, self.sharding), self.put_terms(terms, lay)
 
-    def put_terms(self, terms: np.ndarray):
+    def put_terms(self, terms: np.ndarray, layout: "Layout | None" = None):
         """Device copy of per-row score terms (n,), +inf on padding (also used for filters)."""
-        host_t = self.layout.to_slot_order(np.asarray(terms, dtype=np.float32), np.inf)
+        lay = self.layout if layout is None else layout
+        host_t = lay.to_slot_order(np.asarray(terms, dtype=np.float32), np.inf)
         return _put(host_t, self.sharding)
 
-    def append(self, vectors: np.ndarray, half_sqnorms: np.ndarray, all_vectors, all_terms) -> None:
-        """Append rows: written into the last block and the next ones when the capacity allows,
-        otherwise the database is re-laid out with more capacity (``all_*``: every row)."""
+    def appended(self, n_added: int, all_vectors: np.ndarray, all_terms: np.ndarray) -> "DeviceDatabase":
+        """A new database with the last ``n_added`` rows of ``all_vectors`` appended.
+
+        The rows go into the last block and the next ones when the capacity allows; otherwise
+        the new database is laid out again with more capacity. ``all_vectors`` (n, d) and
+        ``all_terms`` (n,) hold every row, old and new. This database is left as it is.
+        """
         lay = self.layout
-        n_new = lay.n + vectors.shape[0]
-        with self._lock:
-            if not lay.fits(n_new):
-                self.layout = Layout.plan(n_new, lay.dim, lay.shards, lay.block)
-                self.vectors, self.terms = self._upload(all_vectors, all_terms)
-                return
-            first, last = lay.n // lay.block, -(-n_new // lay.block)
-            blocks = np.arange(first, last)
-            rows = slice(first * lay.block, min(n_new, last * lay.block))
-            x = np.zeros(((last - first) * lay.block, lay.dim), dtype=self.dtype)
-            t = np.full((last - first) * lay.block, np.inf, dtype=np.float32)
-            x[: rows.stop - rows.start] = np.asarray(all_vectors[rows], dtype=self.dtype)
-            t[: rows.stop - rows.start] = all_terms[rows]
-            slots = jnp.asarray(lay.slots(blocks))
-            self.vectors = _set_blocks(self.vectors, slots, x.reshape(-1, lay.block, lay.dim))
-            self.terms = _set_blocks(self.terms, slots, t.reshape(-1, lay.block))
-            self.layout = Layout(n_new, lay.dim, lay.block, lay.shards, lay.capacity)
+        n_new = lay.n + n_added
+        if not lay.fits(n_new):
+            grown = Layout.plan(n_new, lay.dim, lay.shards, lay.block)
+            return self._with(grown, *self._upload(all_vectors, all_terms, grown))
+        first, last = lay.n // lay.block, -(-n_new // lay.block)
+        blocks = np.arange(first, last)
+        rows = slice(first * lay.block, min(n_new, last * lay.block))
+        x = np.zeros(((last - first) * lay.block, lay.dim), dtype=self.dtype)
+        t = np.full((last - first) * lay.block, np.inf, dtype=np.float32)
+        x[: rows.stop - rows.start] = np.asarray(all_vectors[rows], dtype=self.dtype)
+        t[: rows.stop - rows.start] = all_terms[rows]
+        slots = jnp.asarray(lay.slots(blocks))
+        vectors = _set_blocks(self.vectors, slots, x.reshape(-1, lay.block, lay.dim))
+        terms = _set_blocks(self.terms, slots, t.reshape(-1, lay.block))
+        return self._with(Layout(n_new, lay.dim, lay.block, lay.shards, lay.capacity), vectors, terms)
 
     def nbytes(self) -> int:
         """Bytes held on the devices (all shards)."""

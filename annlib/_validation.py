@@ -42,6 +42,8 @@ __all__ = [
     "check_rows",
     "check_supported_metric",
     "check_known_positions",
+    "quadratic_form_too_large",
+    "sketch_maps_overflow",
 ]
 
 
@@ -606,3 +608,22 @@ def check_known_positions(ids: np.ndarray, positions: np.ndarray, dead: np.ndarr
         missing = missing | (dead[np.maximum(positions, 0)] & (positions >= 0))
     if missing.any():
         raise ValueError(f"id {int(ids[np.flatnonzero(missing)[0]])} is not in the index")
+
+
+def quadratic_form_too_large(what: str, value: float, limit: float) -> ValueError:
+    """The error for a vector whose Mahalanobis norm ``x^T M x`` would overflow float32 sketches.
+
+    ``what`` names the vector (e.g. ``"X row 3"``); returned, for the caller to raise.
+    """
+    return ValueError(
+        f"{what} has x^T M x = {value:.3g}; MahalanobisSketch needs at most {limit:.3g}, or its "
+        f"float32 sketches and distances overflow. Rescale the vectors or the metric (distances "
+        f"scale with them)"
+    )
+
+
+def sketch_maps_overflow(name: str) -> ValueError:
+    """The error for a metric factor so large that the float32 sketch maps ``Pi U`` overflow."""
+    return ValueError(
+        f"{name} has entries so large that the float32 sketch maps overflow; rescale {name} "
+        f"(distances scale with it)"

@@ -1,7 +1,8 @@
 """MahalanobisSketch: estimate error, recall, updates == rebuild, adaptive queries, bad input.
 
-Real data from the shared sets (MNIST 784-d, MiniLM 384-d, SIFT 128-d) with a random PSD metric
-and learned ones (regularised inverse covariance; NCA on scikit-learn's digits). Everything runs
+Synthetic clustered sets (seeded, exact ground truth) with a random PSD metric and learned ones
+(regularised inverse covariance; NCA on scikit-learn's digits); the recall floors on the shared
+real sets (MNIST 784-d, MiniLM 384-d) run when ../shared/data is present. Everything runs
 single-threaded so that the timings of a shared 2-core machine stay predictable.
 """
 
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 
 import annlib
+from annlib.indexes.mahalanobis import QUADFORM_LIMIT
 from annlib.kernels.jl import pair_failure, sketch_size
-from annlib.kernels.sketch import median_estimate, rank_update
+from annlib.kernels.sketch import Sketches, median_estimate, rank_update
 
-from conftest import read_shared
+from conftest import read_shared, synthetic_set
 
 EPS, DELTA = 0.1, 0.05
 
@@ -29,6 +31,20 @@ def random_psd(d, seed, rank=None):
     g = np.random.default_rng(seed)
     A = g.normal(size=(d, rank or d)) / np.sqrt(d)
     return A @ A.T + (0.05 * np.eye(d) if rank is None else 0.0)
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    """4,000 x 96 clustered points and 40 queries (seeded)."""
+    X, Q, *_ = synthetic_set(n=4000, d=96, n_queries=40, seed=1)
+    return X, Q
+
+
+@pytest.fixture(scope="module")
+def clustered_small():
+    """3,000 x 64 clustered points and 40 queries with a different seed."""
+    X, Q, *_ = synthetic_set(n=3000, d=64, n_queries=40, seed=2, clusters=20)
+    return X, Q
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +91,10 @@ def test_median_estimate_and_rank_update_match_numpy(rng):
     Q = rng.normal(size=(9, d)).astype(np.float32)
     S = np.ascontiguousarray(np.einsum("jad,nd->jan", P, X), dtype=np.float32)
     sn = np.einsum("jan,jan->jn", S, S).astype(np.float32)
+    sk = Sketches(P, S, sn, np.zeros((L, m, 0), np.float32))
     for R in (1, 3, 5):
         sel = np.array([rng.choice(L, R, replace=False) for _ in range(len(Q))])
-        got = median_estimate(Q, P, S, sn, sel, query_block=4, db_block=64)
+        got = median_estimate(Q, sk, sel, query_block=4, db_block=64)
         ref = np.empty_like(got)
         for r, q in enumerate(Q):
             per = [((P[j] @ (q - X).T) ** 2).sum(0) for j in sel[r]]
@@ -99,7 +116,8 @@ def _metrics(name, X):
     return inverse_covariance(X)
 
 
-@pytest.mark.parametrize("data, metric", [("mnist", "random"), ("minilm", "random"), ("minilm", "invcov")])
+@pytest.mark.parametrize("data, metric", [("clustered", "random"), ("clustered_small", "random"),
+                                          ("clustered_small", "invcov")])
 def test_estimates_within_eps(request, data, metric):
     """At least 1 - delta of the estimates are within (1 +- eps): pooled over three seeds.
 
@@ -117,8 +135,8 @@ def test_estimates_within_eps(request, data, metric):
     assert worse > DELTA + 0.01
 
 
-def test_exact_distances_match_numpy(mnist):
-    X, Q = mnist
+def test_exact_distances_match_numpy(clustered):
+    X, Q = clustered
     M = random_psd(X.shape[1], 4, rank=50)  # low rank: the eigen-factor keeps 50 rows
     index = annlib.MahalanobisSketch(M=M, random_state=0).build(X[:2000])
     assert index.U.shape == (50, X.shape[1])
@@ -137,6 +155,15 @@ def recall_at_10(index, Q, reorder=100):
     return float(np.mean(np.take_along_axis(true, ids, 1) <= kth[:, None] + 1e-3))
 
 
+def test_search_recall_synthetic(clustered, clustered_small):
+    X, Q = clustered
+    assert recall_at_10(annlib.Index.build(X, method="mahalanobis", M=random_psd(96, 5), random_state=0), Q) >= 0.95
+    X2, Q2 = clustered_small
+    index = annlib.MahalanobisSketch(M=inverse_covariance(X2), random_state=0).build(X2)
+    assert recall_at_10(index, Q2, reorder=300) >= 0.95
+
+
+@pytest.mark.shared_data
 def test_search_recall_random_and_learned(mnist, minilm):
     X, Q = mnist
     assert recall_at_10(annlib.Index.build(X, method="mahalanobis", M=random_psd(784, 5), random_state=0), Q) >= 0.95
@@ -171,7 +198,7 @@ def test_nca_metric_on_digits():
 def test_updates_equal_a_fresh_build_with_the_same_randomness(tmp_path, deferred):
     """deferred = 0 sweeps every update into the sketches; 2 holds the first back, sweeps it with
     the second and keeps the third pending; 8 keeps all of them pending (queries fold them in)."""
-    X, Q, *_ = read_shared("sift-128-euclidean-10k", n_queries=20)
+    X, Q, *_ = synthetic_set(n=3200, d=128, n_queries=20, seed=3)
     X, extra = X[:3000], X[3000:3200]
     g = np.random.default_rng(9)
     M = random_psd(128, 6)
@@ -189,13 +216,14 @@ def test_updates_equal_a_fresh_build_with_the_same_randomness(tmp_path, deferred
     X_now[[5, 17]] = extra[:2]
     X_now[3090] = extra[150]
     fresh = annlib.MahalanobisSketch(U=index.U, copies=6, m=index.sketch_size, random_state=11).build(X_now[live])
-    assert index._pend == {0: 0, 2: 2, 8: 5}[deferred]
-    scale = np.abs(fresh._S).max()
-    np.testing.assert_allclose(index._sketches()[:, :, live], fresh._sketches(), atol=2e-5 * scale)
-    np.testing.assert_allclose(index._sn[:, live], fresh._sn, rtol=1e-4)
-    np.testing.assert_allclose(index._P, fresh._P, atol=2e-5 * np.abs(fresh._P).max())
+    st, fst = index._st, fresh._st
+    assert st.pending == {0: 0, 2: 2, 8: 5}[deferred]
+    scale = np.abs(fst.sketches).max()
+    np.testing.assert_allclose(st.current_sketches()[:, :, live], fst.current_sketches(), atol=2e-5 * scale)
+    np.testing.assert_allclose(st.sketch_sqnorms[:, live], fst.sketch_sqnorms, rtol=1e-4)
+    np.testing.assert_allclose(st.maps, fst.maps, atol=2e-5 * np.abs(fst.maps).max())
     np.testing.assert_allclose(index.M, fresh.M, rtol=1e-10, atol=1e-10 * np.abs(fresh.M).max())
-    np.testing.assert_allclose(index._xmx[live], fresh._xmx, rtol=1e-9)
+    np.testing.assert_allclose(st.quadforms[live], fst.quadforms, rtol=1e-9)
     assert len(index) == live.sum()
     ids, dist = index.search(Q, 10)
     assert not np.isin(ids, [3, 3050]).any()
@@ -266,11 +294,11 @@ def test_adaptive_queries_keep_the_bound_and_break_a_fixed_sketch():
 
     This adversary learns the copies behind the previous answer; it can only exploit them, so its
     success is at most delta plus the chance that most of the next query's copies were among those
-    (``P_overlap``: 7.1% for 16 copies and 3 votes). SIFT descriptors are projected to 24 PCA
+    (``P_overlap``: 7.1% for 16 copies and 3 votes). Clustered 128-d points are projected to 24 PCA
     dimensions so that one answer (2,000 distances) determines a 24-d quadratic form.
     """
-    X, *_ = read_shared("sift-128-euclidean-10k")
-    X = X[:2000].astype(np.float64)
+    X, *_ = synthetic_set(n=2000, d=128, n_queries=1, seed=4)
+    X = X.astype(np.float64)
     X -= X.mean(0)
     basis = np.linalg.svd(X, full_matrices=False)[2][:24]
     X = (X @ basis.T / 10).astype(np.float32)
@@ -337,11 +365,169 @@ def test_bad_input_raises_clearly_and_changes_nothing(rng):
     index.delete([4])
     with pytest.raises(ValueError, match="id 4 is not in the index"):
         index.update_point(4, X[0])
-    with pytest.raises(ValueError, match="id 4 is not in the index"):
+    with pytest.raises(ValueError, match="id 4 was already deleted; nothing was deleted"):
         index.delete([4])
+    with pytest.raises(ValueError, match="id 4 was already deleted"):
+        index.delete([5, 4])  # the rule of every family: all or nothing
+    assert not index._is_deleted(np.array([5]))[0]
     with pytest.raises(ValueError, match="id 4 is not in the index"):
         index.estimate(X[0], ids=[1, 4])
     after = (index.estimate(X[:3])[:, keep], index.U, index.M)
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
     assert np.isinf(index.estimate(X[:3])[:, 4]).all() and len(index) == 299
+
+
+# ----------------------------------------------------------------------------- magnitudes (issue 9, item 6)
+def test_huge_vectors_with_a_large_metric_are_refused_not_inf(rng):
+    """Entries just under the base's float32 limit times a large M would overflow the float32
+    sketches (x^T M x ~ 1e43): every entry point refuses them with a clear error and changes
+    nothing, and data just inside the limit returns finite, exact distances."""
+    d = 8
+    limit = annlib.api.get_metric("l2").max_abs(d)
+    X = rng.normal(size=(300, d)).astype(np.float32)
+    M = random_psd(d, 2) * 1e6
+    huge = np.full((2, d), 0.9 * limit, np.float32)
+    MS = annlib.MahalanobisSketch
+    with pytest.raises(ValueError, match=r"X row 0 has x\^T M x = .*MahalanobisSketch needs at most 3.3"):
+        MS(M=M, random_state=0).build(huge)
+    index = MS(M=M, random_state=0).build(X)
+    before = index.search(X[:5], 5)
+    with pytest.raises(ValueError, match=r"X row 1 has x\^T M x"):
+        index.add(np.concatenate([X[:1], huge[:1]]))
+    with pytest.raises(ValueError, match=r"X row 0 has x\^T M x"):
+        index.update_point(3, huge[0])
+    for call in (index.search, index.estimate, index.exact_distances):
+        with pytest.raises(ValueError, match=r"Q row 1 has x\^T M x"):
+            call(np.concatenate([X[:1], huge[:1]]))
+    # a metric update under which a stored point would overflow is refused before any change
+    big = X.copy()
+    big[7] *= np.sqrt(0.25 * QUADFORM_LIMIT / float(big[7].astype(np.float64) @ M @ big[7]))
+    index2 = MS(M=M, random_state=0, deferred=0).build(big)
+    state = index2._st
+    with pytest.raises(ValueError, match="under the updated metric, the point at position 7"):
+        index2.update_metric(np.full(d, 1e5))
+    assert index2._st is state and index2.U.shape[0] == state.factor.shape[0]
+    # a factor so large that the float32 maps overflow
+    with pytest.raises(ValueError, match="U has entries so large that the float32 sketch maps overflow"):
+        MS(U=np.eye(d) * 1e39, random_state=0).build(X * np.float32(1e-30))
+    after = index.search(X[:5], 5)
+    np.testing.assert_array_equal(after.ids, before.ids)
+    assert len(index) == 300
+    # the largest accepted magnitudes give finite, exact distances
+    scale = np.sqrt(QUADFORM_LIMIT / 4 / max(float(x @ M @ x) for x in X.astype(np.float64)))
+    Xs = (X * scale).astype(np.float32)
+    ok = MS(M=M, random_state=0).build(Xs)
+    ids, dist = ok.search(Xs[:5], 5)
+    assert np.isfinite(dist).all() and (ids >= 0).all()
+    np.testing.assert_allclose(dist, np.take_along_axis(ok.exact_distances(Xs[:5]), ids, 1), rtol=1e-5)
+    assert np.isfinite(ok.estimate(Xs[:5])).all()
+
+
+# ----------------------------------------------------------------------------- ownership (item 4)
+def test_metric_and_vectors_are_copied(rng, tmp_path):
+    """Changing the caller's M, U or X after the call does not change the index; read-only and
+    read-only memory-mapped inputs work for build, add and update_point."""
+    d = 6
+    X = rng.normal(size=(400, d)).astype(np.float32)
+    M = random_psd(d, 3)
+    U = np.linalg.cholesky(M).T.copy()  # float64, C-contiguous: the kind of array that aliases
+    by_m = annlib.MahalanobisSketch(M=M, random_state=0)
+    by_u = annlib.MahalanobisSketch(U=U, random_state=0)
+    M0, U0 = M.copy(), U.copy()
+    M *= 5.0
+    U *= 5.0
+    np.testing.assert_array_equal(by_m.M, M0)
+    np.testing.assert_array_equal(by_u.U, U0)
+    by_u.build(X)
+    Q = X[:3].copy()
+    want = by_u.exact_distances(Q)
+    X *= 3.0
+    np.testing.assert_array_equal(by_u.exact_distances(Q), want)
+    U *= 2.0
+    by_u.update_metric(np.ones(d), row=0)  # a row update reads the index's own U only
+    U0[0] += 1.0
+    np.testing.assert_allclose(by_u.U, U0, rtol=1e-12)
+    # read-only and memory-mapped inputs
+    ro = np.ascontiguousarray(X / 3.0)
+    ro.setflags(write=False)
+    path = tmp_path / "x.f32"
+    ro.tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode="r", shape=ro.shape)
+    for data in (ro, mapped):
+        index = annlib.MahalanobisSketch(M=M0, random_state=0).build(data)
+        index.add(data[:5])
+        index.update_point([0, 1], data[5:7])
+        index.update_metric(np.ones(d))
+        ids, _ = index.search(data[10:12], 3)
+        assert ids[:, 0].tolist() == [10, 11]
+    assert not ro.flags.writeable
+
+
+# ----------------------------------------------------------------------------- delete, seeds, progress, filters
+def test_delete_twice_raises_and_changes_nothing(rng):
+    X = rng.normal(size=(200, 5)).astype(np.float32)
+    index = annlib.MahalanobisSketch(random_state=0).build(X, ids=np.arange(1000, 1200))
+    index.delete([1003, 1004, 1003])  # repeated within one call: removed once
+    assert len(index) == 198
+    with pytest.raises(ValueError, match="id 1004 was already deleted; nothing was deleted"):
+        index.delete([1010, 1004])
+    assert len(index) == 198 and not index._is_deleted(np.array([10]))[0]
+    index.delete([])
+    assert len(index) == 198
+    ids, _ = index.search(X[3], 3)
+    assert 1003 not in ids.tolist() and 1004 not in ids.tolist()
+    est = index.estimate(X[:2])
+    assert np.isinf(est[:, [3, 4]]).all() and np.isfinite(np.delete(est, [3, 4], axis=1)).all()
+
+
+def test_seed_is_the_saved_random_state(rng, tmp_path):
+    """A Generator is accepted; params["random_state"] is the one seed, saved and reloaded; a file
+    whose seed copy disagrees with its parameters is refused."""
+    X = rng.normal(size=(300, 6)).astype(np.float32)
+    a = annlib.MahalanobisSketch(random_state=np.random.default_rng(5)).build(X)
+    seed = a.params["random_state"]
+    assert isinstance(seed, int) and a.seed == seed
+    b = annlib.MahalanobisSketch(random_state=seed).build(X)
+    np.testing.assert_array_equal(a.estimate(X[:4]), b.estimate(X[:4]))
+    a.save(tmp_path / "a.annlib")
+    loaded = annlib.load(tmp_path / "a.annlib")
+    assert loaded.params["random_state"] == seed
+    for index in (a, loaded):
+        index.update_metric(np.arange(6.0), row=2)
+    np.testing.assert_array_equal(a.estimate(X[:4]), loaded.estimate(X[:4]))
+    none_seeded = annlib.MahalanobisSketch().build(X)
+    assert isinstance(none_seeded.params["random_state"], int)
+
+
+def test_progress_reports_every_copy(rng):
+    X = rng.normal(size=(100, 4)).astype(np.float32)
+    calls = []
+    index = annlib.MahalanobisSketch(copies=5, votes=3, random_state=0).build(X, progress=lambda *a: calls.append(a))
+    assert calls == [(j, 5) for j in range(1, 6)]
+    calls.clear()
+    index.add(X[:3], progress=lambda *a: calls.append(a))
+    assert calls[-1] == (5, 5)
+
+
+def test_small_filters_are_scored_exactly(rng):
+    """A filter that leaves no more points than the candidate list is scored exactly (the base's
+    scan policy); the result equals the exact top-k under the metric, also through exact_search."""
+    X = rng.normal(size=(1500, 12)).astype(np.float32)
+    Q = rng.normal(size=(7, 12)).astype(np.float32)
+    M = random_psd(12, 9)
+    index = annlib.MahalanobisSketch(M=M, random_state=0).build(X)
+    index.delete([0, 1, 2])
+    allowed = np.array([0, 5, 9, 33, 200, 999, 1400, 1499])
+    ids, dist = index.search(Q, 4, filter=allowed, reorder=20)
+    live = allowed[1:]  # 0 is deleted
+    true = index.exact_distances(Q, ids=live)
+    order = np.argsort(true, axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(ids, live[order])
+    np.testing.assert_allclose(dist, np.take_along_axis(true, order, 1), rtol=1e-5)
+    ids2, dist2 = index.search(Q, 4, filter=allowed, reorder=5)  # 7 allowed > 5: the sketch path
+    assert np.isin(ids2, live).all()
+    np.testing.assert_allclose(dist2, np.take_along_axis(index.exact_distances(Q), ids2, 1), rtol=1e-5)
+    exact = index.exact_search(Q, 5)
+    full = index.exact_distances(Q)
+    np.testing.assert_allclose(exact.distances, np.sort(full, axis=1)[:, :5], rtol=1e-5)

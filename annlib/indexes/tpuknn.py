@@ -8,25 +8,101 @@ re-scoring) and hands the search to :mod:`annlib.accel.tpuknn`, imported on firs
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .. import _validation as V
+from .._progress import progress_reporter
+from .._state import check_array, check_finite, check_range, require, take_array
 from ..api import Index
+from ..config import get_num_threads
 from ..kernels.blockwise import exact_search
 from ..kernels.distances import rows_proxy, sqnorms
-from ..metrics import PROXY_L2SQ
+from ..metrics import PROXY_L2SQ, Metric
 
-__all__ = ["TPUKNN"]
+__all__ = ["TPUKNN", "TPUKNNState"]
 
 DTYPES = ["float32", "bfloat16"]
 
 
-def _done(progress: Any) -> None:
-    """Build and add are one step each: report it to a progress callable."""
-    if callable(progress) and not isinstance(progress, bool):
-        progress(1, 1)
+@dataclass
+class TPUKNNState:
+    """The host side of a built :class:`TPUKNN` (the device copy is made from it when needed).
+
+    Attributes
+    ----------
+    vectors : float32 (n, d), C-contiguous
+        The metric-prepared vectors (unit rows for cosine), owned by the index: saved, searched
+        by the CPU's exact path, and used to re-score the device's candidates in float32.
+    sqnorms : float32 (n,)
+        Their squared norms (the per-row score term is half of them for squared L2).
+    """
+
+    vectors: np.ndarray
+    sqnorms: np.ndarray
+
+    @classmethod
+    def of(cls, X: np.ndarray) -> "TPUKNNState":
+        """The state holding ``X`` (kept, not copied: the caller hands over an owned array)."""
+        return cls(X, sqnorms(X))
+
+    def appended(self, X: np.ndarray) -> "TPUKNNState":
+        """A new state with the rows of ``X`` appended (this one is left as it is)."""
+        return TPUKNNState(np.concatenate([self.vectors, X]), np.concatenate([self.sqnorms, sqnorms(X)]))
+
+    def terms(self, proxy: int) -> np.ndarray:
+        """Per-row score term: ``||x||^2 / 2`` for squared L2, 0 for inner product."""
+        if proxy == PROXY_L2SQ:
+            return (self.sqnorms * np.float32(0.5)).astype(np.float32)
+        return np.zeros(self.sqnorms.shape[0], dtype=np.float32)
+
+    def to_file(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(metadata, arrays) for :func:`annlib.io.write_index_file`."""
+        return {}, {"vectors": self.vectors, "sqnorms": self.sqnorms}
+
+    @classmethod
+    def from_file(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "TPUKNNState":
+        """Read the state back (types only; :meth:`validate` checks the invariants).
+
+        Raises
+        ------
+        IndexFormatError
+            A missing array, or one of the wrong dtype or rank.
+        """
+        return cls(take_array(arrays, "vectors", np.float32, 2), take_array(arrays, "sqnorms", np.float32, 1))
+
+    def validate(self, dim: int, n_positions: int, metric: Metric) -> None:
+        """Check every invariant the host kernels and the device copy rely on; run on every load.
+
+        Raises
+        ------
+        IndexFormatError
+            Names the field: shapes that disagree with ``dim``/``n_positions``, NaN/inf,
+            entries beyond the metric's float32 range, norms that are not the vectors' norms,
+            or (cosine) rows that are not unit vectors.
+        """
+        n = n_positions
+        check_array(self.vectors, "vectors", np.float32, (n, dim))
+        check_array(self.sqnorms, "sqnorms", np.float32, (n,))
+        check_finite(self.vectors, "vectors")
+        limit = metric.max_abs(dim)
+        if np.isfinite(limit):  # larger entries make the float32 scores overflow
+            check_range(self.vectors, "vectors", -limit, limit)
+        check_finite(self.sqnorms, "sqnorms")
+        # Altered norms would silently mis-rank every squared-L2 search (they are the score
+        # terms); recomputing them is one pass over the vectors, like the finiteness check.
+        fresh = sqnorms(self.vectors)
+        if n:
+            worst = int(np.argmax(np.abs(self.sqnorms - fresh) - 1e-3 * fresh))
+            got, want = float(self.sqnorms[worst]), float(fresh[worst])
+            require(abs(got - want) <= 1e-3 * want + 1e-30, "sqnorms",
+                    f"entry {worst} is {got:.6g} but the vector's squared norm is {want:.6g}")
+            if metric.normalize:
+                bad = (np.abs(fresh - 1.0) > 1e-3) & (fresh > 1e-6)
+                require(not bad.any(), "vectors",
+                        f"row {int(np.argmax(bad))} of a cosine index is not a unit vector")
 
 
 class TPUKNN(Index):
@@ -68,6 +144,10 @@ class TPUKNN(Index):
     queries for data whose order is unrelated to the queries; a database sorted by cluster is
     fine (strided bins spread runs), one periodic with period ``L`` is not. JAX uses its own
     thread pool: ``threads=`` only limits the re-scoring.
+    The index keeps its own copy of the vectors: changing the array given to ``build`` or
+    ``add`` afterwards does not change it, and read-only arrays (also ``np.memmap``) are accepted.
+    Concurrency: searches run together; ``add`` waits for them and they for it, and the device
+    copy is replaced, never modified, so a search always scores one consistent database.
 
     Examples
     --------
@@ -86,10 +166,9 @@ class TPUKNN(Index):
 
     def __init__(self, metric: str = "l2", **params: Any):
         super().__init__(metric=metric, **params)
-        self._X: np.ndarray | None = None
-        self._sqnorm: np.ndarray | None = None
-        self._db = None  # annlib.accel.sharding.DeviceDatabase, made on first need
-        self._db_lock = threading.Lock()
+        self._st: TPUKNNState | None = None
+        self._db = None  # annlib.accel.sharding.DeviceDatabase of self._st, made on first need
+        self._db_lock = threading.Lock()  # searches (readers) may race to make it after a load
 
     # ----------------------------------------------------------------- parameters
     def _check_build_params(self, params):
@@ -106,90 +185,95 @@ class TPUKNN(Index):
         return params
 
     # ----------------------------------------------------------------- state
-    def _terms(self, X=None, norms=None) -> np.ndarray:
-        """Per-row score term: ||x||^2 / 2 for squared L2, 0 for inner product."""
-        norms = self._sqnorm if norms is None else norms
-        if self._metric.proxy == PROXY_L2SQ:
-            return (norms * np.float32(0.5)).astype(np.float32)
-        return np.zeros(norms.shape[0], dtype=np.float32)
-
-    def _make_db(self, X: np.ndarray, norms: np.ndarray):
+    def _make_db(self, st: TPUKNNState):
         from ..accel.sharding import DeviceDatabase
 
-        return DeviceDatabase(X, self._terms(norms=norms), dtype=self.params["dtype"],
+        return DeviceDatabase(st.vectors, st.terms(self._metric.proxy), dtype=self.params["dtype"],
                               shards=self.params["shards"])
 
     def _device_db(self):
         """The device copy of the vectors (made again on first use after load)."""
         with self._db_lock:
             if self._db is None:
-                self._db = self._make_db(self._X, self._sqnorm)
+                self._db = self._make_db(self._st)
             return self._db
 
     def _build(self, X: np.ndarray, progress: Any) -> None:
-        norms = sqnorms(X)
-        db = self._make_db(X, norms)  # raises (e.g. too many shards) before anything changes
-        self._X, self._sqnorm, self._db = X, norms, db
-        _done(progress)
+        with progress_reporter(progress, 1, desc="TPUKNN build", unit="step") as report:
+            st = TPUKNNState.of(X)
+            db = self._make_db(st)  # raises (e.g. too many shards) before anything changes
+            report(1)
+        self._st, self._db = st, db
 
     def _add(self, X: np.ndarray, progress: Any) -> None:
-        # New arrays first, then swap, so a failure leaves the index as it was.
-        norms = sqnorms(X)
-        new_X = np.concatenate([self._X, X])
-        new_norms = np.concatenate([self._sqnorm, norms])
-        if self._db is not None:
-            self._db.append(X, self._terms(norms=norms), new_X, self._terms(norms=new_norms))
-        self._X, self._sqnorm = new_X, new_norms
-        _done(progress)
+        # New host state and device copy first, then swap both: a failure changes nothing, and
+        # the old device copy is never modified.
+        with progress_reporter(progress, 1, desc="TPUKNN add", unit="step") as report:
+            st = self._st.appended(X)
+            db = self._db
+            if db is not None:
+                db = db.appended(X.shape[0], st.vectors, st.terms(self._metric.proxy))
+            report(1)
+        self._st, self._db = st, db
 
     def _state(self):
-        return {}, {"vectors": self._X, "sqnorms": self._sqnorm}
+        return self._st.to_file()
 
     def _restore(self, meta, arrays) -> None:
-        X, norms = arrays["vectors"], arrays["sqnorms"]
-        if X.ndim != 2 or norms.shape != (X.shape[0],):
-            raise ValueError("vectors and sqnorms do not match")
-        self._X, self._sqnorm, self._db = X, norms, None
+        st = TPUKNNState.from_file(meta, arrays)
+        st.validate(self._dim, self._n_positions, self._metric)
+        self._st, self._db = st, None
 
     def memory_bytes(self) -> int:
         """Bytes of the host arrays plus the device copy of the vectors."""
-        host = super().memory_bytes()
-        return host + (self._db.nbytes() if self._db is not None else 0)
+        self._require_built()
+        with self._rw.read():
+            host = sum(int(a.nbytes) for a in self._st.to_file()[1].values())
+            ids = 0 if self._ids is None else int(self._ids.nbytes)
+            return host + ids + (self._db.nbytes() if self._db is not None else 0)
 
     # ----------------------------------------------------------------- search
     def _search(self, Q: np.ndarray, k: int, mask: np.ndarray | None, recall_target: float):
         from ..accel import tpuknn as accel
         from ..accel.sharding import backend_platform
 
-        n = self._X.shape[0]
-        allowed = n if mask is None else int(np.count_nonzero(mask))
+        st = self._st
+        allowed = st.vectors.shape[0] if mask is None else int(np.count_nonzero(mask))
         if allowed == 0:
             return np.full((Q.shape[0], k), np.inf, np.float32), np.full((Q.shape[0], k), -1, np.int64)
         mode = accel.choose_mode(allowed, k, recall_target)
+        proxy = self._metric.proxy
         if mode == "exact" and backend_platform() == "cpu":
             # The CPU's exact path is BruteForce's kernel: same results, faster than XLA's sort.
-            return self._exact_host(Q, k, mask, allowed)
+            return exact_search(Q, st.vectors, st.sqnorms, k, proxy, mask, workers=get_num_threads())
         db = self._device_db()
         terms = None
         if mask is not None:
-            terms = db.put_terms(np.where(mask, self._terms(), np.float32(np.inf)))
+            terms = db.put_terms(np.where(mask, st.terms(proxy), np.float32(np.inf)))
         _, rows = accel.search(db, Q, k, recall_target, terms=terms, mode=mode, n_effective=allowed)
         # Exact float32 re-scoring of the k survivors, as BruteForce returns them.
-        dist = rows_proxy(Q, self._X, rows, self._metric.proxy)
+        dist = rows_proxy(Q, st.vectors, rows, proxy)
         order = np.argsort(dist, axis=1, kind="stable")
         return np.take_along_axis(dist, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
-    def _exact_host(self, Q, k, mask, allowed):
-        proxy = self._metric.proxy
-        if mask is None or allowed * 4 > mask.shape[0]:
-            return exact_search(Q, self._X, self._sqnorm, k, proxy, mask)
-        rows = np.flatnonzero(mask)  # few rows allowed: search only those
-        kk = min(k, allowed)
-        dist, pos = exact_search(Q, np.ascontiguousarray(self._X[rows]), self._sqnorm[rows], kk, proxy)
-        out_d = np.full((Q.shape[0], k), np.inf, np.float32)
-        out_i = np.full((Q.shape[0], k), -1, np.int64)
-        out_d[:, :kk], out_i[:, :kk] = dist, np.where(pos >= 0, rows[np.maximum(pos, 0)], -1)
-        return out_d, out_i
+    def _scan_is_cheaper(self, n_allowed: int, k: int, params: dict[str, Any]) -> bool:
+        # Where the exact path runs on the host (CPU backend), a filter that leaves few rows is
+        # answered by scanning only those rows rather than the whole database with a mask.
+        from ..accel import tpuknn as accel
+        from ..accel.sharding import backend_platform
+
+        return (n_allowed * 4 <= self._n_positions
+                and accel.choose_mode(n_allowed, k, params["recall_target"]) == "exact"
+                and backend_platform() == "cpu")
+
+    def _vectors_at(self, positions: np.ndarray) -> np.ndarray:
+        return self._st.vectors[positions]
+
+    def _exact_over(self, Q: np.ndarray, k: int, rows: np.ndarray):
+        if rows.size == self._n_positions:  # every row: scan the stored arrays, no gathered copy
+            st = self._st
+            return exact_search(Q, st.vectors, st.sqnorms, k, self._metric.proxy, workers=get_num_threads())
+        return super()._exact_over(Q, k, rows)
 
     @classmethod
     def _search_space(cls, n, dim):

@@ -22,7 +22,7 @@ block, whatever mix of copies the queries chose.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numba
 import numpy as np
@@ -32,6 +32,8 @@ from .distances import sqnorms
 from .topk import heap_push, new_heaps, sort_heaps
 
 __all__ = [
+    "Sketches",
+    "QueryBlock",
     "sketch_points",
     "column_sqnorms",
     "quadratic_forms",
@@ -59,9 +61,51 @@ MAX_QUERY_BLOCK = 2048
 DB_BLOCK = 4096
 
 
+class Sketches(NamedTuple):
+    """The stored arrays a query is scored against (the layout of the module docstring).
+
+    Attributes
+    ----------
+    maps : float32 (L, m, d)
+        ``P_j`` per copy.
+    sketches : float32 (L, m + e, n)
+        Sketches as columns; rows ``m ..`` hold the coefficients of pending updates.
+    sqnorms : float32 (L, n)
+        Current squared norms of the sketches (pending updates included).
+    pending : float32 (L, m, r)
+        Projection columns of the ``r <= e`` pending updates (``r = 0``: none).
+    """
+
+    maps: np.ndarray
+    sketches: np.ndarray
+    sqnorms: np.ndarray
+    pending: np.ndarray
+
+
+class QueryBlock(NamedTuple):
+    """One block of sketched queries against one database block (an argument of the numba folds).
+
+    Attributes
+    ----------
+    products : float32 (rows, bn)
+        Inner products of the block's sketched query rows with the block's sketches.
+    row_of : int64 (bq, R)
+        Row of ``products`` holding query ``r``'s copy ``s``.
+    copy_of : int64 (rows,)
+        Copy of each row of ``products``.
+    query_sqnorms : float32 (rows,)
+        Squared norms of the sketched query rows.
+    """
+
+    products: np.ndarray
+    row_of: np.ndarray
+    copy_of: np.ndarray
+    query_sqnorms: np.ndarray
+
+
 # ----------------------------------------------------------------------------- build and updates
 def sketch_points(
-    X: np.ndarray, P: np.ndarray, report: Callable[[int, int], None] | None = None, extra: int = 0,
+    X: np.ndarray, P: np.ndarray, report: Callable[[int], None] | None = None, extra: int = 0,
 ):
     """Sketch every row of ``X`` with every copy.
 
@@ -69,8 +113,8 @@ def sketch_points(
     ----------
     X : float32 (n, d)
     P : float32 (L, m, d)
-    report : callable (done, total), optional
-        Called after each copy.
+    report : callable (done,), optional
+        Called with the number of copies done after each copy.
     extra : int, default 0
         Zero rows appended to each copy (room for deferred-update coefficients; a point sketched
         with the current maps has none pending).
@@ -90,7 +134,7 @@ def sketch_points(
             np.dot(P[j], X.T, out=S[j])
         column_sqnorms(S[j, :m], sn[j])
         if report is not None:
-            report(j + 1, L)
+            report(j + 1)
     return S, sn
 
 
@@ -108,13 +152,13 @@ def column_sqnorms(A, out):
                 out[i] += row[i] * row[i]
 
 
-def quadratic_forms(X: np.ndarray, M: np.ndarray, block: int = 2048) -> np.ndarray:
+def quadratic_forms(X: np.ndarray, M: np.ndarray | None, block: int = 2048) -> np.ndarray:
     """``x_i^T M x_i`` for every row, in float64 (the exact re-ranking needs these to ~1e-12).
 
     Parameters
     ----------
     X : float32 (n, d)
-    M : float64 (d, d), symmetric
+    M : float64 (d, d), symmetric, or None for the identity (squared norms, ``O(n·d)``)
     block : int, default 2048
         Rows converted to float64 at a time (bounds the temporary memory).
 
@@ -125,7 +169,7 @@ def quadratic_forms(X: np.ndarray, M: np.ndarray, block: int = 2048) -> np.ndarr
     out = np.empty(X.shape[0], dtype=np.float64)
     for a in range(0, X.shape[0], block):
         Xb = X[a:a + block].astype(np.float64)
-        out[a:a + block] = np.einsum("ij,ij->i", Xb @ M, Xb)
+        out[a:a + block] = np.einsum("ij,ij->i", Xb if M is None else Xb @ M, Xb)
     return out
 
 
@@ -363,19 +407,13 @@ def _median_row(G, t_row, copy_of, zn, sn, offset, out, tmp):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def fold_median_block(G, t_of, copy_of, zn, sn, offset, mask, heap_d, heap_i, q_offset):
+def fold_median_block(block, sn, offset, mask, heap_d, heap_i, q_offset):
     """Fold one database block of median estimates into the running per-query heaps.
 
     Parameters
     ----------
-    G : float32 (rows, bn)
-        Inner products of the block's sketched query rows with sketches ``offset .. offset+bn``.
-    t_of : int64 (bq, R)
-        Row of ``G`` holding query ``r``'s copy ``s``.
-    copy_of : int64 (rows,)
-        Copy of each row of ``G``.
-    zn : float32 (rows,)
-        Squared norms of the sketched query rows.
+    block : QueryBlock
+        The block's sketched queries and their products with sketches ``offset .. offset+bn``.
     sn : float32 (L, n)
     offset : int
     mask : bool (n,) or (0,)
@@ -383,6 +421,7 @@ def fold_median_block(G, t_of, copy_of, zn, sn, offset, mask, heap_d, heap_i, q_
     heap_d, heap_i : float32 / int64 (q, c), updated in place
     q_offset : int
     """
+    G, t_of, copy_of, zn = block.products, block.row_of, block.copy_of, block.query_sqnorms
     use_mask = mask.shape[0] > 0
     bn = G.shape[1]
     for r in prange(t_of.shape[0]):
@@ -400,9 +439,11 @@ def fold_median_block(G, t_of, copy_of, zn, sn, offset, mask, heap_d, heap_i, q_
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def median_block(G, t_of, copy_of, zn, sn, offset, out, q_offset, root):
+def median_block(block, sn, offset, out, q_offset, root):
     """Write one database block of median estimates into ``out`` (q, n): squared, or their
-    square roots when ``root`` (taken while the row is still in cache, not in a second pass)."""
+    square roots when ``root`` (taken while the row is still in cache, not in a second pass).
+    ``block`` is a :class:`QueryBlock`."""
+    G, t_of, copy_of, zn = block.products, block.row_of, block.copy_of, block.query_sqnorms
     bn = G.shape[1]
     for r in prange(t_of.shape[0]):
         tmp = np.empty(t_of.shape[1], dtype=np.float32)
@@ -413,12 +454,12 @@ def median_block(G, t_of, copy_of, zn, sn, offset, out, q_offset, root):
                 row[i] = np.sqrt(row[i])
 
 
-def _sketch_queries(Qb: np.ndarray, P: np.ndarray, sel: np.ndarray, pending: np.ndarray | None):
+def _sketch_queries(Qb: np.ndarray, P: np.ndarray, sel: np.ndarray, pending: np.ndarray):
     """Sketch a query block with the copies it chose, rows grouped by copy.
 
     Returns ``(Z, zn, copy_of, t_of, groups)`` where ``groups`` lists ``(copy, start, stop)``
-    row ranges of ``Z`` that share a copy. With ``pending`` (L, m, r), ``Z`` has ``m + r``
-    columns: the sketch ``z`` and its products ``<z, g_{j,t}>`` with the pending columns.
+    row ranges of ``Z`` that share a copy. With ``r > 0`` pending columns (L, m, r), ``Z`` has
+    ``m + r`` columns: the sketch ``z`` and its products ``<z, g_{j,t}>`` with them.
     """
     bq, R = sel.shape
     flat = sel.ravel()
@@ -436,7 +477,7 @@ def _sketch_queries(Qb: np.ndarray, P: np.ndarray, sel: np.ndarray, pending: np.
     for j, a, b in groups:
         np.dot(Qb[query_of[a:b]], P[j].T, out=Z[a:b])
     zn = sqnorms(Z)
-    if pending is not None and pending.shape[2]:
+    if pending.shape[2]:
         Zx = np.empty((Z.shape[0], Z.shape[1] + pending.shape[2]), dtype=np.float32)
         Zx[:, :Z.shape[1]] = Z
         for j, a, b in groups:
@@ -445,8 +486,9 @@ def _sketch_queries(Qb: np.ndarray, P: np.ndarray, sel: np.ndarray, pending: np.
     return Z, zn, copy_of, t_of, groups
 
 
-def _blocks(Q, P, S, sel, query_block, db_block, pending=None):
-    """Yield ``(q0, x0, G, zn, copy_of, t_of)`` for every (query block, database block) pair."""
+def _blocks(Q, sk: Sketches, sel, query_block, db_block):
+    """Yield ``(q0, x0, QueryBlock)`` for every (query block, database block) pair."""
+    P, S, pending = sk.maps, sk.sketches, sk.pending
     nq, n = Q.shape[0], S.shape[2]
     if query_block is None:
         L, R = P.shape[0], sel.shape[1]
@@ -454,7 +496,7 @@ def _blocks(Q, P, S, sel, query_block, db_block, pending=None):
     bq_max = min(query_block, nq)
     bn_max = min(db_block, n)
     buf = np.empty(bq_max * sel.shape[1] * bn_max, dtype=np.float32)
-    k = P.shape[1] + (0 if pending is None else pending.shape[2])  # inner size of the GEMMs
+    k = P.shape[1] + pending.shape[2]  # inner size of the GEMMs
     for q0 in range(0, nq, bq_max):
         Z, zn, copy_of, t_of, groups = _sketch_queries(Q[q0:q0 + bq_max], P, sel[q0:q0 + bq_max], pending)
         for x0 in range(0, n, bn_max):
@@ -462,27 +504,22 @@ def _blocks(Q, P, S, sel, query_block, db_block, pending=None):
             G = buf[: Z.shape[0] * bn].reshape(Z.shape[0], bn)
             for j, a, b in groups:
                 np.dot(Z[a:b], S[j, :k, x0:x0 + bn], out=G[a:b])
-            yield q0, x0, G, zn, copy_of, t_of
+            yield q0, x0, QueryBlock(G, t_of, copy_of, zn)
 
 
 def median_estimate(
-    Q: np.ndarray, P: np.ndarray, S: np.ndarray, sn: np.ndarray, sel: np.ndarray,
-    *, pending: np.ndarray | None = None, root: bool = False, query_block: int | None = None,
-    db_block: int = DB_BLOCK,
+    Q: np.ndarray, sk: Sketches, sel: np.ndarray, *, root: bool = False,
+    query_block: int | None = None, db_block: int = DB_BLOCK,
 ) -> np.ndarray:
     """Median-of-copies estimates of the squared distance from every query to every sketched point.
 
     Parameters
     ----------
     Q : float32 (q, d)
-    P : float32 (L, m, d)
-    S : float32 (L, m + e, n)
-    sn : float32 (L, n)
+    sk : Sketches
+        Maps, sketches, their norms and the pending update columns (``r <= e``).
     sel : int64 (q, R)
         Copies per query (distinct, in ``[0, L)``).
-    pending : float32 (L, m, r), optional
-        Projection columns of deferred updates whose coefficients are rows ``m .. m + r`` of
-        ``S`` (``r <= e``).
     root : bool, default False
         Return distances (square roots) instead of squared distances.
 
@@ -491,15 +528,14 @@ def median_estimate(
     ndarray float32 (q, n)
         Squared estimates, or distances with ``root``.
     """
-    out = np.empty((Q.shape[0], S.shape[2]), dtype=np.float32)
-    for q0, x0, G, zn, copy_of, t_of in _blocks(Q, P, S, sel, query_block, db_block, pending):
-        median_block(G, t_of, copy_of, zn, sn, x0, out, q0, root)
+    out = np.empty((Q.shape[0], sk.sketches.shape[2]), dtype=np.float32)
+    for q0, x0, block in _blocks(Q, sk, sel, query_block, db_block):
+        median_block(block, sk.sqnorms, x0, out, q0, root)
     return out
 
 
 def median_search(
-    Q: np.ndarray, P: np.ndarray, S: np.ndarray, sn: np.ndarray, sel: np.ndarray, c: int,
-    mask: np.ndarray | None = None, *, pending: np.ndarray | None = None,
+    Q: np.ndarray, sk: Sketches, sel: np.ndarray, c: int, mask: np.ndarray | None = None, *,
     query_block: int | None = None, db_block: int = DB_BLOCK,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``c`` points with the smallest median squared estimate, per query, ascending.
@@ -514,7 +550,7 @@ def median_search(
     """
     heap_d, heap_i = new_heaps(Q.shape[0], c)
     mask_arr = np.zeros(0, dtype=np.bool_) if mask is None else mask
-    for q0, x0, G, zn, copy_of, t_of in _blocks(Q, P, S, sel, query_block, db_block, pending):
-        fold_median_block(G, t_of, copy_of, zn, sn, x0, mask_arr, heap_d, heap_i, q0)
+    for q0, x0, block in _blocks(Q, sk, sel, query_block, db_block):
+        fold_median_block(block, sk.sqnorms, x0, mask_arr, heap_d, heap_i, q0)
     sort_heaps(heap_d, heap_i)
     return heap_d, heap_i
