@@ -627,3 +627,4 @@ def sketch_maps_overflow(name: str) -> ValueError:
     return ValueError(
         f"{name} has entries so large that the float32 sketch maps overflow; rescale {name} "
         f"(distances scale with it)"
+    )
