@@ -3,49 +3,474 @@
 The family decides what is scored (levels, batches, which rows to repair, when a filter is so
 selective that an exact scan is cheaper); :mod:`annlib.kernels.graph` and
 :mod:`annlib.kernels.finger` do the walking and the arithmetic.
+
+State: one :class:`HNSWGraph` (with an optional :class:`FingerPayload`) holds every array and
+scalar of a built index; it checks itself (:meth:`HNSWGraph.validate`) and converts to and from
+the index file (:meth:`HNSWGraph.to_file`, :meth:`HNSWGraph.from_file`).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import threading
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numba
 import numpy as np
 
 from .. import _validation as V
+from .._progress import progress_reporter
+from .._state import bad_field, check_array, check_finite, check_range, require, take_array, take_meta
 from ..api import Index
-from ..kernels.blockwise import exact_search
-from ..kernels.distances import sqnorms
-from ..kernels.finger import cos_table, edge_payload, new_payload, pair_statistics, payload_width, sample_residuals
-from ..kernels.graph import (bfs_order, insert_batch, link_reverse, relabel_rows, repair_deleted,
-                             search_queries, search_serial)
+from ..kernels.finger import (FingerArrays, cos_table, edge_payload, pair_statistics, payload_width,
+                              sample_residuals)
+from ..kernels.graph import (GraphArrays, bfs_order, insert_batch, link_reverse, relabel_rows,
+                             repair_deleted, search_queries, search_serial)
 
-__all__ = ["HNSW"]
+__all__ = ["HNSW", "HNSWGraph", "FingerPayload"]
 
 _MAX_LEVEL = 30
 _FINGER_SAMPLES = 50_000
 
 
-def _progress_reporter(progress: Any, total: int):
-    """A ``(done)`` callable for ``progress=`` (True: a tqdm bar; callable: called as (done, total))."""
-    if callable(progress) and not isinstance(progress, (bool, np.bool_)):
-        return (lambda done: progress(done, total)), (lambda: None)
-    if progress:
-        from tqdm.auto import tqdm
+# ====================================================================================== state
+@dataclass
+class FingerPayload:
+    """FINGER's part of an HNSW state: one basis for the whole graph, one payload row per node.
 
-        bar = tqdm(total=total, unit="vec", desc="HNSW build")
-        state = {"done": 0}
+    Attributes
+    ----------
+    basis : float32 (r, d)
+        Top-r right singular vectors of sampled edge residuals (1 <= r <= min(64, d)).
+    codes : uint64 (capacity, payload_width(2M, r))
+        Per node, everything an expansion reads (layout in :mod:`annlib.kernels.finger`):
+        sign codes of its edges (bits r..63 zero), and through the float32 view ``payload``
+        the edge terms (t_e, |e_res|), the node's projection and its squared norm.
+    table : float32 (r + 1,)
+        Estimated cosine per Hamming distance (with the distribution-matching correction and
+        the search-time slack).
+    distribution : (mu, sigma, mu_hat, sigma_hat) or None
+        Exact vs estimated cosine statistics the table was corrected with (None: uncorrected).
+    payload : float32 view of ``codes`` (derived, not a field of the file)
+    """
 
-        def update(done):
-            bar.update(done - state["done"])
-            state["done"] = done
+    basis: np.ndarray
+    codes: np.ndarray
+    table: np.ndarray
+    distribution: tuple[float, float, float, float] | None = None
+    payload: np.ndarray = field(init=False, repr=False, compare=False)
 
-        return update, bar.close
-    return (lambda done: None), (lambda: None)
+    def __post_init__(self) -> None:
+        self.payload = self.codes.view(np.float32)
+
+    @property
+    def rank(self) -> int:
+        """Bits per edge code (rows of the basis)."""
+        return int(self.basis.shape[0])
+
+    def kernel_arrays(self) -> FingerArrays:
+        """The arrays as the kernels take them."""
+        return FingerArrays(self.basis, self.codes, self.payload, self.table)
+
+    def validate(self, n: int, width0: int, dim: int) -> None:
+        """Check shapes, code bits and finiteness for ``n`` nodes of layer-0 width ``width0``.
+
+        Raises
+        ------
+        IndexFormatError
+            Names the field (file names: finger_basis, finger_payload, finger_table, finger_dm).
+        """
+        check_array(self.basis, "finger_basis", np.float32, (None, dim))
+        r = self.rank
+        require(1 <= r <= min(64, dim), "finger_basis", f"rank must be in [1, {min(64, dim)}]; got {r}")
+        check_finite(self.basis, "finger_basis")
+        check_array(self.table, "finger_table", np.float32, (r + 1,))
+        check_finite(self.table, "finger_table")
+        check_array(self.codes, "finger_payload", np.uint64, (None, payload_width(width0, r)))
+        require(self.codes.shape[0] >= n, "finger_payload", f"expected at least {n} rows; got {self.codes.shape[0]}")
+        if n:
+            # the Hamming distance indexes the (r + 1)-entry table: no code may have bits >= r
+            if r < 64:
+                bits = np.bitwise_or.reduce(self.codes[:n, :width0], axis=None)
+                require(int(bits) >> r == 0, "finger_payload", f"edge codes have bits beyond rank {r}")
+            floats = self.payload[:n, 2 * width0:4 * width0 + r + 1]
+            check_finite(floats, "finger_payload")
+        if self.distribution is not None:
+            ok = len(self.distribution) == 4 and all(math.isfinite(v) for v in self.distribution)
+            require(ok, "finger_dm", "expected null or four finite numbers")
 
 
+@dataclass
+class HNSWGraph:
+    """Every array and scalar of a built HNSW index, in node order.
+
+    Nodes are numbered in the order the graph was laid out (breadth-first after a build, then
+    appended); ``node_positions`` maps them to positions, the numbering the base class maps
+    to ids. Per-node arrays have ``capacity`` rows, of which the first ``n`` are in use.
+
+    Attributes
+    ----------
+    M : int
+        Out-degree of layers >= 1; layer 0 keeps up to 2M.
+    vectors : float32 (capacity, d)
+        Stored (metric-prepared) vectors.
+    levels : int32 (capacity,)
+        Top layer of each node, in [0, 30].
+    upper_start : int64 (capacity,)
+        First row of ``links_upper`` owned by each node: node v owns rows
+        ``upper_start[v] + l - 1`` for l = 1..levels[v]; in position order these are the
+        cumulative sums of ``levels``.
+    links_layer0 : int32 (capacity, 2M + 1)
+        Layer 0: column 0 the neighbour count, then the neighbour node numbers.
+    links_upper : int32 (>= max(1, n_upper_rows), M + 1)
+        Layers >= 1, same row format.
+    deleted : bool (capacity,)
+        Tombstones.
+    n, n_upper_rows, n_deleted : int
+        Nodes in use, rows of ``links_upper`` in use, tombstones.
+    entry, max_level : int
+        Entry node (a live node of the top level; -1 when nothing is live) and its level.
+    node_positions : int64 (n,) or None
+        Position of each node (None: nodes are positions).
+    finger : FingerPayload or None
+    rng : numpy Generator
+        Draws the levels of added nodes; its state is saved so load-then-add equals add.
+    """
+
+    M: int
+    vectors: np.ndarray
+    levels: np.ndarray
+    upper_start: np.ndarray
+    links_layer0: np.ndarray
+    links_upper: np.ndarray
+    deleted: np.ndarray
+    n: int = 0
+    n_upper_rows: int = 0
+    n_deleted: int = 0
+    entry: int = -1
+    max_level: int = 0
+    node_positions: np.ndarray | None = None
+    finger: FingerPayload | None = None
+    rng: np.random.Generator | None = None
+    # derived lookups, recomputed by refresh() after every change
+    position_nodes: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    positions_padded: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    live_positions: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def empty(cls, M: int, vectors: np.ndarray, upper_rows: int, rng: np.random.Generator) -> "HNSWGraph":
+        """A graph without nodes whose storage holds ``vectors`` (owned; capacity = its rows)
+        and ``upper_rows`` rows of upper layers."""
+        cap = vectors.shape[0]
+        return cls(M=M, vectors=vectors, levels=np.zeros(cap, np.int32),
+                   upper_start=np.zeros(cap, np.int64),
+                   links_layer0=np.zeros((cap, 2 * M + 1), np.int32),
+                   links_upper=np.zeros((max(1, upper_rows), M + 1), np.int32),
+                   deleted=np.zeros(cap, np.bool_), rng=rng)
+
+    @property
+    def capacity(self) -> int:
+        """Rows allocated per node array."""
+        return int(self.vectors.shape[0])
+
+    def grown(self, n_needed: int, rows_needed: int) -> "HNSWGraph":
+        """A copy of this state with room for ``n_needed`` nodes and ``rows_needed`` upper rows.
+
+        Arrays that already have room are shared with this state, not copied (the caller only
+        writes their unused rows, or restores what it changed, see ``HNSW._add``); arrays that
+        grow are new, by 1.5x, so repeated small adds stay amortised O(1) per vector.
+        """
+        g = dataclasses.replace(self)
+        cap = self.capacity
+        if n_needed > cap or not self.vectors.flags.writeable:
+            new_cap = max(n_needed, int(cap * 1.5) + 16)
+            for name in ("vectors", "levels", "upper_start", "links_layer0", "deleted"):
+                setattr(g, name, _grown(getattr(self, name), self.n, new_cap))
+            if self.finger is not None:
+                g.finger = dataclasses.replace(self.finger, codes=_grown(self.finger.codes, self.n, new_cap))
+        have = self.links_upper.shape[0]
+        if rows_needed > have or not self.links_upper.flags.writeable:
+            g.links_upper = _grown(self.links_upper, self.n_upper_rows,
+                                   max(rows_needed, int(have * 1.5) + 16, 1))
+        return g
+
+    def refresh(self) -> None:
+        """Recompute the derived lookups (inverse order, live mask) after a change."""
+        n = self.n
+        if self.node_positions is None:
+            self.position_nodes = self.positions_padded = None
+        else:
+            perm = self.node_positions
+            inv = np.empty_like(perm)
+            inv[perm] = np.arange(perm.size, dtype=np.int64)
+            self.position_nodes = inv
+            # one trailing -1 so kernel results padded with -1 map to -1 in one take
+            self.positions_padded = np.append(perm, np.int64(-1))
+        if self.n_deleted:
+            dead = self.deleted[:n]
+            self.live_positions = ~(dead if self.position_nodes is None else dead[self.position_nodes])
+        else:
+            self.live_positions = None
+
+    # ---------------------------------------------------------------- views
+    def nodes_of(self, positions: np.ndarray) -> np.ndarray:
+        """Node numbers of ``positions``."""
+        return positions if self.position_nodes is None else self.position_nodes[positions]
+
+    def kernel_graph(self, proxy: int) -> GraphArrays:
+        """The graph as the kernels take it."""
+        return GraphArrays(self.vectors, self.links_layer0, self.links_upper, self.upper_start,
+                           self.levels, int(self.entry), int(self.max_level), int(proxy))
+
+    def kernel_finger(self) -> FingerArrays:
+        """FINGER's arrays as the kernels take them (empty, rank 0, without FINGER)."""
+        if self.finger is not None:
+            return self.finger.kernel_arrays()
+        codes = np.zeros((0, payload_width(2 * self.M, 0)), np.uint64)
+        return FingerArrays(np.zeros((0, self.vectors.shape[1]), np.float32), codes,
+                            codes.view(np.float32), np.zeros(1, np.float32))
+
+    # ---------------------------------------------------------------- checks
+    def validate(self, dim: int, n_positions: int, max_abs: float | None = None) -> None:
+        """Check every invariant the kernels rely on; refuse anything that would make a walk
+        read out of bounds or return garbage.
+
+        Cheap vectorised passes: dtypes and shapes; ``n`` equal to ``n_positions``; levels in
+        range; upper-row offsets equal to the cumulative levels (in position order) and inside
+        ``links_upper``; neighbour counts within capacity and neighbour ids within ``[0, n)``
+        (and, on upper layers, of nodes that reach that layer); entry point live and of the top
+        level; tombstone count; node order a permutation; finite vectors (and at most
+        ``max_abs`` in magnitude when given); the FINGER payload (:meth:`FingerPayload.validate`).
+
+        Raises
+        ------
+        IndexFormatError
+            Names the field (as it is called in the index file).
+        """
+        M, n = self.M, self.n
+        require(n == n_positions, "n", f"the graph has {n} nodes but the index {n_positions} positions")
+        check_array(self.vectors, "vectors", np.float32, (None, dim))
+        cap = self.capacity
+        require(n <= cap, "vectors", f"expected at least {n} rows; got {cap}")
+        for name, value, dtype, shape in (("levels", self.levels, np.int32, (cap,)),
+                                          ("ustart", self.upper_start, np.int64, (cap,)),
+                                          ("links0", self.links_layer0, np.int32, (cap, 2 * M + 1)),
+                                          ("deleted", self.deleted, np.bool_, (cap,))):
+            check_array(value, name, dtype, shape)
+        check_array(self.links_upper, "upper", np.int32, (None, M + 1))
+        vectors = self.vectors[:n]
+        check_finite(vectors, "vectors")
+        if max_abs is not None and n:
+            require(float(np.abs(vectors).max()) <= max_abs, "vectors",
+                    f"entries must be at most {max_abs:.3g} in magnitude")
+        # node order
+        if self.node_positions is None:
+            inv = None
+        else:
+            perm = self.node_positions
+            check_array(perm, "node_positions", np.int64, (n,))
+            check_range(perm, "node_positions", 0, max(n - 1, 0))
+            seen = np.zeros(n, np.bool_)
+            seen[perm] = True
+            require(bool(seen.all()), "node_positions", "is not a permutation of the positions")
+            inv = np.empty(n, np.int64)
+            inv[perm] = np.arange(n, dtype=np.int64)
+        # levels and upper-row offsets
+        levels = self.levels[:n]
+        check_range(levels, "levels", 0, _MAX_LEVEL)
+        lv_pos = levels if inv is None else levels[inv]
+        us_pos = self.upper_start[:n] if inv is None else self.upper_start[:n][inv]
+        expected = np.zeros(n, np.int64)
+        np.cumsum(lv_pos[:-1], out=expected[1:])
+        require(np.array_equal(us_pos, expected), "ustart",
+                "upper-layer row offsets do not match the cumulative levels")
+        rows = int(lv_pos.sum())
+        require(self.n_upper_rows == rows, "rows", f"expected {rows} (the sum of levels); got {self.n_upper_rows}")
+        require(self.links_upper.shape[0] >= max(1, rows), "upper",
+                f"expected at least {max(1, rows)} rows; got {self.links_upper.shape[0]}")
+        # neighbour lists
+        _check_rows(self.links_layer0[:n], "links0", 2 * M, n, None, levels)
+        if rows:
+            row_level = (np.arange(rows, dtype=np.int64) - np.repeat(us_pos, lv_pos) + 1).astype(np.int32)
+            _check_rows(self.links_upper[:rows], "upper", M, n, row_level, levels)
+        # tombstones and entry point
+        dead = self.deleted[:n]
+        check_range(dead.view(np.uint8), "deleted", 0, 1)
+        n_dead = int(np.count_nonzero(dead))
+        require(self.n_deleted == n_dead, "n_deleted", f"expected {n_dead} (the tombstones); got {self.n_deleted}")
+        if n_dead < n:
+            require(0 <= self.entry < n, "entry", f"must be a node in [0, {n - 1}]; got {self.entry}")
+            require(not dead[self.entry], "entry", f"node {self.entry} is deleted")
+            top = int(levels[~dead].max())
+            require(self.max_level == int(levels[self.entry]) == top, "max_level",
+                    f"expected {top} (the entry's level and the highest live level); got {self.max_level}")
+        else:
+            require(self.entry == -1, "entry", f"expected -1 (no live node); got {self.entry}")
+            require(self.max_level == 0, "max_level", f"expected 0 (no live node); got {self.max_level}")
+        if self.finger is not None:
+            self.finger.validate(n, 2 * M, dim)
+
+    # ---------------------------------------------------------------- file
+    def to_file(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(meta, arrays) for the index file; arrays are views of the used rows."""
+        n = self.n
+        meta = {"entry": int(self.entry), "max_level": int(self.max_level), "n": n,
+                "rows": int(self.n_upper_rows), "n_deleted": int(self.n_deleted),
+                "finger_dm": None, "level_rng_state": self.rng.bit_generator.state}
+        arrays = {"vectors": self.vectors[:n], "levels": self.levels[:n], "ustart": self.upper_start[:n],
+                  "links0": self.links_layer0[:n], "upper": self.links_upper[:max(1, self.n_upper_rows)],
+                  "deleted": self.deleted[:n]}
+        if self.finger is not None:
+            f = self.finger
+            meta["finger_dm"] = None if f.distribution is None else [float(v) for v in f.distribution]
+            arrays.update({"finger_basis": f.basis, "finger_payload": f.codes[:n], "finger_table": f.table})
+        if self.node_positions is not None:
+            arrays["node_positions"] = self.node_positions  # rows of every array above are nodes
+        return meta, arrays
+
+    @classmethod
+    def from_file(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], M: int, seed: int) -> "HNSWGraph":
+        """Read a state written by :meth:`to_file` (types and lengths checked; call
+        :meth:`validate` before use). ``seed`` seeds the level generator of files that predate
+        its saved state.
+
+        Raises
+        ------
+        IndexFormatError
+            Missing or mistyped field, or arrays whose lengths disagree with ``n``.
+        """
+        n = take_meta(meta, "n")
+        require(n >= 0, "n", f"must be >= 0; got {n}")
+        names = {"vectors": (np.float32, 2), "levels": (np.int32, 1), "ustart": (np.int64, 1),
+                 "links0": (np.int32, 2), "upper": (np.int32, 2), "deleted": (np.bool_, 1)}
+        got = {}
+        for name, (dtype, ndim) in names.items():
+            arr = take_array(arrays, name, dtype, ndim)
+            if name != "upper":
+                require(arr.shape[0] == n, name, f"expected {n} rows (meta n); got {arr.shape[0]}")
+            got[name] = _own(arr)
+        rows = take_meta(meta, "rows")
+        require(got["upper"].shape[0] == max(1, rows), "upper",
+                f"expected {max(1, rows)} rows (meta rows); got {got['upper'].shape[0]}")
+        perm = arrays.get("node_positions")
+        if perm is not None:
+            perm = np.array(take_array(arrays, "node_positions", np.int64, 1))
+        finger = None
+        present = [k for k in ("finger_basis", "finger_payload", "finger_table") if k in arrays]
+        if present:
+            basis = _own(take_array(arrays, "finger_basis", np.float32, 2))
+            codes = take_array(arrays, "finger_payload", np.uint64, 2)
+            require(codes.shape[0] == n, "finger_payload", f"expected {n} rows (meta n); got {codes.shape[0]}")
+            table = _own(take_array(arrays, "finger_table", np.float32, 1))
+            dm = meta.get("finger_dm")
+            if dm is not None:
+                ok = isinstance(dm, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  for v in dm)
+                require(ok, "finger_dm", "expected null or a list of numbers")
+                dm = tuple(float(v) for v in dm)
+            finger = FingerPayload(basis=basis, codes=_own(codes), table=table, distribution=dm)
+        state = meta.get("level_rng_state")
+        if state is None:
+            rng = np.random.default_rng(seed)
+        else:
+            try:
+                if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
+                    raise ValueError("not a PCG64 state")
+                bit_gen = np.random.PCG64()
+                bit_gen.state = state
+            except (TypeError, ValueError, KeyError, OverflowError) as exc:
+                raise bad_field("level_rng_state", f"not a generator state ({exc})") from None
+            rng = np.random.Generator(bit_gen)
+        graph = cls(M=M, vectors=got["vectors"], levels=got["levels"], upper_start=got["ustart"],
+                    links_layer0=got["links0"], links_upper=got["upper"], deleted=got["deleted"],
+                    n=n, n_upper_rows=rows, n_deleted=take_meta(meta, "n_deleted"),
+                    entry=take_meta(meta, "entry"), max_level=take_meta(meta, "max_level"),
+                    node_positions=perm, finger=finger, rng=rng)
+        return graph
+
+
+def _own(a: np.ndarray) -> np.ndarray:
+    """A loaded array the kernels can take as it is.
+
+    A read-only memory map becomes a copy-on-write one (same pages; in-place repair writes stay
+    private), so loaded and built indexes run one compiled kernel version; either way the
+    result is a plain ndarray (numba types ndarray subclasses slowly, on every call).
+    """
+    if isinstance(a, np.memmap) and not a.flags.writeable:
+        a = np.memmap(a.filename, dtype=a.dtype, mode="c", offset=a.offset, shape=a.shape)
+    elif not a.flags.writeable:
+        a = a.copy()
+    return np.asarray(a)
+
+
+def _grown(a: np.ndarray, used: int, rows: int) -> np.ndarray:
+    """A new zeroed array of ``rows`` rows holding the first ``used`` rows of ``a``."""
+    out = np.zeros((rows,) + a.shape[1:], dtype=a.dtype)
+    out[:used] = a[:used]
+    return out
+
+
+def _check_rows(links: np.ndarray, field_name: str, width: int, n: int, row_level, levels) -> None:
+    """Neighbour rows: counts in [0, width], used slots in [0, n), and (upper layers) every
+    neighbour of a level-l row reaches level l (a walk reads that neighbour's row there)."""
+    counts = links[:, 0]
+    check_range(counts, field_name, 0, width)
+    used = np.arange(1, links.shape[1], dtype=np.int32)[None, :] <= counts[:, None]
+    ids = links[:, 1:][used]
+    check_range(ids, field_name, 0, n - 1)
+    if row_level is not None and ids.size:
+        need = np.broadcast_to(row_level[:, None], used.shape)[used]
+        low = levels[ids] < need
+        if low.any():
+            at = int(np.flatnonzero(low)[0])
+            raise bad_field(field_name, f"neighbour {int(ids[at])} does not reach layer {int(need[at])}")
+
+
+class _RowBackup:
+    """Original contents of rows of an array shared with the published state, saved before an
+    in-place write changes them, so a failed ``add`` can put them back."""
+
+    def __init__(self, array: np.ndarray, limit: int):
+        self.array = array
+        self.limit = limit  # rows >= limit are not visible to the published state
+        self.saved = np.zeros(limit, np.bool_)
+        self.rows: list[np.ndarray] = []
+        self.data: list[np.ndarray] = []
+
+    def keep(self, rows: np.ndarray) -> None:
+        rows = rows[rows < self.limit]
+        rows = np.unique(rows[~self.saved[rows]])
+        if rows.size:
+            self.saved[rows] = True
+            self.rows.append(rows)
+            self.data.append(self.array[rows].copy())
+
+    def restore(self) -> None:
+        for rows, data in zip(self.rows, self.data):
+            self.array[rows] = data
+
+
+def _used_slots(links: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Every neighbour listed in ``links[rows]``."""
+    sub = links[rows]
+    used = np.arange(1, sub.shape[1])[None, :] <= sub[:, :1]
+    return sub[:, 1:][used].astype(np.int64)
+
+
+class _SearchView(NamedTuple):
+    """What a search reads, prepared once per change of the index (plain tuples: fast dispatch)."""
+
+    graph: tuple
+    finger: tuple
+    deleted: np.ndarray  # node tombstones, or empty when nothing is deleted
+    has_finger: bool
+
+
+# ====================================================================================== family
 class HNSW(Index):
     """Hierarchical navigable small-world graph (like hnswlib), with optional FINGER.
 
@@ -69,7 +494,8 @@ class HNSW(Index):
         Rank of the FINGER basis = bits per edge code; clipped to the dimension. Range 1..64.
     random_state : int, None or numpy Generator, default 0
         Seed of the level generator and of FINGER's sampling. Builds with the same seed give
-        identical graphs for any number of threads.
+        identical graphs for any number of threads. The generator's state is saved with the
+        index, so adding to a loaded index gives the graph the same adds give without saving.
 
     Search parameters
     -----------------
@@ -92,6 +518,10 @@ class HNSW(Index):
       stay in memory (positions are never reused). Rebuild to reclaim the space.
     * ``add`` inserts with the same algorithm; FINGER's basis and correction stay as fitted at
       build (new edges get codes on the old basis). Rebuild after large changes of distribution.
+    * Concurrency: searches run together; ``add``, ``delete`` and ``build`` wait for the
+      searches in flight and run alone (the index's reader-writer lock), so a search sees the
+      graph wholly before or after a change. ``add`` grows the arrays in place; a call that
+      raises (also from a ``progress`` callback) leaves the index as it was.
     * Scratch (visited sets) is pooled per index and reused by later searches: about 2 bytes per
       vector per concurrently searching thread.
     * :meth:`search_stats` reports exact distance evaluations and FINGER estimates per query.
@@ -124,11 +554,11 @@ class HNSW(Index):
 
     def __init__(self, metric: str = "l2", **params: Any):
         super().__init__(metric=metric, **params)
-        self._g: dict[str, Any] | None = None
+        self._graph: HNSWGraph | None = None
+        self._view: _SearchView | None = None
         self._pool: dict[int, list] = {}
         self._stats_lock = threading.Lock()
         self._stats = [0, 0, 0]  # queries, exact evaluations, estimates
-        self._rng: np.random.Generator | None = None
 
     # ------------------------------------------------------------------ parameters
     def _check_build_params(self, params):
@@ -137,7 +567,6 @@ class HNSW(Index):
         out["ef_construction"] = V.check_int("ef_construction", params["ef_construction"], 1, 4096)
         out["finger"] = V.check_bool("finger", params["finger"])
         out["finger_rank"] = V.check_int("finger_rank", params["finger_rank"], 1, 64)
-        V.check_random_state(params["random_state"])
         return out
 
     def _check_search_params(self, params):
@@ -152,179 +581,161 @@ class HNSW(Index):
         return {"build": {"M": [16, 24, 32], "ef_construction": [200]},
                 "search": {"ef": efs, "finger": [False, True]}}
 
+    # ------------------------------------------------------------------ publishing
+    def _commit(self, graph: HNSWGraph) -> None:
+        """Make ``graph`` the index's state (the last step of every successful change)."""
+        graph.refresh()
+        n = graph.n
+        self._view = _SearchView(
+            graph=tuple(graph.kernel_graph(self._metric.proxy)),
+            finger=tuple(graph.kernel_finger()),
+            deleted=graph.deleted[:n] if graph.n_deleted else self._NO_MASK,
+            has_finger=graph.finger is not None)
+        self._graph = graph
+        self._pool = {}  # visited sets are sized by n
+
     # ------------------------------------------------------------------ build / add
     def _build(self, X, progress):
-        rs = self.params["random_state"]
-        self._rng = V.check_random_state(rs if not isinstance(rs, np.random.Generator) else rs)
         M = self.params["M"]
-        n, d = X.shape
-        g = {
-            "X": X, "n": 0, "rows": 0, "M": M,
-            "levels": np.zeros(n, np.int32), "ustart": np.zeros(n, np.int64),
-            "links0": np.zeros((n, 2 * M + 1), np.int32),
-            "upper": np.zeros((max(1, n // max(1, M - 1)), M + 1), np.int32),
-            "deleted": np.zeros(n, np.bool_), "n_deleted": 0,
-            "entry": -1, "max_level": 0,
-            "fB": np.zeros((0, d), np.float32), "fdm": None,
-            "perm": None, "inv": None, "perm_ext": None,
-        }
-        self._set_empty_finger(g, n)
-        self._g = g
-        self._pool = {}
-        self._insert(g, X, progress)
-        self._reorder(g)
+        rng = np.random.default_rng(self.params["random_state"])
+        # X is the index's own copy (the base never hands over the caller's memory)
+        levels = self._draw_levels(rng, X.shape[0])
+        graph = HNSWGraph.empty(M, np.asarray(X), int(levels.sum()), rng)
+        self._insert(graph, levels, progress, "HNSW build", None)
+        self._reorder(graph)
         if self.params["finger"]:
-            self._fit_finger(g)
+            self._fit_finger(graph, rng)
+        self._commit(graph)
+        with self._stats_lock:
+            self._stats = [0, 0, 0]
 
     def _add(self, X, progress):
-        g = self._g
-        # Work on grown copies so a failure leaves the index as it was; capacity grows by 1.5x
-        # so repeated small adds stay amortised O(1) per vector.
-        new = dict(g)
-        self._ensure_capacity(new, g["n"] + X.shape[0])
-        touched = self._insert(new, X, progress)
-        if new["perm"] is not None:
-            fresh = np.arange(g["n"], new["n"], dtype=np.int64)  # added nodes keep their positions
-            self._set_order(new, np.concatenate([g["perm"], fresh]))
-        if new["fB"].shape[0]:
-            self._refresh_finger(new, np.arange(g["n"], new["n"]), touched)
-        self._g = new
-        self._pool = {}
+        old = self._graph
+        n0, m = old.n, X.shape[0]
+        rng = copy.deepcopy(old.rng)  # advanced only if the add succeeds
+        levels = self._draw_levels(rng, m)
+        graph = old.grown(n0 + m, old.n_upper_rows + int(levels.sum()))
+        # link_reverse rewrites rows of existing nodes in place; where those rows are shared
+        # with the published state, their old contents are kept to be put back on failure.
+        backup = (_RowBackup(graph.links_layer0, n0) if graph.links_layer0 is old.links_layer0 else None,
+                  _RowBackup(graph.links_upper, old.n_upper_rows) if graph.links_upper is old.links_upper else None)
+        try:
+            graph.vectors[n0:n0 + m] = X
+            touched = self._insert(graph, levels, progress, "HNSW add", backup)
+            if graph.node_positions is not None:
+                fresh = np.arange(n0, graph.n, dtype=np.int64)  # added nodes keep their positions
+                graph.node_positions = np.concatenate([old.node_positions, fresh])
+            if graph.finger is not None:
+                self._refresh_finger(graph, n0, touched)
+        except BaseException:
+            for b in backup:
+                if b is not None:
+                    b.restore()
+            raise
+        graph.rng = rng
+        self._commit(graph)
 
-    def _ensure_capacity(self, g, n_needed):
-        cap = g["X"].shape[0]
-        if n_needed <= cap and g["X"].flags.writeable:
-            for key in ("X", "levels", "ustart", "links0", "deleted", "fcode"):
-                g[key] = np.array(g[key], copy=True) if not g[key].flags.writeable else g[key]
-            g["fpay"] = g["fcode"].view(np.float32)
-            return
-        new_cap = max(n_needed, int(cap * 1.5) + 16)
-
-        def grow(a, fill=0):
-            out = np.full((new_cap,) + a.shape[1:], fill, dtype=a.dtype)
-            out[: g["n"]] = a[: g["n"]]
-            return out
-
-        for key in ("X", "levels", "ustart", "links0", "deleted"):
-            g[key] = grow(g[key])
-        if g["fB"].shape[0]:
-            g["fcode"] = grow(g["fcode"])
-            g["fpay"] = g["fcode"].view(np.float32)
-        g["upper"] = np.array(g["upper"], copy=True)
-
-    def _set_empty_finger(self, g, n):
-        g["fcode"], g["fpay"] = new_payload(0, 2 * g["M"], 0)
-        g["ftable"] = np.zeros(1, np.float32)
-
-    def _draw_levels(self, m):
+    def _draw_levels(self, rng, m):
         mult = 1.0 / math.log(self.params["M"])
-        u = 1.0 - self._rng.random(m)  # (0, 1]
+        u = 1.0 - rng.random(m)  # (0, 1]
         return np.minimum(np.floor(-np.log(u) * mult), _MAX_LEVEL).astype(np.int32)
 
-    def _insert(self, g, X_new, progress):
-        """Append ``X_new`` to the graph ``g``; returns the nodes whose rows gained edges."""
-        M = g["M"]
-        n0, m = g["n"], X_new.shape[0]
+    def _insert(self, graph: HNSWGraph, levels, progress, desc, backup):
+        """Insert the nodes ``graph.n .. graph.n + len(levels)`` (their vectors already stored);
+        returns the nodes whose layer-0 rows gained edges. ``backup`` (layer 0, upper) or None."""
+        M = graph.M
+        n0, m = graph.n, levels.shape[0]
         n1 = n0 + m
-        if g["X"].shape[0] < n1:
-            self._ensure_capacity(g, n1)
-        g["X"][n0:n1] = X_new
-        levels = self._draw_levels(m)
-        g["levels"][n0:n1] = levels
-        starts = g["rows"] + np.concatenate([[0], np.cumsum(levels[:-1], dtype=np.int64)])
-        g["ustart"][n0:n1] = starts
-        rows_needed = g["rows"] + int(levels.sum())
-        if g["upper"].shape[0] < rows_needed:
-            up = np.zeros((max(rows_needed, int(g["upper"].shape[0] * 1.5) + 16), M + 1), np.int32)
-            up[: g["rows"]] = g["upper"][: g["rows"]]
-            g["upper"] = up
-        g["upper"][g["rows"]:rows_needed] = 0
-        g["links0"][n0:n1] = 0
-        g["deleted"][n0:n1] = False
-        g["rows"] = rows_needed
-        g["n"] = n1
+        rows0 = graph.n_upper_rows
+        graph.levels[n0:n1] = levels
+        starts = rows0 + np.concatenate([[0], np.cumsum(levels[:-1], dtype=np.int64)])
+        graph.upper_start[n0:n1] = starts
+        rows1 = rows0 + int(levels.sum())
+        if graph.capacity < n1 or graph.links_upper.shape[0] < rows1:
+            raise RuntimeError("HNSW insert without room for the new nodes")  # a bug, not user input
+        graph.links_upper[rows0:rows1] = 0
+        graph.links_layer0[n0:n1] = 0
+        graph.deleted[n0:n1] = False
+        graph.n_upper_rows = rows1
+        graph.n = n1
         touched = np.zeros(n1, np.bool_)
-        report, close = _progress_reporter(progress, m)
-        X, lv, us, l0, up = g["X"], g["levels"], g["ustart"], g["links0"], g["upper"]
         proxy = self._metric.proxy
+        lv = graph.levels
         efc = max(self.params["ef_construction"], M)
         threads = max(1, numba.get_num_threads())
         visited = np.zeros((threads, n1), np.uint16)
         tags = np.zeros(threads, np.int64)
         pos = n0
-        if g["entry"] < 0:
-            g["entry"], g["max_level"] = n0, int(lv[n0])
+        if graph.entry < 0:
+            graph.entry, graph.max_level = n0, int(lv[n0])
             pos += 1
-        try:
+        with progress_reporter(progress, m, desc=desc, unit="vec") as report:
             while pos < n1:
-                live = pos - g["n_deleted"]
+                live = pos - graph.n_deleted
                 b = max(1, min(self._MAX_BATCH, live // self._BATCH_DIV, n1 - pos))
                 nodes = np.arange(pos, pos + b, dtype=np.int64)
                 chunks = min(threads, b)
-                insert_batch(X, nodes, lv, us, l0, up, g["entry"], g["max_level"], M, efc, proxy,
-                             visited[:chunks], tags[:chunks])
+                view = graph.kernel_graph(proxy)
+                insert_batch(view, nodes, M, efc, visited[:chunks], tags[:chunks])
                 top = int(lv[pos:pos + b].max())
-                for level in range(min(top, g["max_level"]), -1, -1):
-                    link_reverse(X, nodes, lv, us, l0, up, level, 2 * M if level == 0 else M,
-                                 proxy, touched)
-                if top > g["max_level"]:
+                for level in range(min(top, graph.max_level), -1, -1):
+                    if backup is not None:
+                        self._keep_rows(graph, backup, nodes, level)
+                    link_reverse(view, nodes, level, 2 * M if level == 0 else M, touched)
+                if top > graph.max_level:
                     first = pos + int(np.argmax(lv[pos:pos + b]))
-                    g["entry"], g["max_level"] = first, int(lv[first])
+                    graph.entry, graph.max_level = first, int(lv[first])
                 pos += b
                 report(pos - n0)
-            report(m)
-        finally:
-            close()
         return touched
+
+    @staticmethod
+    def _keep_rows(graph, backup, nodes, level):
+        """Save the rows :func:`link_reverse` is about to rewrite at ``level`` (the targets of
+        the batch's edges) into ``backup`` before it does."""
+        layer0, upper = backup
+        if level == 0:
+            if layer0 is not None:
+                layer0.keep(_used_slots(graph.links_layer0, nodes))
+        elif upper is not None:
+            src = nodes[graph.levels[nodes] >= level]
+            targets = _used_slots(graph.links_upper, graph.upper_start[src] + level - 1)
+            upper.keep(graph.upper_start[targets] + level - 1)
 
     # ------------------------------------------------------------------ node order
     @staticmethod
-    def _set_order(g, perm):
-        """Record the node order: ``perm[node]`` = position, ``inv[position]`` = node."""
-        if perm is None:
-            g["perm"] = g["inv"] = g["perm_ext"] = None
-            return
-        perm = np.asarray(perm, np.int64)
-        inv = np.empty_like(perm)
-        inv[perm] = np.arange(perm.size, dtype=np.int64)
-        # one trailing -1 so that kernel results padded with -1 map to -1 in one take
-        g["perm"], g["inv"], g["perm_ext"] = perm, inv, np.append(perm, np.int64(-1))
-
-    def _reorder(self, g):
+    def _reorder(graph: HNSWGraph) -> None:
         """Renumber the nodes of a fresh build in breadth-first order of layer 0.
 
         Neighbours then sit close together in memory, which cuts cache and TLB misses of the
         walk on sets larger than the caches. Positions (what the base class maps to ids) are
-        unchanged: ``g["perm"]`` translates node numbers back to them.
+        unchanged: ``graph.node_positions`` translates node numbers back to them.
         """
-        n = g["n"]
+        n = graph.n
         if n < 2:
             return
-        order = bfs_order(g["links0"], n, g["entry"])
-        self._set_order(g, order)
-        inv = g["inv"]
-        g["X"] = np.ascontiguousarray(g["X"][:n][order])  # a new array: the caller's is kept
-        for key in ("levels", "ustart", "deleted"):
-            g[key] = np.ascontiguousarray(g[key][:n][order])
-        l0 = np.ascontiguousarray(g["links0"][:n][order])
-        relabel_rows(l0, inv)
-        g["links0"] = l0
-        relabel_rows(g["upper"][: g["rows"]], inv)
-        g["entry"] = int(inv[g["entry"]])
-
-    def _to_nodes(self, positions):
-        inv = self._g["inv"]
-        return positions if inv is None else inv[positions]
+        order = bfs_order(graph.links_layer0, n, graph.entry)
+        inv = np.empty_like(order)
+        inv[order] = np.arange(n, dtype=np.int64)
+        graph.node_positions = order
+        graph.vectors = np.ascontiguousarray(graph.vectors[:n][order])
+        graph.levels = np.ascontiguousarray(graph.levels[:n][order])
+        graph.upper_start = np.ascontiguousarray(graph.upper_start[:n][order])
+        graph.deleted = np.ascontiguousarray(graph.deleted[:n][order])
+        links0 = np.ascontiguousarray(graph.links_layer0[:n][order])
+        relabel_rows(links0, inv)
+        graph.links_layer0 = links0
+        relabel_rows(graph.links_upper[:graph.n_upper_rows], inv)
+        graph.entry = int(inv[graph.entry])
 
     # ------------------------------------------------------------------ FINGER
-    def _fit_finger(self, g):
+    def _fit_finger(self, graph: HNSWGraph, rng) -> None:
         """Fit the global basis and the distribution-matching table, then every edge payload."""
-        n, d = g["n"], g["X"].shape[1]
-        X, l0 = g["X"][:n], g["links0"][:n]
+        n, d = graph.n, graph.vectors.shape[1]
+        X, l0 = graph.vectors[:n], graph.links_layer0[:n]
         r = min(self.params["finger_rank"], d)
-        rng = self._rng
         deg = l0[:, 0].astype(np.int64)
-        live = np.flatnonzero((deg >= 1) & ~g["deleted"][:n])
+        live = np.flatnonzero((deg >= 1) & ~graph.deleted[:n])
         if live.size == 0:
             return
         nodes = live if live.size <= _FINGER_SAMPLES else np.sort(rng.choice(live, _FINGER_SAMPLES, replace=False))
@@ -333,158 +744,139 @@ class HNSW(Index):
         # top-r right singular vectors of S = top-r eigenvectors of S^T S (d x d, cheap)
         w, V_ = np.linalg.eigh(S.T @ S)
         B = np.ascontiguousarray(V_[:, ::-1][:, :r].T, dtype=np.float32)
-        g["fB"] = B
-        P = np.ascontiguousarray(g["X"][:n] @ B.T, dtype=np.float32)
-        g["fcode"], g["fpay"] = new_payload(g["X"].shape[0], 2 * g["M"], r)
-        edge_payload(X, l0, P, np.arange(n, dtype=np.int64), g["fcode"], g["fpay"])
-        g["fdm"] = self._fit_dm(g, r)
-        g["ftable"] = cos_table(r, g["fdm"], self._FINGER_SLACK)
+        P = np.ascontiguousarray(X @ B.T, dtype=np.float32)
+        codes = edge_payload(X, l0, P, np.arange(n, dtype=np.int64))
+        dm = self._fit_dm(graph, codes, r, rng)
+        graph.finger = FingerPayload(basis=B, codes=codes, table=cos_table(r, dm, self._FINGER_SLACK),
+                                     distribution=dm)
 
-    def _fit_dm(self, g, r):
+    @staticmethod
+    def _fit_dm(graph, codes, r, rng):
         """(mu, sigma, mu_hat, sigma_hat) of exact vs sign-estimated cosines of residual pairs
         at the same node (two distinct edges), as in the FINGER paper."""
-        n = g["n"]
-        deg = g["links0"][:n, 0].astype(np.int64)
-        cand = np.flatnonzero((deg >= 2) & ~g["deleted"][:n])
+        n = graph.n
+        deg = graph.links_layer0[:n, 0].astype(np.int64)
+        cand = np.flatnonzero((deg >= 2) & ~graph.deleted[:n])
         if cand.size == 0:
             return None
-        rng = self._rng
         nodes = cand if cand.size <= _FINGER_SAMPLES else np.sort(rng.choice(cand, _FINGER_SAMPLES, replace=False))
         a = (rng.random(nodes.size) * deg[nodes]).astype(np.int64)
         b = (rng.random(nodes.size) * (deg[nodes] - 1)).astype(np.int64)
         b = b + (b >= a)
-        cos, ham = pair_statistics(g["X"], g["links0"], g["fcode"], nodes, a, b)
+        cos, ham = pair_statistics(graph.vectors, graph.links_layer0, codes, nodes, a, b)
         ok = np.isfinite(cos)
         if ok.sum() < 10:
             return None
         est = np.cos(np.pi * ham[ok] / r)
         return (float(cos[ok].mean()), float(cos[ok].std()), float(est.mean()), float(est.std()))
 
-    def _refresh_finger(self, g, new_nodes, touched):
-        """Payload of new nodes and of every node whose layer-0 row changed (basis kept)."""
-        n = g["n"]
-        r = g["fB"].shape[0]
-        off = 4 * 2 * g["M"]
-        lo = int(new_nodes[0]) if len(new_nodes) else n
+    @staticmethod
+    def _refresh_finger(graph: HNSWGraph, first_new: int, touched) -> None:
+        """Payload of the nodes from ``first_new`` on and of every node whose layer-0 row
+        changed (basis kept). The rows are computed aside and stored in one last step."""
+        n = graph.n
+        f = graph.finger
+        r = f.rank
+        off = 4 * 2 * graph.M
         P = np.empty((n, r), np.float32)
-        P[:lo] = g["fpay"][:lo, off:off + r]
-        P[lo:] = g["X"][lo:n] @ g["fB"].T
-        rows = np.union1d(np.asarray(new_nodes, np.int64), np.flatnonzero(touched[:n]))
-        edge_payload(g["X"], g["links0"], P, rows.astype(np.int64), g["fcode"], g["fpay"])
+        P[:first_new] = f.payload[:first_new, off:off + r]
+        P[first_new:] = graph.vectors[first_new:n] @ f.basis.T
+        rows = np.union1d(np.arange(first_new, n, dtype=np.int64), np.flatnonzero(touched[:n]))
+        f.codes[rows] = edge_payload(graph.vectors, graph.links_layer0, P, rows.astype(np.int64))
 
     # ------------------------------------------------------------------ delete
     def _live_count(self):
-        return self._g["n"] - self._g["n_deleted"] if self._g is not None else 0
+        g = self._graph
+        return g.n - g.n_deleted if g is not None else 0
+
+    def _is_deleted(self, positions):
+        g = self._graph
+        return g.deleted[g.nodes_of(np.asarray(positions, np.int64))]
 
     def _delete(self, positions):
-        g = dict(self._g)
-        pos = np.unique(self._to_nodes(np.asarray(positions, np.int64)))
-        pos = pos[~g["deleted"][pos]]
-        if pos.size == 0:
-            return
-        n, M = g["n"], g["M"]
-        for key in ("deleted", "links0", "upper", "fcode"):
-            g[key] = np.array(g[key], copy=True)  # copy-then-swap: a failure changes nothing
-        g["fpay"] = g["fcode"].view(np.float32)
-        deleted = g["deleted"]
-        deleted[pos] = True
+        old = self._graph
+        nodes = old.nodes_of(np.asarray(positions, np.int64))  # live and distinct (the base checks)
+        n, M = old.n, old.M
+        graph = dataclasses.replace(old)
+        # repair rewrites rows all over the graph: work on copies, published only at the end
+        graph.deleted = old.deleted.copy()
+        graph.links_layer0 = old.links_layer0.copy()
+        graph.links_upper = old.links_upper.copy()
+        deleted = graph.deleted
+        deleted[nodes] = True
         touched = np.zeros(n, np.bool_)
-        top = int(g["levels"][pos].max())
-        for level in range(top, -1, -1):
-            repair_deleted(g["X"], deleted[:n], g["levels"], g["ustart"], g["links0"], g["upper"],
-                           level, 2 * M if level == 0 else M, self._metric.proxy, touched)
-        g["links0"][pos, 0] = 0
-        for p in pos:
-            lv = int(g["levels"][p])
-            if lv:
-                g["upper"][g["ustart"][p]:g["ustart"][p] + lv, 0] = 0
-        g["n_deleted"] = int(deleted[:n].sum())
-        if deleted[g["entry"]]:
+        view = graph.kernel_graph(self._metric.proxy)
+        for level in range(int(graph.levels[nodes].max()), -1, -1):
+            repair_deleted(view, deleted[:n], level, 2 * M if level == 0 else M, touched)
+        graph.links_layer0[nodes, 0] = 0
+        lv = graph.levels[nodes]
+        graph.links_upper[np.repeat(graph.upper_start[nodes], lv) + _ranks(lv), 0] = 0  # their rows
+        graph.n_deleted = int(np.count_nonzero(deleted[:n]))
+        if deleted[graph.entry]:
             live = np.flatnonzero(~deleted[:n])
             if live.size:
-                best = live[np.argmax(g["levels"][live])]
-                g["entry"], g["max_level"] = int(best), int(g["levels"][best])
+                best = live[np.argmax(graph.levels[live])]
+                graph.entry, graph.max_level = int(best), int(graph.levels[best])
             else:
-                g["entry"], g["max_level"] = -1, 0
-        if g["fB"].shape[0]:
-            self._refresh_finger(g, np.zeros(0, np.int64), touched)
-        self._g = g
+                graph.entry, graph.max_level = -1, 0
+        if graph.finger is not None:
+            # the one write into an array shared with the published state, and the last step
+            self._refresh_finger(graph, n, touched)
+        self._commit(graph)
+
+    # ------------------------------------------------------------------ search policy hooks
+    def _live_mask(self):
+        return self._graph.live_positions
+
+    def _scan_is_cheaper(self, n_allowed, k, params):
+        # a walk needs ~ef*n/n_allowed visits to fill its beam; scan instead when cheaper
+        ef = max(params["ef"], k)
+        return n_allowed * n_allowed <= 3 * ef * self._graph.n
+
+    def _vectors_at(self, positions):
+        g = self._graph
+        return g.vectors[g.nodes_of(np.asarray(positions, np.int64))]
 
     # ------------------------------------------------------------------ search
     def _take_scratch(self, chunks, n):
+        # list.pop / list.append / dict.setdefault are atomic, so concurrent searches (which
+        # share the read lock) each take a set of their own; a set too small for the current
+        # graph is dropped.
         pool = self._pool.setdefault(chunks, [])
         try:
             visited, tags = pool.pop()
             if visited.shape[1] >= n:
-                return visited, tags
+                return pool, visited, tags
         except IndexError:
             pass
-        return np.zeros((chunks, n), np.uint16), np.zeros(chunks, np.int64)
+        return pool, np.zeros((chunks, n), np.uint16), np.zeros(chunks, np.int64)
 
     def _search(self, Q, k, mask, ef, finger):
-        g = self._g
-        perm = g["perm_ext"]
-        if perm is None:
-            return self._search_nodes(Q, k, mask, ef, finger)
-        if mask is not None:
-            mask = mask[g["perm"]]  # positions -> node numbers
-        out_d, out_i = self._search_nodes(Q, k, mask, ef, finger)
-        return out_d, perm[out_i]
-
-    def _search_nodes(self, Q, k, mask, ef, finger):
-        """:meth:`_search` in node numbers (mask indexed by node, results are nodes)."""
-        g = self._g
-        n = g["n"]
+        g = self._graph
+        view = self._view
         nq = Q.shape[0]
-        ef = max(ef, k)
-        deleted = g["deleted"][:n] if g["n_deleted"] else self._NO_MASK
-        if mask is not None or g["n_deleted"]:
-            if mask is None:
-                allowed, n_allowed = None, n - g["n_deleted"]
-            else:
-                allowed = mask & ~g["deleted"][:n] if g["n_deleted"] else mask
-                n_allowed = int(np.count_nonzero(allowed))
-            # a walk needs ~ef*n/n_allowed visits to fill its beam; scan instead when cheaper
-            if n_allowed * n_allowed <= 3 * ef * n:
-                rows = np.flatnonzero(~g["deleted"][:n] if allowed is None else allowed)
-                return self._exact_subset(Q, k, rows)
+        if g.entry < 0:
+            return np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
         if mask is None:
             mask = self._NO_MASK
-        if g["entry"] < 0:
-            return np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
-        use_finger = finger and g["fB"].shape[0] > 0
-        out_d = np.empty((nq, k), np.float32)
-        out_i = np.empty((nq, k), np.int64)
-        counts = np.empty((nq, 2), np.int64)
+        elif g.node_positions is not None:
+            mask = mask[g.node_positions]  # positions -> node numbers
+        params = (max(ef, k), k, mask, view.deleted, bool(finger and view.has_finger))
         # one query never needs the thread count (asking numba for it costs ~5 us per call)
         chunks = 1 if nq == 1 else min(numba.get_num_threads(), nq)
-        visited, tags = self._take_scratch(chunks, n)
+        pool, visited, tags = self._take_scratch(chunks, g.n)
         try:
             kernel = search_serial if chunks == 1 else search_queries
-            kernel(Q, g["X"], g["links0"], g["upper"], g["ustart"], g["entry"], g["max_level"], ef, k,
-                   self._metric.proxy, mask, deleted, visited, tags, g["fB"], g["fcode"], g["fpay"],
-                   g["ftable"], use_finger, out_d, out_i, counts)
+            out_d, out_i, counts = kernel(Q, view.graph, view.finger, params, visited, tags)
         finally:
-            self._pool[chunks].append((visited, tags))
+            pool.append((visited, tags))
         tot = counts[0] if nq == 1 else counts.sum(axis=0)
         with self._stats_lock:
             self._stats[0] += nq
             self._stats[1] += int(tot[0])
             self._stats[2] += int(tot[1])
-        return out_d, out_i
-
-    def _exact_subset(self, Q, k, rows):
-        g = self._g
-        nq = Q.shape[0]
-        if rows.size == 0:
-            return np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
-        Xs = np.ascontiguousarray(g["X"][rows])
-        kk = min(k, rows.size)
-        d, i = exact_search(Q, Xs, sqnorms(Xs), kk, self._metric.proxy)
-        out_d = np.full((nq, k), np.inf, np.float32)
-        out_i = np.full((nq, k), -1, np.int64)
-        out_d[:, :kk] = d
-        out_i[:, :kk] = np.where(i >= 0, rows[np.maximum(i, 0)], -1)
+        if g.positions_padded is not None:
+            out_i = g.positions_padded[out_i]
         return out_d, out_i
 
     def search_stats(self) -> dict[str, float]:
@@ -494,66 +886,33 @@ class HNSW(Index):
         -------
         dict
             ``queries``; ``exact_per_query``: exact distance evaluations per query (all layers);
-            ``estimated_per_query``: FINGER estimates per query (0 without FINGER).
+            ``estimated_per_query``: FINGER estimates per query (0 without FINGER). Searches
+            answered by an exact scan (very selective filters) are not counted.
         """
-        with self._stats_lock:
+        with self._rw.read(), self._stats_lock:
             q, ex, est = self._stats
         return {"queries": q, "exact_per_query": ex / q if q else 0.0,
                 "estimated_per_query": est / q if q else 0.0}
 
     def reset_search_stats(self) -> None:
-        """Zero the counters of :meth:`search_stats`."""
-        with self._stats_lock:
+        """Zero the counters of :meth:`search_stats` (after the searches in flight finish)."""
+        with self._rw.write(), self._stats_lock:
             self._stats = [0, 0, 0]
 
     # ------------------------------------------------------------------ persistence
     def _state(self):
-        g = self._g
-        n = g["n"]
-        meta = {"entry": int(g["entry"]), "max_level": int(g["max_level"]), "n": n,
-                "rows": int(g["rows"]), "n_deleted": int(g["n_deleted"]),
-                "finger_dm": None if g["fdm"] is None else list(g["fdm"])}
-        arrays = {"vectors": g["X"][:n], "levels": g["levels"][:n], "ustart": g["ustart"][:n],
-                  "links0": g["links0"][:n], "upper": g["upper"][: max(1, g["rows"])],
-                  "deleted": g["deleted"][:n]}
-        if g["fB"].shape[0]:
-            arrays.update({"finger_basis": g["fB"], "finger_payload": g["fcode"][:n],
-                           "finger_table": g["ftable"]})
-        if g["perm"] is not None:
-            arrays["node_positions"] = g["perm"]  # rows of every array above are node numbers
-        return meta, arrays
+        return self._graph.to_file()
 
     def _restore(self, meta, arrays):
-        def own(a):
-            # a read-only memory map becomes a copy-on-write one: same pages, and the kernels
-            # see writable arrays (one compiled version for loaded and built indexes)
-            if isinstance(a, np.memmap) and not a.flags.writeable:
-                return np.memmap(a.filename, dtype=a.dtype, mode="c", offset=a.offset, shape=a.shape)
-            return a
+        graph = HNSWGraph.from_file(meta, arrays, self.params["M"], self.params["random_state"])
+        graph.validate(self._dim, self._n_positions, self._metric.max_abs(self._dim))
+        self._commit(graph)
 
-        M = self.params["M"]
-        n = int(meta["n"])
-        X = own(arrays["vectors"])
-        g = {"X": X, "n": n, "rows": int(meta["rows"]), "M": M,
-             "levels": own(arrays["levels"]), "ustart": own(arrays["ustart"]),
-             "links0": own(arrays["links0"]), "upper": own(arrays["upper"]),
-             "deleted": own(arrays["deleted"]), "n_deleted": int(meta["n_deleted"]),
-             "entry": int(meta["entry"]), "max_level": int(meta["max_level"]),
-             "fB": np.zeros((0, X.shape[1]), np.float32),
-             "fdm": None if meta.get("finger_dm") is None else tuple(meta["finger_dm"])}
-        if X.ndim != 2 or g["links0"].shape != (n, 2 * M + 1) or g["levels"].shape != (n,):
-            raise ValueError("graph arrays do not match the vectors")
-        self._set_empty_finger(g, n)
-        perm = arrays.get("node_positions")
-        if perm is not None and (perm.shape != (n,) or not np.array_equal(np.sort(perm), np.arange(n))):
-            raise ValueError("node order is not a permutation of the positions")
-        self._set_order(g, None if perm is None else np.array(perm))
-        if "finger_basis" in arrays:
-            fB, codes = own(arrays["finger_basis"]), own(arrays["finger_payload"])
-            if codes.dtype != np.uint64 or codes.shape != (n, payload_width(2 * M, fB.shape[0])):
-                raise ValueError("FINGER payload does not match the graph")
-            g.update({"fB": fB, "fcode": codes, "fpay": codes.view(np.float32),
-                      "ftable": own(arrays["finger_table"])})
-        self._g = g
-        self._rng = V.check_random_state(None)
-        self._pool = {}
+
+def _ranks(counts: np.ndarray) -> np.ndarray:
+    """0..c-1 for each count c, concatenated (vectorised ``concatenate(arange(c) for c)``)."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.arange(total, dtype=np.int64) - starts

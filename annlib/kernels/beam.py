@@ -1,12 +1,15 @@
 """Beam-search building blocks shared by the graph walks: candidate heap, visited tags, filters.
 
-* the candidate set is a min-heap ``(Cd, Ci)`` of fixed capacity;
+* the candidate set is a min-heap ``(cand_dist, cand_ids)`` of fixed capacity and the result set
+  a bounded max-heap ``(result_dist, result_ids)``; both live in one :class:`Beam` per thread;
 * a visited set is one row of a uint16 array tagged with a per-query epoch, so it is never
   cleared between queries (only when the tag wraps);
 * :func:`exact_proxy` recomputes returned distances without fast-math.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -17,13 +20,45 @@ from numba.extending import intrinsic
 from .distances import L2SQ, proxy_pair
 from .topk import heap_push
 
-__all__ = ["FASTMATH", "exact_proxy", "cand_push", "cand_pop", "next_tag", "allowed",
-           "prefetch_row", "row_lines"]
+__all__ = ["FASTMATH", "Beam", "new_beam", "exact_proxy", "cand_push", "cand_pop", "next_tag",
+           "allowed", "prefetch_row", "row_lines", "score_collected"]
 
 # Re-association lets LLVM vectorise the distance reductions; 'ninf'/'nnan' are left out on
 # purpose since heaps are initialised to +inf and compared against it.
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 _TAG_MAX = 65535
+
+
+class Beam(NamedTuple):
+    """Scratch of one walk, allocated once per thread and reused for every query it runs.
+
+    Attributes
+    ----------
+    cand_dist, cand_ids : float32 / int64 (capacity,)
+        Candidate min-heap (nodes still to expand).
+    result_dist, result_ids : float32 / int64 (ef,)
+        Bounded result max-heap (root = current worst), +inf / -1 where empty.
+    neighbours : int64 (row width,)
+        Unvisited neighbours of the node being expanded.
+    query_proj : float32 (r,)
+        The query projected on the FINGER basis (length 0 without FINGER).
+    """
+
+    cand_dist: np.ndarray
+    cand_ids: np.ndarray
+    result_dist: np.ndarray
+    result_ids: np.ndarray
+    neighbours: np.ndarray
+    query_proj: np.ndarray
+
+
+@numba.njit(cache=True, nogil=True)
+def new_beam(ef, cand_capacity, row_width, rank):
+    """A :class:`Beam` for result width ``ef``, ``cand_capacity`` candidates, graph rows of
+    ``row_width`` slots and a FINGER basis of rank ``rank`` (0: none)."""
+    return Beam(np.empty(cand_capacity, dtype=np.float32), np.empty(cand_capacity, dtype=np.int64),
+                np.empty(ef, dtype=np.float32), np.empty(ef, dtype=np.int64),
+                np.empty(row_width, dtype=np.int64), np.empty(rank, dtype=np.float32))
 
 
 @intrinsic
@@ -161,13 +196,18 @@ allowed = _allowed
 
 
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True, nogil=True)
-def score_collected(q, X, nbuf, m, proxy, Cd, Ci, size, Wd, Wi, mask, deleted):
-    """Exact proxies of the ``m`` neighbours collected in ``nbuf`` (their rows already
+def score_collected(q, X, proxy, beam, m, size, mask, deleted):
+    """Exact proxies of the first ``m`` of ``beam.neighbours`` (their rows already
     prefetched), pushed into the candidate heap and, when allowed, the result heap.
 
-    The step both layer-0 walks (plain and FINGER) end every expansion with; returns the new
-    candidate-heap size.
+    The step both layer-0 walks (plain and FINGER) end every expansion with; ``size`` is the
+    candidate-heap size before, the new size is returned.
     """
+    nbuf = beam.neighbours
+    Cd = beam.cand_dist
+    Ci = beam.cand_ids
+    Wd = beam.result_dist
+    Wi = beam.result_ids
     for j in range(m):
         e = nbuf[j]
         d = proxy_pair(q, X[e], proxy)

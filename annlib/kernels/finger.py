@@ -8,14 +8,15 @@ orthogonal to it (ALGORITHMS §1.2)::
 
 ``<q, c>`` follows from the already known distance of ``c``; only the angle between ``q_res``
 and ``e_res`` is estimated, from the Hamming distance of their sign codes on one global basis
-``B`` (r <= 64 rows, one uint64 per edge), mapped through a 65-entry cosine table that carries
+``B`` (r <= 64 rows, one uint64 per edge; bits r..63 are zero), mapped through a 65-entry cosine table that carries
 the distribution-matching correction. ``B q_res = B q - t_q (B c)`` with ``B c`` stored per
 node, so the per-node cost is O(r) and the per-edge cost O(1).
 
-Payload (n = nodes, M0 = layer-0 width): ``fB`` float32 (r, d), the basis; ``ftable`` float32
-(r + 1,), the estimated cosine per Hamming distance; and one row per node holding everything an
-expansion reads, contiguous so it streams from memory as one block. The row is allocated as
-uint64 (``fcode``) and read through a float32 view of the same buffer (``fpay``)::
+Payload (n = nodes, M0 = layer-0 width), handed to the kernels as one :class:`FingerArrays`:
+``basis`` float32 (r, d); ``table`` float32 (r + 1,), the estimated cosine per Hamming distance;
+and one row per node holding everything an expansion reads, contiguous so it streams from
+memory as one block. The row is allocated as uint64 (``codes``) and read through a float32 view
+of the same buffer (``payload``)::
 
     float32 columns   [0, 2 M0)        sign codes of B e_res (uint64 column s = slot s)
                       2 M0 + 2 s       t_e of slot s
@@ -25,6 +26,8 @@ uint64 (``fcode``) and read through a float32 view of the same buffer (``fpay``)
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -38,6 +41,7 @@ from .distances import L2SQ, dot, proxy_pair
 from .topk import heap_push
 
 __all__ = [
+    "FingerArrays",
     "payload_width",
     "new_payload",
     "popcount64",
@@ -47,6 +51,27 @@ __all__ = [
     "cos_table",
     "estimates_at",
 ]
+
+
+class FingerArrays(NamedTuple):
+    """FINGER's arrays as the kernels read them (rank 0 = no FINGER).
+
+    Attributes
+    ----------
+    basis : float32 (r, d)
+        The global basis B (r <= 64).
+    codes : uint64 (n, payload_width(M0, r))
+        Payload rows (module docstring), as uint64: sign codes in columns 0..M0-1.
+    payload : float32 (n, 2 * payload_width(M0, r))
+        The same buffer as float32 (the edge and node terms).
+    table : float32 (r + 1,)
+        Estimated cosine per Hamming distance.
+    """
+
+    basis: np.ndarray
+    codes: np.ndarray
+    payload: np.ndarray
+    table: np.ndarray
 
 
 @intrinsic
@@ -122,27 +147,26 @@ def sample_residuals(X, links0, nodes, slots):
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-def edge_payload(X, links0, P, rows, fcode, fpay):
-    """(Re)compute the payload rows of the nodes in ``rows`` from the current graph.
+def edge_payload(X, links0, P, rows):
+    """The payload rows of the nodes ``rows`` computed from the current graph.
 
-    ``P`` = ``X @ B.T`` (n, r), the projections of every node. Unused edge slots are zeroed.
+    ``P`` = ``X @ B.T`` (n, r), the projections of every node. Unused edge slots are zero.
+    Returns uint64 (len(rows), payload_width(M0, r)), row ``a`` for node ``rows[a]``: the
+    caller stores them, so nothing it holds changes until every row is computed.
     """
     r = P.shape[1]
     M0 = links0.shape[1] - 1
+    fcode = np.zeros((rows.shape[0], (4 * M0 + r + 2) // 2), dtype=np.uint64)
+    fpay = fcode.view(np.float32)
     for a in prange(rows.shape[0]):
         c = rows[a]
         xc = X[c]
         cc = dot(xc, xc)
-        fpay[c, 4 * M0 + r] = cc
+        fpay[a, 4 * M0 + r] = cc
         for j in range(r):
-            fpay[c, 4 * M0 + j] = P[c, j]
+            fpay[a, 4 * M0 + j] = P[c, j]
         cnt = links0[c, 0]
-        for s in range(M0):
-            if s >= cnt:
-                fpay[c, 2 * M0 + 2 * s] = 0.0
-                fpay[c, 2 * M0 + 2 * s + 1] = 0.0
-                fcode[c, s] = 0
-                continue
+        for s in range(cnt):
             e = links0[c, 1 + s]
             xe = X[e]
             ee = dot(xe, xe)
@@ -151,9 +175,10 @@ def edge_payload(X, links0, P, rows, fcode, fpay):
             res2 = ee - te * ec
             if res2 < 0.0:
                 res2 = np.float32(0.0)
-            fpay[c, 2 * M0 + 2 * s] = te
-            fpay[c, 2 * M0 + 2 * s + 1] = np.sqrt(res2)
-            fcode[c, s] = _code(P[e], te, P[c], r)
+            fpay[a, 2 * M0 + 2 * s] = te
+            fpay[a, 2 * M0 + 2 * s + 1] = np.sqrt(res2)
+            fcode[a, s] = _code(P[e], te, P[c], r)
+    return fcode
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
@@ -216,19 +241,33 @@ def cos_table(r: int, dm: tuple[float, float, float, float] | None, slack: float
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _finger_layer0(q, X, links0, ep, ep_d, proxy, mask, deleted, visited, tag, Cd, Ci, Wd, Wi,
-                   fB, fcode, fpay, ftable, qB, nbuf):
+def _finger_layer0(q, graph, finger, ep, ep_d, mask, deleted, visited, tag, beam):
     """Layer-0 best-first search where, once the result heap is full, a neighbour is evaluated
     exactly only if its FINGER estimate can enter the result heap.
 
-    Pruned neighbours are not marked visited (another node may still lead to them). Every item
-    of the result heap has an exact distance. ``nbuf`` (int64, >= M0) is scratch. Returns
-    (exact evaluations, estimates).
+    ``graph`` is the graph kernels' ``GraphArrays`` (vectors, layer-0 links, proxy are read),
+    ``finger`` a :class:`FingerArrays`, ``beam`` a :class:`~.beam.Beam` whose ``query_proj``
+    has length r. Pruned neighbours are not marked visited (another node may still lead to
+    them). Every item of the result heap has an exact distance. Returns (exact evaluations,
+    estimates).
 
     Memory: the links and payload rows of the next candidate are prefetched while the current
     one is expanded, and the vectors of the neighbours that pass the filter are prefetched
     together before their exact distances are computed.
     """
+    X = graph.vectors
+    links0 = graph.links_layer0
+    proxy = graph.proxy
+    fB = finger.basis
+    fcode = finger.codes
+    fpay = finger.payload
+    ftable = finger.table
+    Cd = beam.cand_dist
+    Ci = beam.cand_ids
+    Wd = beam.result_dist
+    Wi = beam.result_ids
+    nbuf = beam.neighbours
+    qB = beam.query_proj
     r = fB.shape[0]
     M0 = links0.shape[1] - 1
     off_t = 2 * M0
@@ -298,17 +337,22 @@ def _finger_layer0(q, X, links0, ep, ep_d, proxy, mask, deleted, visited, tag, C
                 nbuf[m] = e
                 m += 1
         evals += m
-        size = score_collected(q, X, nbuf, m, proxy, Cd, Ci, size, Wd, Wi, mask, deleted)
+        size = score_collected(q, X, proxy, beam, m, size, mask, deleted)
     return evals, n_est
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-def estimates_at(Q, X, links0, centres, proxy, fB, fcode, fpay, ftable):
+def estimates_at(Q, X, links0, centres, proxy, finger):
     """FINGER estimates and exact proxies for every edge of ``centres[i]`` seen from ``Q[i]``.
 
-    For tests and diagnostics. Returns float32 arrays (m, M0) of estimates and exact proxies
-    (NaN in unused slots).
+    For tests and diagnostics; ``finger`` is a :class:`FingerArrays` (or the plain tuple of its
+    fields). Returns float32 arrays (m, M0) of estimates and exact proxies (NaN in unused slots).
     """
+    finger = FingerArrays(*finger)
+    fB = finger.basis
+    fcode = finger.codes
+    fpay = finger.payload
+    ftable = finger.table
     m = centres.shape[0]
     M0 = links0.shape[1] - 1
     est = np.full((m, M0), np.nan, dtype=np.float32)

@@ -1,12 +1,13 @@
 """Graph kernels for HNSW: layer walks, neighbour selection, batched insertion, repair, search.
 
-Graph layout (chosen so one row is one or two cache lines and the walk touches few arrays):
+Graph layout (chosen so one row is one or two cache lines and the walk touches few arrays),
+handed to the kernels as one :class:`GraphArrays`:
 
-* ``links0`` int32 (cap, 2M + 1): layer 0; column 0 holds the neighbour count, columns
-  ``1..count`` the neighbour positions.
-* ``upper`` int32 (rows, M + 1): layers >= 1, same row format; node ``v`` owns the rows
-  ``ustart[v] + l - 1`` for ``l = 1..levels[v]`` (only about n/(M-1) rows in total).
-* ``X`` float32 (cap, d) C-contiguous vectors; distances are the proxies of
+* ``links_layer0`` int32 (cap, 2M + 1): layer 0; column 0 holds the neighbour count, columns
+  ``1..count`` the neighbour node numbers.
+* ``links_upper`` int32 (rows, M + 1): layers >= 1, same row format; node ``v`` owns the rows
+  ``upper_start[v] + l - 1`` for ``l = 1..levels[v]`` (only about n/(M-1) rows in total).
+* ``vectors`` float32 (cap, d) C-contiguous; distances are the proxies of
   :mod:`.distances` (0 = squared L2, 1 = negative inner product).
 
 Walks run with re-association allowed (vectorised reductions) but without the no-inf/no-NaN
@@ -14,22 +15,34 @@ flags, because the result heaps start at +inf. Distances handed back to callers 
 without fast-math (:func:`exact_proxy`).
 
 Scratch: a visited set is a uint16 array tagged with a per-query epoch (no clearing between
-queries); the candidate min-heap and the bounded result max-heap are allocated once per call
-(per thread chunk) and reused for every query of that chunk.
+queries); the candidate min-heap and the bounded result max-heap (a :class:`~.beam.Beam`) are
+allocated once per call (per thread chunk) and reused for every query of that chunk.
+
+Calling convention: the entry points called from Python (:func:`search_queries`,
+:func:`search_serial`, :func:`insert_batch`, :func:`link_reverse`, :func:`repair_deleted`)
+take their bundles as :class:`GraphArrays` / :class:`SearchParams` / ``FingerArrays`` or as
+plain tuples of the same fields in the same order, and rebuild the named tuple inside. Callers
+on a latency-critical path pass plain tuples: numba's dispatcher fingerprints a plain tuple in
+C, but types a named tuple through Python on every call (about 2 us per argument).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numba
 import numpy as np
 from numba import prange
 
-from .beam import FASTMATH, _allowed, cand_pop, cand_push, score_collected, exact_proxy, next_tag, prefetch_row, row_lines
+from .beam import (FASTMATH, _allowed, cand_pop, cand_push, exact_proxy, new_beam, next_tag,
+                   prefetch_row, row_lines, score_collected)
 from .distances import proxy_pair
-from .finger import _finger_layer0
+from .finger import FingerArrays, _finger_layer0
 from .topk import heap_push, heap_sort_inplace
 
 __all__ = [
+    "GraphArrays",
+    "SearchParams",
     "greedy_descend",
     "search_layer",
     "select_heuristic",
@@ -43,10 +56,65 @@ __all__ = [
 ]
 
 
+class GraphArrays(NamedTuple):
+    """Everything a walk reads of the graph (the family's state, as the kernels see it).
+
+    Attributes
+    ----------
+    vectors : float32 (cap, d)
+    links_layer0 : int32 (cap, 2M + 1)
+    links_upper : int32 (rows, M + 1)
+    upper_start : int64 (cap,)
+        First row of ``links_upper`` owned by each node.
+    levels : int32 (cap,)
+        Top layer of each node.
+    entry : int
+        Entry node (-1: empty graph).
+    max_level : int
+        Level of the entry node.
+    proxy : int
+        Distance proxy code (:mod:`.distances`).
+    """
+
+    vectors: np.ndarray
+    links_layer0: np.ndarray
+    links_upper: np.ndarray
+    upper_start: np.ndarray
+    levels: np.ndarray
+    entry: int
+    max_level: int
+    proxy: int
+
+
+class SearchParams(NamedTuple):
+    """Per-call settings of :func:`search_queries`.
+
+    Attributes
+    ----------
+    ef, k : int
+        Beam width (>= k) and results per query.
+    mask : bool (n,) or (0,)
+        Allowed nodes (length 0: all).
+    deleted : bool (n,) or (0,)
+        Tombstones (length 0: none).
+    use_finger : bool
+        Filter layer-0 expansions by FINGER estimates (needs a non-empty basis).
+    """
+
+    ef: int
+    k: int
+    mask: np.ndarray
+    deleted: np.ndarray
+    use_finger: bool
+
 
 @numba.njit(inline="always", cache=True, nogil=True)
-def greedy_descend(q, X, upper, ustart, cur, cur_d, top, bottom, proxy):
+def greedy_descend(q, graph, cur, cur_d, top, bottom):
     """Beam-1 descent from layer ``top`` down to layer ``bottom + 1``; returns (node, dist, evals)."""
+    X = graph.vectors
+    upper = graph.links_upper
+    ustart = graph.upper_start
+    proxy = graph.proxy
     evals = 0
     for level in range(top, bottom, -1):
         changed = True
@@ -66,20 +134,26 @@ def greedy_descend(q, X, upper, ustart, cur, cur_d, top, bottom, proxy):
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
-def search_layer(q, X, links0, upper, ustart, level, ep, ep_d, proxy, mask, deleted,
-                 visited, tag, Cd, Ci, Wd, Wi, nbuf):
+def search_layer(q, graph, level, ep, ep_d, mask, deleted, visited, tag, beam):
     """Best-first search of one layer (HNSW's SEARCH-LAYER) from one entry point.
 
-    ``Wd``/``Wi`` (length ef) receive the ef best allowed nodes as a max-heap (+inf/-1 where
-    fewer were found); nodes excluded by ``mask``/``deleted`` are walked through but never
-    enter the result heap. ``visited`` is one row of tags; ``tag`` marks this search.
-    ``nbuf`` (int64, >= row width) is scratch for the unvisited neighbours of one node.
-    Returns the number of distance evaluations.
+    ``beam.result_dist``/``beam.result_ids`` (length ef) receive the ef best allowed nodes as a
+    max-heap (+inf/-1 where fewer were found); nodes excluded by ``mask``/``deleted`` are walked
+    through but never enter the result heap. ``visited`` is one row of tags; ``tag`` marks this
+    search. Returns the number of distance evaluations.
 
     Each expansion first collects the unvisited neighbours and asks the CPU to fetch their
     vectors, then computes the distances: the misses of a row overlap instead of queueing one
     after another (the walk is memory-bound once the vectors outgrow the caches).
     """
+    X = graph.vectors
+    ustart = graph.upper_start
+    proxy = graph.proxy
+    Cd = beam.cand_dist
+    Ci = beam.cand_ids
+    Wd = beam.result_dist
+    Wi = beam.result_ids
+    nbuf = beam.neighbours
     Wd[:] = np.inf
     Wi[:] = -1
     visited[ep] = tag
@@ -87,7 +161,7 @@ def search_layer(q, X, links0, upper, ustart, level, ep, ep_d, proxy, mask, dele
         heap_push(Wd, Wi, ep_d, ep)
     size = cand_push(Cd, Ci, 0, ep_d, ep)
     evals = 0
-    links = links0 if level == 0 else upper
+    links = graph.links_layer0 if level == 0 else graph.links_upper
     lines = row_lines(X)
     while size > 0:
         cd = Cd[0]
@@ -110,7 +184,7 @@ def search_layer(q, X, links0, upper, ustart, level, ep, ep_d, proxy, mask, dele
             nbuf[m] = e
             m += 1
         evals += m
-        size = score_collected(q, X, nbuf, m, proxy, Cd, Ci, size, Wd, Wi, mask, deleted)
+        size = score_collected(q, X, proxy, beam, m, size, mask, deleted)
     return evals
 
 
@@ -120,7 +194,7 @@ def select_heuristic(X, proxy, cand_i, cand_d, m, max_out, out):
 
     A candidate is kept when no already kept neighbour is closer to it than the base is
     (diversity); stops at ``max_out``. With fewer than ``max_out`` candidates all are kept (as
-    hnswlib does). Writes positions into ``out``; returns how many.
+    hnswlib does). Writes node numbers into ``out``; returns how many.
     """
     if m <= max_out:
         for a in range(m):
@@ -144,26 +218,34 @@ def select_heuristic(X, proxy, cand_i, cand_d, m, max_out, out):
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-def insert_batch(X, nodes, levels, ustart, links0, upper, entry, max_level, M, ef_c, proxy,
-                 visited, tags):
+def insert_batch(graph, nodes, M, ef_c, visited, tags):
     """Insert ``nodes`` into the graph in parallel, each searching the graph as it was before.
 
-    Writes each new node's own neighbour rows (up to ``M`` per layer, chosen by the heuristic);
-    reverse edges are added afterwards by :func:`link_reverse`. Nodes of one batch do not see
-    each other, which is why batches are kept small relative to the graph (see the family).
-    ``visited`` has one row per thread chunk. Returns the number of distance evaluations.
+    ``graph`` is a :class:`GraphArrays` (or the plain tuple of its fields) whose ``entry`` and
+    ``max_level`` describe the graph before this batch. Writes each new node's own neighbour
+    rows (up to ``M`` per layer, chosen by the heuristic); reverse edges are added afterwards by
+    :func:`link_reverse`. Nodes of one batch do not see each other, which is why batches are
+    kept small relative to the graph (see the family). ``visited`` has one row per thread
+    chunk. Returns the number of distance evaluations.
     """
+    graph = GraphArrays(*graph)
+    X = graph.vectors
+    levels = graph.levels
+    ustart = graph.upper_start
+    links0 = graph.links_layer0
+    upper = graph.links_upper
+    entry = graph.entry
+    max_level = graph.max_level
+    proxy = graph.proxy
     n_chunks = visited.shape[0]
     nb = nodes.shape[0]
     evals_out = np.zeros(n_chunks, dtype=np.int64)
     empty_mask = np.zeros(0, dtype=np.bool_)
     for t in prange(n_chunks):
-        Cd = np.empty(4 * ef_c + 64, dtype=np.float32)
-        Ci = np.empty(4 * ef_c + 64, dtype=np.int64)
-        Wd = np.empty(ef_c, dtype=np.float32)
-        Wi = np.empty(ef_c, dtype=np.int64)
+        beam = new_beam(ef_c, 4 * ef_c + 64, links0.shape[1], 0)
+        Wd = beam.result_dist
+        Wi = beam.result_ids
         sel = np.empty(M, dtype=np.int64)
-        nbuf = np.empty(links0.shape[1], dtype=np.int64)
         ev = 0
         for b in range(t, nb, n_chunks):
             p = nodes[b]
@@ -173,12 +255,12 @@ def insert_batch(X, nodes, levels, ustart, links0, upper, entry, max_level, M, e
             cur_d = proxy_pair(q, X[cur], proxy)
             ev += 1
             if max_level > lq:
-                cur, cur_d, e1 = greedy_descend(q, X, upper, ustart, cur, cur_d, max_level, lq, proxy)
+                cur, cur_d, e1 = greedy_descend(q, graph, cur, cur_d, max_level, lq)
                 ev += e1
             for level in range(min(lq, max_level), -1, -1):
                 tag = next_tag(visited, tags, t)
-                ev += search_layer(q, X, links0, upper, ustart, level, cur, cur_d, proxy,
-                                   empty_mask, empty_mask, visited[t], tag, Cd, Ci, Wd, Wi, nbuf)
+                ev += search_layer(q, graph, level, cur, cur_d, empty_mask, empty_mask,
+                                   visited[t], tag, beam)
                 heap_sort_inplace(Wd, Wi)
                 m = 0
                 while m < ef_c and Wi[m] >= 0:
@@ -201,7 +283,7 @@ def insert_batch(X, nodes, levels, ustart, links0, upper, entry, max_level, M, e
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-def link_reverse(X, nodes, levels, ustart, links0, upper, level, M_max, proxy, touched):
+def link_reverse(graph, nodes, level, M_max, touched):
     """Add the reverse edges of the batch ``nodes`` at ``level``, shrinking overfull lists.
 
     Edges are grouped by target so each target row is rewritten by exactly one thread; a full
@@ -209,7 +291,12 @@ def link_reverse(X, nodes, levels, ustart, links0, upper, level, M_max, proxy, t
     result does not depend on the number of threads. ``touched`` (bool, per node) is set for
     every target whose row changed. Returns the number of distance evaluations.
     """
-    links = links0 if level == 0 else upper
+    graph = GraphArrays(*graph)
+    X = graph.vectors
+    levels = graph.levels
+    ustart = graph.upper_start
+    proxy = graph.proxy
+    links = graph.links_layer0 if level == 0 else graph.links_upper
     total = 0
     for b in range(nodes.shape[0]):
         p = nodes[b]
@@ -275,15 +362,21 @@ def link_reverse(X, nodes, levels, ustart, links0, upper, level, M_max, proxy, t
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-def repair_deleted(X, deleted, levels, ustart, links0, upper, level, M_max, proxy, touched):
+def repair_deleted(graph, deleted, level, M_max, touched):
     """Remove deleted nodes from every neighbour list of ``level`` and reconnect around them.
 
-    A live node that pointed to a deleted one re-selects (heuristic) among its live neighbours
-    and the live neighbours of its deleted neighbours; deleted nodes' own rows are emptied
-    afterwards by the caller. ``touched`` is set for every rewritten row's node.
+    ``deleted`` is bool (n,) over nodes. A live node that pointed to a deleted one re-selects
+    (heuristic) among its live neighbours and the live neighbours of its deleted neighbours;
+    deleted nodes' own rows are emptied afterwards by the caller. ``touched`` is set for every
+    rewritten row's node.
     """
+    graph = GraphArrays(*graph)
+    X = graph.vectors
+    levels = graph.levels
+    ustart = graph.upper_start
+    proxy = graph.proxy
     n = deleted.shape[0]
-    links = links0 if level == 0 else upper
+    links = graph.links_layer0 if level == 0 else graph.links_upper
     for pp in prange(n):
         p = np.int64(pp)  # prange indices are unsigned; keep row arithmetic in int64
         if deleted[p] or levels[p] < level:
@@ -373,93 +466,91 @@ def _finish(q, X, Wd, Wi, k, proxy, out_d, out_i):
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _query(q, X, links0, upper, ustart, entry, max_level, proxy, mask, deleted, visited, tag,
-           Cd, Ci, Wd, Wi, k, out_d, out_i, fB, fcode, fpay, ftable, use_finger, qB, nbuf):
+def _query(q, graph, finger, params, visited, tag, beam, out_d, out_i):
     """One query: greedy descent, then layer 0 (exact or FINGER-filtered); returns (exact, est)."""
-    cur = entry
+    X = graph.vectors
+    proxy = graph.proxy
+    cur = graph.entry
     cur_d = proxy_pair(q, X[cur], proxy)
     ev = 1
-    if max_level > 0:
-        cur, cur_d, e1 = greedy_descend(q, X, upper, ustart, cur, cur_d, max_level, 0, proxy)
+    if graph.max_level > 0:
+        cur, cur_d, e1 = greedy_descend(q, graph, cur, cur_d, graph.max_level, 0)
         ev += e1
     n_est = 0
-    if use_finger:
-        e2, n_est = _finger_layer0(q, X, links0, cur, cur_d, proxy, mask, deleted, visited, tag,
-                                   Cd, Ci, Wd, Wi, fB, fcode, fpay, ftable, qB, nbuf)
+    if params.use_finger:
+        e2, n_est = _finger_layer0(q, graph, finger, cur, cur_d, params.mask, params.deleted,
+                                   visited, tag, beam)
         ev += e2
     else:
-        ev += search_layer(q, X, links0, upper, ustart, 0, cur, cur_d, proxy, mask, deleted,
-                           visited, tag, Cd, Ci, Wd, Wi, nbuf)
-    _finish(q, X, Wd, Wi, k, proxy, out_d, out_i)
+        ev += search_layer(q, graph, 0, cur, cur_d, params.mask, params.deleted, visited, tag, beam)
+    _finish(q, X, beam.result_dist, beam.result_ids, params.k, proxy, out_d, out_i)
     return ev, n_est
 
 
+@numba.njit(inline="always", cache=True, nogil=True)
+def _outputs(nq, k):
+    return (np.empty((nq, k), dtype=np.float32), np.empty((nq, k), dtype=np.int64),
+            np.empty((nq, 2), dtype=np.int64))
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
-def search_queries(Q, X, links0, upper, ustart, entry, max_level, ef, k, proxy, mask, deleted,
-                   visited, tags, fB, fcode, fpay, ftable, use_finger, out_d, out_i,
-                   counts):
+def search_queries(Q, graph, finger, params, visited, tags):
     """Search every row of ``Q`` (parallel over chunks of queries, one visited set per chunk).
 
     Parameters
     ----------
     Q : float32 (q, d)
-    X, links0, upper, ustart : the graph (module docstring)
-    entry, max_level : int
-        Entry point and its level.
-    ef, k : int
-        Beam width (>= k) and results per query.
-    proxy : int
-    mask, deleted : bool arrays (n,) or (0,)
-        Allowed nodes (empty = all) and tombstones (empty = none).
+    graph : GraphArrays
+        The graph (module docstring); ``entry`` must be a node (>= 0).
+    finger : FingerArrays
+        FINGER basis and payload (see :mod:`.finger`); read only if ``params.use_finger``.
+    params : SearchParams
     visited : uint16 (chunks, >= n); tags : int64 (chunks,)
         Reusable visited sets; one chunk of queries per row.
-    fB, fcode, fpay, ftable : FINGER payload (see :mod:`.finger`); ignored unless
-        ``use_finger``.
+
+    Returns
+    -------
     out_d, out_i : float32 / int64 (q, k)
-        Exact proxies ascending and positions (-1 padded).
+        Exact proxies ascending and node numbers (-1 padded).
     counts : int64 (q, 2)
         Per query: exact distance evaluations, FINGER estimates.
     """
+    graph = GraphArrays(*graph)
+    finger = FingerArrays(*finger)
+    params = SearchParams(*params)
     n_chunks = visited.shape[0]
     nq = Q.shape[0]
-    cap = 4 * ef + 2 * links0.shape[1] + 64
+    ef = params.ef
+    width = graph.links_layer0.shape[1]
+    rank = finger.basis.shape[0]
+    out_d, out_i, counts = _outputs(nq, params.k)
     for t in prange(n_chunks):
-        Cd = np.empty(cap, dtype=np.float32)
-        Ci = np.empty(cap, dtype=np.int64)
-        Wd = np.empty(ef, dtype=np.float32)
-        Wi = np.empty(ef, dtype=np.int64)
-        qB = np.empty(fB.shape[0], dtype=np.float32)
-        nbuf = np.empty(links0.shape[1], dtype=np.int64)
+        beam = new_beam(ef, 4 * ef + 2 * width + 64, width, rank)
         for r in range(t, nq, n_chunks):
             tag = next_tag(visited, tags, t)
-            ev, est = _query(Q[r], X, links0, upper, ustart, entry, max_level, proxy, mask,
-                             deleted, visited[t], tag, Cd, Ci, Wd, Wi, k, out_d[r], out_i[r],
-                             fB, fcode, fpay, ftable, use_finger, qB, nbuf)
+            ev, est = _query(Q[r], graph, finger, params, visited[t], tag, beam, out_d[r], out_i[r])
             counts[r, 0] = ev
             counts[r, 1] = est
+    return out_d, out_i, counts
 
 
 @numba.njit(cache=True, nogil=True)
-def search_serial(Q, X, links0, upper, ustart, entry, max_level, ef, k, proxy, mask, deleted,
-                  visited, tags, fB, fcode, fpay, ftable, use_finger, out_d, out_i,
-                  counts):
+def search_serial(Q, graph, finger, params, visited, tags):
     """:func:`search_queries` on the calling thread only (no parallel-region start-up cost)."""
+    graph = GraphArrays(*graph)
+    finger = FingerArrays(*finger)
+    params = SearchParams(*params)
     nq = Q.shape[0]
-    cap = 4 * ef + 2 * links0.shape[1] + 64
-    Cd = np.empty(cap, dtype=np.float32)
-    Ci = np.empty(cap, dtype=np.int64)
-    Wd = np.empty(ef, dtype=np.float32)
-    Wi = np.empty(ef, dtype=np.int64)
-    qB = np.empty(fB.shape[0], dtype=np.float32)
-    nbuf = np.empty(links0.shape[1], dtype=np.int64)
+    ef = params.ef
+    width = graph.links_layer0.shape[1]
+    out_d, out_i, counts = _outputs(nq, params.k)
+    beam = new_beam(ef, 4 * ef + 2 * width + 64, width, finger.basis.shape[0])
     for r in range(nq):
         tag = next_tag(visited, tags, 0)
-        ev, est = _query(Q[r], X, links0, upper, ustart, entry, max_level, proxy, mask, deleted,
-                         visited[0], tag, Cd, Ci, Wd, Wi, k, out_d[r], out_i[r],
-                         fB, fcode, fpay, ftable, use_finger, qB, nbuf)
+        ev, est = _query(Q[r], graph, finger, params, visited[0], tag, beam, out_d[r], out_i[r])
         counts[r, 0] = ev
         counts[r, 1] = est
-
+    return out_d, out_i, counts
 
 
 # ------------------------------------------------------------------------------------ layout
