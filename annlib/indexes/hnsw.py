@@ -333,10 +333,20 @@ class HNSWGraph:
         return meta, arrays
 
     @classmethod
-    def from_file(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], M: int, seed: int) -> "HNSWGraph":
+    def from_file(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], M: int, seed: int,
+                  n_positions: int | None = None) -> "HNSWGraph":
         """Read a state written by :meth:`to_file` (types and lengths checked; call
-        :meth:`validate` before use). ``seed`` seeds the level generator of files that predate
-        its saved state.
+        :meth:`validate` before use).
+
+        Parameters
+        ----------
+        meta, arrays : the file's contents
+        M : int
+            The index's M (row widths).
+        seed : int
+            Seeds the level generator of files that predate its saved state.
+        n_positions : int, optional
+            The file's position count: the meta ``n`` must equal it.
 
         Raises
         ------
@@ -345,6 +355,8 @@ class HNSWGraph:
         """
         n = take_meta(meta, "n")
         require(n >= 0, "n", f"must be >= 0; got {n}")
+        if n_positions is not None:
+            require(n == n_positions, "n", f"the graph has {n} nodes but the index {n_positions} positions")
         names = {"vectors": (np.float32, 2), "levels": (np.int32, 1), "ustart": (np.int64, 1),
                  "links0": (np.int32, 2), "upper": (np.int32, 2), "deleted": (np.bool_, 1)}
         got = {}
@@ -904,7 +916,8 @@ class HNSW(Index):
         return self._graph.to_file()
 
     def _restore(self, meta, arrays):
-        graph = HNSWGraph.from_file(meta, arrays, self.params["M"], self.params["random_state"])
+        graph = HNSWGraph.from_file(meta, arrays, self.params["M"], self.params["random_state"],
+                                    self._n_positions)
         graph.validate(self._dim, self._n_positions, self._metric.max_abs(self._dim))
         self._commit(graph)
 
