@@ -12,13 +12,14 @@ from .config import get_num_threads, set_num_threads, threads
 from .errors import AnnlibError, DimensionMismatchError, IndexFormatError, NotBuiltError
 from .indexes.bruteforce import BruteForce
 from .metrics import METRICS
+from .tune import TuningResult, tune
 
 __all__ = [
     "Index", "SearchResult", "load", "families", "get_family", "register_family",
     "BruteForce",
     "set_num_threads", "get_num_threads", "threads",
     "AnnlibError", "IndexFormatError", "DimensionMismatchError", "NotBuiltError",
-    "METRICS", "__version__",
+    "METRICS", "__version__", "tune", "TuningResult",
     "HNSW", "Partitioned", "TPUKNN", "MahalanobisSketch",
 ]
 

@@ -1,0 +1,6 @@
+"""Automatic tuning of search parameters (ALGORITHMS §5): :func:`tune` and its result type."""
+
+from .result import OperatingPoint, TuningResult
+from .tuner import tune
+
+__all__ = ["tune", "TuningResult", "OperatingPoint"]

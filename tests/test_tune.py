@@ -1,0 +1,138 @@
+"""annlib.tune: the chosen parameters meet the target on held-out queries, respect a budget, are
+monotone in the target, and errors are clear. Synthetic data only (runs without ../shared)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import synthetic_set
+
+import annlib
+
+
+@pytest.fixture(scope="module")
+def data():
+    X, Q, _, _, _ = synthetic_set(6000, 24, 500, seed=3)
+    fresh = synthetic_set(6000, 24, 300, seed=3)[1]  # same mixture, unseen queries
+    return X, Q, fresh[:300]
+
+
+@pytest.fixture(scope="module")
+def hnsw(data):
+    X, _, _ = data
+    return annlib.HNSW.build(X, M=12, ef_construction=64, finger=False)
+
+
+def fresh_recall(index, Q, k, params):
+    ids, dist = index.search(Q, k, **params)
+    true = index.exact_search(Q, k)
+    kth = true.distances[:, k - 1]
+    return float((dist <= kth[:, None] + 1e-4 * np.abs(kth[:, None]) + 1e-6).mean())
+
+
+@pytest.mark.parametrize("target", [0.9, 0.95])
+def test_hnsw_tuned_point_meets_target_on_unseen_queries(data, hnsw, target):
+    _, Q, fresh = data
+    res = annlib.tune(hnsw, Q, k=10, target_recall=target)
+    assert set(res) == {"ef"}
+    assert res.held_out_recall >= target - 0.01
+    assert abs(res.predicted_recall - res.held_out_recall) <= 0.02 + res.margin
+    assert fresh_recall(hnsw, fresh, 10, dict(res)) >= target - 0.02
+    # the mapping goes straight into search
+    ids, _ = hnsw.search(fresh[:3], 10, **res)
+    assert ids.shape == (3, 10)
+
+
+def test_raising_the_target_never_lowers_the_predicted_cost(data, hnsw):
+    _, Q, _ = data
+    results = [annlib.tune(hnsw, Q, k=10, target_recall=t) for t in (0.8, 0.9, 0.95, 0.98)]
+    efs = [r["ef"] for r in results]
+    costs = [r.predicted_cost for r in results]
+    assert efs == sorted(efs)
+    assert costs == sorted(costs)
+
+
+def test_budget_is_respected(data, hnsw):
+    _, Q, _ = data
+    cheap = annlib.tune(hnsw, Q, k=10, target_recall=0.9)
+    budget = cheap.predicted_cost * 1.5
+    res = annlib.tune(hnsw, Q, k=10, max_cost=budget)
+    assert res.predicted_cost <= budget
+    assert res.predicted_recall >= cheap.predicted_recall - 1e-9  # the most accurate within budget
+
+
+def test_infeasible_target_names_the_best_reachable_recall(data):
+    X, Q, _ = data
+    weak = annlib.HNSW.build(X[:2000], M=2, ef_construction=4, finger=False)
+    with pytest.raises(ValueError, match=r"not reachable.*best recall@10 on the sample is 0\.\d+"):
+        annlib.tune(weak, Q, k=10, target_recall=1.0, margin=0.0)
+
+
+def test_budget_below_the_cheapest_setting_raises(data, hnsw):
+    _, Q, _ = data
+    with pytest.raises(ValueError, match="below the cheapest setting"):
+        annlib.tune(hnsw, Q, k=10, max_cost=1e-12)
+
+
+def test_argument_errors(data, hnsw):
+    _, Q, _ = data
+    with pytest.raises(ValueError, match="exactly one of target_recall or max_cost"):
+        annlib.tune(hnsw, Q, k=10)
+    with pytest.raises(ValueError, match="exactly one"):
+        annlib.tune(hnsw, Q, k=10, target_recall=0.9, max_cost=1.0)
+    with pytest.raises(ValueError, match="target_recall must be in"):
+        annlib.tune(hnsw, Q, k=10, target_recall=1.5)
+    with pytest.raises(ValueError, match="dimension"):
+        annlib.tune(hnsw, Q[:, :5], k=10, target_recall=0.9)
+    with pytest.raises(ValueError, match="ground_truth ids"):
+        annlib.tune(hnsw, Q, k=10, target_recall=0.9, ground_truth=np.zeros((3, 10), np.int64))
+    with pytest.raises(TypeError, match="built annlib index"):
+        annlib.tune(object(), Q, k=10, target_recall=0.9)
+
+
+def test_given_ground_truth_ids_are_used(data, hnsw):
+    _, Q, _ = data
+    truth = hnsw.exact_search(Q, 10)
+    res = annlib.tune(hnsw, Q, k=10, target_recall=0.9, ground_truth=truth.ids)
+    assert res.held_out_recall >= 0.89
+
+
+def test_apply_stores_defaults_and_survives_save_load(data, hnsw, tmp_path):
+    X, Q, fresh = data
+    index = annlib.HNSW.build(X[:3000], M=12, ef_construction=64, finger=False)
+    res = annlib.tune(index, Q, k=10, target_recall=0.95, apply=True)
+    assert index.default_search_params["ef"] == res["ef"]
+    assert index.tuning["params"] == {"ef": res["ef"]}
+    index.save(tmp_path / "tuned.annlib")
+    loaded = annlib.load(tmp_path / "tuned.annlib")
+    assert loaded.default_search_params["ef"] == res["ef"]
+    assert loaded.tuning["family"] == "hnsw"
+    a = index.search(fresh[:20], 10)
+    b = loaded.search(fresh[:20], 10)
+    assert (a.ids == b.ids).mean() > 0.99
+    index.set_default_search_params()
+    assert index.default_search_params == annlib.HNSW.search_defaults
+
+
+def test_set_default_search_params_validates_before_changing(data, hnsw):
+    before = dict(hnsw.default_search_params)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        hnsw.set_default_search_params(leaves=3)
+    with pytest.raises(ValueError, match="ef must be"):
+        hnsw.set_default_search_params(ef=0)
+    assert hnsw.default_search_params == before
+
+
+def test_bruteforce_needs_no_parameters(data):
+    X, Q, _ = data
+    index = annlib.BruteForce.build(X[:1000])
+    res = annlib.tune(index, Q[:50], k=5, target_recall=0.99)
+    assert dict(res) == {} and res.predicted_recall == 1.0 and res.held_out_recall == 1.0
+
+
+def test_sketch_reorder_is_tuned(data):
+    X, Q, _ = data
+    index = annlib.Index.build(X[:3000], method="mahalanobis", random_state=0)
+    res = annlib.tune(index, Q[:200], k=10, target_recall=0.95)
+    assert set(res) == {"reorder"} and res["reorder"] >= 10
+    assert res.held_out_recall >= 0.94
