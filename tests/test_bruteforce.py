@@ -7,10 +7,21 @@ import pytest
 
 import annlib
 
-from conftest import SHARED_SETS, read_shared, threshold_recall
+from conftest import SHARED_SETS, read_shared, synthetic_set, threshold_recall
 
 
-@pytest.mark.parametrize("name", SHARED_SETS)
+@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
+def test_recall_one_on_a_clustered_set(metric):
+    train, test, neighbors, distances, metric = synthetic_set(n=3000, d=24, n_queries=60, metric=metric, k=10)
+    index = annlib.BruteForce.build(train, metric=metric)
+    ids, dist = index.search(test, 10)
+    assert threshold_recall(ids, train, test, distances[:, 9], metric, eps=1e-4) == 1.0
+    # distances agree with the float64 ground truth
+    np.testing.assert_allclose(dist, distances, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", SHARED_SETS or ["sift-128-euclidean-10k"])
 def test_recall_one_on_shared_sets(name):
     train, test, neighbors, distances, metric = read_shared(name, n_queries=50)
     index = annlib.BruteForce.build(train, metric=metric)

@@ -19,7 +19,7 @@ from annlib.accel import tpuknn as accel  # noqa: E402
 from annlib.accel.binning import expected_recall, num_bins, reduction_output_size  # noqa: E402
 from annlib.accel.sharding import DeviceDatabase  # noqa: E402
 
-from conftest import read_shared, threshold_recall  # noqa: E402
+from conftest import read_shared, synthetic_set, threshold_recall  # noqa: E402
 
 TARGETS = [0.8, 0.9, 0.95, 0.99]
 
@@ -113,7 +113,18 @@ def test_random_scores_mean_recall_meets_target():
         assert np.mean(hits) / 10 >= r
 
 
-# ----------------------------------------------------------------------------- recall on shared data
+# ----------------------------------------------------------------------------- recall
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_recall_meets_target_on_a_clustered_set(metric):
+    """Clustered synthetic data (neighbours come in runs of one cluster, not i.i.d.)."""
+    train, test, _, dist, metric = synthetic_set(n=12_000, d=48, n_queries=100, metric=metric, k=10, seed=8)
+    index = annlib.TPUKNN.build(train, metric=metric)
+    for r in TARGETS:
+        ids, _ = index.search(test, 10, recall_target=r)
+        assert threshold_recall(ids, train, test, dist[:, 9], metric) >= r - 0.01, r
+
+
+@pytest.mark.shared_data
 @pytest.mark.parametrize("name", ["sift-128-euclidean-10k", "mnist-784-euclidean-10k"])
 def test_recall_meets_target_on_shared_sets(name):
     train, test, _, dist, metric = read_shared(name, n_queries=100)
@@ -124,6 +135,7 @@ def test_recall_meets_target_on_shared_sets(name):
 
 
 @pytest.mark.slow
+@pytest.mark.shared_data
 @pytest.mark.parametrize("name", ["glove-50-angular-200k", "wordnet-minilm-384-angular"])
 def test_recall_meets_target_on_large_shared_sets(name):
     train, test, _, dist, metric = read_shared(name, n_queries=100)
@@ -134,12 +146,20 @@ def test_recall_meets_target_on_large_shared_sets(name):
 
 
 def test_bfloat16_recall_and_float32_distances():
-    train, test, _, dist, metric = read_shared("sift-128-euclidean-10k", n_queries=100)
+    train, test, _, dist, metric = synthetic_set(n=10_000, d=64, n_queries=100, k=10, seed=9)
     index = annlib.TPUKNN.build(train, metric=metric, dtype="bfloat16")
     ids, d = index.search(test, 10, recall_target=0.95)
     assert threshold_recall(ids, train, test, dist[:, 9], metric) >= 0.94
     exact = np.linalg.norm(test[:, None, :] - train[ids], axis=2)  # re-scored in float32
     np.testing.assert_allclose(d, exact, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.shared_data
+def test_bfloat16_recall_on_sift():
+    train, test, _, dist, metric = read_shared("sift-128-euclidean-10k", n_queries=100)
+    index = annlib.TPUKNN.build(train, metric=metric, dtype="bfloat16")
+    ids, d = index.search(test, 10, recall_target=0.95)
+    assert threshold_recall(ids, train, test, dist[:, 9], metric) >= 0.94
 
 
 # ----------------------------------------------------------------------------- exactness
