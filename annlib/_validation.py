@@ -360,6 +360,18 @@ def check_random_state(random_state: Any) -> np.random.Generator:
     raise TypeError(f"random_state must be None, an int seed or a numpy Generator; got {_describe(random_state)}")
 
 
+def check_auto_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Refuse parameters ``Index.build(X, method="auto")`` does not take (family parameters
+    belong to a named method)."""
+    accepted = ("target_recall", "sample_size", "k", "random_state")
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(unknown)} for method='auto'; accepted: {', '.join(accepted)} "
+            f"(family parameters need method=<family>)")
+    return dict(params)
+
+
 def abstract_index_build() -> TypeError:
     """The error for ``Index().build(X)``: the base class indexes nothing by itself."""
     return TypeError(
@@ -628,3 +640,15 @@ def sketch_maps_overflow(name: str) -> ValueError:
         f"{name} has entries so large that the float32 sketch maps overflow; rescale {name} "
         f"(distances scale with it)"
     )
+
+
+def check_not_above_count(name: str, value: int, n: int) -> None:
+    """A count parameter (e.g. ``num_leaves``) must not exceed the number of vectors ``n``."""
+    if value > n:
+        raise ValueError(f"{name}={value} is larger than the number of vectors ({n})")
+
+
+def check_capacity(family: str, total: int, limit: int) -> None:
+    """A family that addresses its vectors with fixed-width integers holds at most ``limit``."""
+    if total > limit:
+        raise ValueError(f"{family} holds at most {limit} vectors; this call would make it hold {total}")

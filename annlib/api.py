@@ -79,7 +79,8 @@ def get_family(name: str) -> type["Index"]:
     """
     V.check_choice("method", name, families() + ["auto"])
     if name == "auto":
-        name = "bruteforce"  # until the tuner lands, "auto" means exact search
+        raise ValueError('"auto" is not a class: Index.build(X, method="auto") chooses a family and '
+                         'builds it (index.tuning then names the family)')
     module, _, cls = _REGISTRY[name].partition(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -228,7 +229,12 @@ class Index:
     def _build_on_class(cls, X, method: str | None = None, metric: str = "l2", *, ids=None,
                         progress=False, threads=None, **params):
         if cls is Index:
-            family_cls = get_family("bruteforce" if method is None else method)
+            if method is None or method == "auto":
+                from .tune.auto import build_auto
+
+                return build_auto(X, metric=metric, ids=ids, progress=progress, threads=threads,
+                                  **V.check_auto_params(params))
+            family_cls = get_family(method)
         else:
             family_cls = cls
             if method is not None and get_family(method) is not cls:

@@ -136,3 +136,23 @@ def test_sketch_reorder_is_tuned(data):
     res = annlib.tune(index, Q[:200], k=10, target_recall=0.95)
     assert set(res) == {"reorder"} and res["reorder"] >= 10
     assert res.held_out_recall >= 0.94
+
+
+def test_build_without_method_is_a_tuned_approximate_index(data):
+    X, _, fresh = data
+    index = annlib.Index.build(X[:4000])
+    assert index.family != "bruteforce"
+    assert index.tuning["chosen_by"] == "auto" and index.tuning["rule"]
+    assert index.default_search_params == {**type(index).search_defaults, **index.tuning["params"]}
+    assert fresh_recall(index, fresh, 10, {}) >= 0.95 - 0.02
+
+
+def test_auto_takes_a_target_and_refuses_family_parameters(data):
+    X, _, fresh = data
+    index = annlib.Index.build(X[:3000], method="auto", target_recall=0.9, sample_size=300)
+    assert index.tuning["target_recall"] == 0.9
+    assert fresh_recall(index, fresh, 10, {}) >= 0.9 - 0.02
+    with pytest.raises(ValueError, match="method='auto'"):
+        annlib.Index.build(X[:100], M=16)
+    with pytest.raises(ValueError, match="is not a class"):
+        annlib.get_family("auto")
