@@ -204,26 +204,35 @@ class Index:
         """Stored (metric-prepared) float32 vectors at ``positions``, shape (m, d)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its vectors")
 
+    # rows scanned per step of _exact_over: bounds the copy of gathered vectors (64 MB at d = 256)
+    _EXACT_CHUNK = 65536
+
     def _exact_over(self, Q: np.ndarray, k: int, rows: np.ndarray):
-        """Exact top-``k`` of ``Q`` among the positions ``rows`` (proxy distances, positions)."""
+        """Exact top-``k`` of ``Q`` among the positions ``rows`` (proxy distances, positions).
+
+        Rows are gathered and scanned a chunk at a time and the chunks' answers merged, so the
+        memory this needs does not grow with the index.
+        """
         from .kernels.blockwise import exact_search
         from .kernels.distances import sqnorms
+        from .kernels.topk import merge_topk
 
         nq = Q.shape[0]
         out_d = np.full((nq, k), np.inf, np.float32)
         out_i = np.full((nq, k), -1, np.int64)
-        if rows.size == 0:
-            return out_d, out_i
-        Xs = np.ascontiguousarray(self._vectors_at(rows), dtype=np.float32)
-        kk = min(k, rows.size)
-        d, i = exact_search(Q, Xs, sqnorms(Xs), kk, self._metric.proxy)
-        out_d[:, :kk] = d
-        out_i[:, :kk] = np.where(i >= 0, rows[np.maximum(i, 0)], -1)
+        for lo in range(0, rows.size, self._EXACT_CHUNK):
+            part = rows[lo:lo + self._EXACT_CHUNK]
+            Xs = np.ascontiguousarray(self._vectors_at(part), dtype=np.float32)
+            kk = min(k, part.size)
+            d, i = exact_search(Q, Xs, sqnorms(Xs), kk, self._metric.proxy)
+            i = np.where(i >= 0, part[np.maximum(i, 0)], -1)
+            if lo == 0:
+                out_d[:, :kk] = d
+                out_i[:, :kk] = i
+            else:
+                out_d, out_i = merge_topk(out_d, out_i, np.ascontiguousarray(d, np.float32),
+                                          np.ascontiguousarray(i, np.int64), k)
         return out_d, out_i
-
-    @classmethod
-    def _search_space(cls, n: int | None, dim: int | None) -> dict[str, dict[str, list]]:
-        return {"build": {}, "search": {}}
 
     # ----------------------------------------------------------------- build
     def _build_on_class(cls, X, method: str | None = None, metric: str = "l2", *, ids=None,
