@@ -2,70 +2,405 @@
 
 The ScaNN recipe (ALGORITHMS §2): a query scores the leaf centres, probes the best ``leaves`` of
 them, scores every member of those leaves from 4-bit product-quantization codes of its residual
-(``x - centre``) with 8-bit lookup tables, keeps the best ``reorder`` candidates, removes the
-duplicates that spilled copies create, and re-scores the survivors exactly with the stored
-float32 vectors.
+(``x - centre``) with 8-bit lookup tables, keeps the best ``reorder`` distinct candidates, and
+re-scores them exactly with the stored float32 vectors.
 
 All metrics are scored as inner products: ``-<q, x> = -<q, c> - <q, r>`` with the centre term
 computed once per probed leaf; squared L2 adds the exact per-point term ``||x||^2 / 2``, which ranks
 like ``||q - x||^2`` for a fixed query. Points are assigned to leaves by squared L2, queries rank
 leaves by the search metric (ScaNN's asymmetry, ALGORITHMS §2.2).
+
+Everything the index holds lives in one :class:`PartitionedState`, which checks its own
+invariants (:meth:`PartitionedState.validate`) when a file is loaded.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .. import _validation as V
-from ..api import Index
+from .._progress import progress_reporter
+from .._state import (
+    bad_field, check_array, check_finite, check_nondecreasing, check_range, require, take_array, take_meta,
+)
+from ..api import Index, _ClassOrInstanceMethod
+from ..config import get_num_threads
 from ..kernels import fastscan
-from ..kernels.blockwise import exact_search
 from ..kernels.cluster import assign_nearest, kmeans
 from ..kernels.distances import sqnorms
 from ..kernels.quantization import (
-    build_luts, encode_anisotropic, encode_nearest, int8_encode, int8_fit, pack_codes,
-    pad_columns, pad_dim, parallel_cost_multiplier, train_codebooks, unpack_codes,
+    CODEWORDS, build_luts, encode_anisotropic, encode_nearest, int8_encode, int8_fit, pack_codes,
+    pad_columns, pad_dim, parallel_cost_multiplier, train_codebooks, unpack_codes, unpack_decode,
 )
 from ..kernels.soar import soar_assign
+from ..kernels.topk import merge_topk
 from ..metrics import PROXY_L2SQ
 
-__all__ = ["Partitioned"]
+__all__ = ["Partitioned", "PartitionedState"]
 
 SPILL_MODES = ("soar", "nearest", "none")
 QUANTIZERS = ("pq4", "int8")
-ENCODE_CHUNK = 65536  # points encoded per step (bounds the residual buffer)
+ENCODE_CHUNK = 65536  # entries encoded per step (bounds the residual buffer)
 PQ_SAMPLE = 65536  # residuals used to train the PQ codebooks
 PQ_ITERS = 12
 ANISO_ROUNDS = 10
 EXACT_FILTER_FACTOR = 4  # filters allowing <= factor * reorder points are searched exactly
 QUERY_CHUNK = 4096  # queries per pass (bounds the query x centre score matrix)
 FEW_QUERIES = 4  # up to this many queries run the fused one-call kernel (no BLAS, no numpy steps)
+# A point whose quantization error exceeds OUTLIER_FACTOR times the OUTLIER_QUANTILE of the build's
+# errors is one the codes cannot represent (typically a point added far outside the build's
+# distribution): its approximate score would be meaningless, so it gets a leaf of its own.
+OUTLIER_FACTOR = 4.0
+OUTLIER_QUANTILE = 0.99
+MAX_POSITIONS = np.iinfo(np.int32).max  # entries address vectors with int32 positions
+_POINT_TERM_MAX = float(np.finfo(np.float32).max) / 8
+_NO_MASK = np.zeros(0, dtype=np.bool_)
+_EMPTY_F32 = np.zeros(0, dtype=np.float32)
 
 
-def _progress_fn(progress):
-    """A ``(done, total)`` callable for ``progress`` (True: a tqdm bar), or None."""
-    if progress is True:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return None
-        bar = tqdm(total=100, desc="Partitioned build", leave=False)
+# ===================================================================================== state
+@dataclass
+class PartitionedState:
+    """The whole state of a built :class:`Partitioned` index.
 
-        def update(done, total):
-            bar.n = int(100 * done / max(total, 1))
-            bar.refresh()
-            if done >= total:
-                bar.close()
+    Every vector is stored once at full precision (``vectors``) and as one or more *entries*: a
+    primary copy in the leaf of its nearest centre and, with spilling, copies in other leaves.
+    Entries are grouped by leaf in blocks of 32 (the scan's unit), each leaf padded to whole blocks
+    with entries of position -1. A vector whose residual the codes cannot represent has no entry
+    and is listed in ``exact_positions`` instead (compared exactly with every query).
 
-        return update
-    if callable(progress):
-        return progress
-    return None
+    Attributes
+    ----------
+    centres : float32 (L, d)
+        Leaf centres.
+    leaf_block_offsets : int64 (L + 1,)
+        First block of each leaf; starts at 0, never decreases, ends at the number of blocks.
+    entry_positions : int32 (blocks * 32,)
+        Vector position of each entry, -1 for padding.
+    codes : uint8 (blocks, M/2, 32) or int8 (blocks * 32, d)
+        Packed 4-bit PQ codes of each entry's residual (quantizer "pq4"), or int8 codes.
+    vectors : float32 (n, d)
+        Re-ranking vectors (metric-prepared), one row per position.
+    exact_positions : int32 (n_exact,)
+        Positions without entries, strictly increasing.
+    point_terms : float32 (blocks * 32,) or (0,)
+        For squared L2, ``||c + r~||^2 / 2`` of each entry: the squared norm of the vector as
+        its codes reconstruct it (0 for padding); empty for the inner-product metrics. With it
+        an approximate score is ``(||q - x~||^2 - ||q||^2) / 2``, whose error grows with the
+        distance from ``q`` to ``x``, not with ``||x||`` (the exact ``||x||^2`` would add
+        ``<x~, x - x~>``, large for vectors far from the origin).
+    codebooks : float32 (M, 16, w) or None
+        PQ codewords per sub-space ("pq4"); ``M * w == padded_dim``.
+    int8_multipliers : float32 (d,) or None
+        Per-dimension int8 scales ("int8").
+    padded_dim : int
+        Dimension after zero-padding to whole pairs of sub-spaces.
+    anisotropic_scale_threshold : float or None
+        Absolute anisotropic threshold used to encode (None: plain PQ).
+    outlier_error_limit : float
+        Quantization error above which an added vector gets a leaf of its own.
+
+    The remaining attributes are derived by :meth:`derive` (never saved): ``centre_sqnorms``
+    (squared L2 only) and the kernels' views ``packed``
+    (:class:`~annlib.kernels.fastscan.PackedLeaves`) and ``pq_arrays``.
+    """
+
+    centres: np.ndarray
+    leaf_block_offsets: np.ndarray
+    entry_positions: np.ndarray
+    codes: np.ndarray
+    vectors: np.ndarray
+    exact_positions: np.ndarray
+    point_terms: np.ndarray
+    codebooks: np.ndarray | None
+    int8_multipliers: np.ndarray | None
+    padded_dim: int
+    anisotropic_scale_threshold: float | None
+    outlier_error_limit: float
+    centre_sqnorms: np.ndarray | None = field(default=None, repr=False, compare=False)
+    packed: Any = field(default=None, repr=False, compare=False)
+    pq_arrays: Any = field(default=None, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def quantizer(self) -> str:
+        """"pq4" or "int8"."""
+        return "pq4" if self.codebooks is not None else "int8"
+
+    @property
+    def num_leaves(self) -> int:
+        return int(self.centres.shape[0])
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.leaf_block_offsets[-1])
+
+    @property
+    def num_vectors(self) -> int:
+        return int(self.vectors.shape[0])
+
+    # ------------------------------------------------------------------ derived arrays
+    def derive(self, l2: bool) -> "PartitionedState":
+        """Compute the derived arrays and kernel views (after :meth:`validate` for loaded files)."""
+        if l2:
+            self.centre_sqnorms = np.ascontiguousarray(np.einsum("ij,ij->i", self.centres, self.centres),
+                                                       dtype=np.float32)
+        else:
+            self.centre_sqnorms = _EMPTY_F32
+        self.packed = fastscan.PackedLeaves(self.leaf_block_offsets, self.codes, self.entry_positions,
+                                            self.point_terms, fastscan.block_min(self.point_terms))
+        self.pq_arrays = None
+        if self.codebooks is not None:
+            self.pq_arrays = fastscan.PQIndexArrays(self.centres, self.centre_sqnorms, self.codebooks,
+                                                    self.packed, self.vectors)
+        return self
+
+    def nbytes(self) -> int:
+        """Bytes of every array held, derived ones included."""
+        arrays = [self.centres, self.leaf_block_offsets, self.entry_positions, self.codes, self.vectors,
+                  self.exact_positions, self.point_terms]
+        arrays += [a for a in (self.codebooks, self.int8_multipliers, self.centre_sqnorms) if a is not None]
+        if self.packed is not None:
+            arrays.append(self.packed.point_term_block_min)
+        return int(sum(a.nbytes for a in arrays))
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The stored entries without padding.
+
+        Returns
+        -------
+        (leaf int64 (E,), position int64 (E,), codes uint8 (E, M) or int8 (E, d), point terms
+        float32 (E,) or (0,))
+        """
+        B = fastscan.POINT_BLOCK
+        blocks = np.diff(self.leaf_block_offsets)
+        leaf = np.repeat(np.arange(len(blocks), dtype=np.int64), blocks * B)
+        pos = np.asarray(self.entry_positions)
+        ok = pos >= 0
+        codes = unpack_codes(np.asarray(self.codes)) if self.codebooks is not None else np.asarray(self.codes)
+        terms = np.asarray(self.point_terms)[ok] if self.point_terms.shape[0] else _EMPTY_F32
+        return leaf[ok], pos[ok].astype(np.int64), codes[ok], terms
+
+    # ------------------------------------------------------------------ files
+    def to_file(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(JSON-able metadata, arrays) for the index file; derived arrays are not stored."""
+        meta = {
+            "num_leaves": self.num_leaves, "num_blocks": self.num_blocks,
+            "num_exact": int(self.exact_positions.shape[0]), "padded_dim": int(self.padded_dim),
+            "anisotropic_scale_threshold": self.anisotropic_scale_threshold,
+            "outlier_error_limit": float(self.outlier_error_limit),
+        }
+        arrays = {
+            "centres": self.centres, "leaf_block_offsets": self.leaf_block_offsets,
+            "entry_positions": self.entry_positions, "codes": self.codes, "vectors": self.vectors,
+            "exact_positions": self.exact_positions, "point_terms": self.point_terms,
+        }
+        if self.codebooks is not None:
+            arrays["codebooks"] = self.codebooks
+        else:
+            arrays["int8_multipliers"] = self.int8_multipliers
+        return meta, arrays
+
+    @classmethod
+    def from_file(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], quantizer: str) -> "PartitionedState":
+        """Read the fields back (types and the counts in ``meta`` checked; call :meth:`validate`).
+
+        Raises
+        ------
+        IndexFormatError
+            A missing field, a wrong dtype or number of dimensions, or a count in the metadata
+            that differs from its array's length.
+        """
+        centres = take_array(arrays, "centres", np.float32, 2)
+        offsets = take_array(arrays, "leaf_block_offsets", np.int64, 1)
+        positions = take_array(arrays, "entry_positions", np.int32, 1)
+        vectors = take_array(arrays, "vectors", np.float32, 2)
+        exact = take_array(arrays, "exact_positions", np.int32, 1)
+        terms = take_array(arrays, "point_terms", np.float32, 1)
+        if quantizer == "pq4":
+            codes = take_array(arrays, "codes", np.uint8, 3)
+            codebooks, mults = take_array(arrays, "codebooks", np.float32, 3), None
+        else:
+            codes = take_array(arrays, "codes", np.int8, 2)
+            codebooks, mults = None, take_array(arrays, "int8_multipliers", np.float32, 1)
+        num_leaves = take_meta(meta, "num_leaves")
+        require(num_leaves == centres.shape[0], "num_leaves",
+                f"is {num_leaves} but 'centres' has {centres.shape[0]} rows")
+        num_blocks = take_meta(meta, "num_blocks")
+        blocks_in_codes = codes.shape[0] if quantizer == "pq4" else codes.shape[0] // fastscan.POINT_BLOCK
+        require(num_blocks == blocks_in_codes and (quantizer == "pq4" or codes.shape[0] % fastscan.POINT_BLOCK == 0),
+                "num_blocks", f"is {num_blocks} but 'codes' holds {codes.shape[0]} "
+                f"{'blocks' if quantizer == 'pq4' else 'entries'}")
+        num_exact = take_meta(meta, "num_exact")
+        require(num_exact == exact.shape[0], "num_exact",
+                f"is {num_exact} but 'exact_positions' has {exact.shape[0]} entries")
+        threshold = take_meta(meta, "anisotropic_scale_threshold", float, optional=True)
+        return cls(
+            centres=centres, leaf_block_offsets=offsets, entry_positions=positions, codes=codes,
+            vectors=vectors, exact_positions=exact, point_terms=terms, codebooks=codebooks,
+            int8_multipliers=mults,
+            padded_dim=take_meta(meta, "padded_dim"), anisotropic_scale_threshold=threshold,
+            outlier_error_limit=take_meta(meta, "outlier_error_limit", float),
+        )
+
+    def validate(self, dim: int, n_positions: int, *, l2: bool, max_abs: float = math.inf,
+                 dims_per_block: int | None = None) -> None:
+        """Check every invariant the kernels rely on; a file that passes cannot make them read out
+        of bounds or return garbage.
+
+        Parameters
+        ----------
+        dim : int
+            The index's dimension.
+        n_positions : int
+            The index's number of positions (rows of ``vectors``).
+        l2 : bool
+            Whether the metric is squared L2 (which needs ``point_terms``).
+        max_abs : float, default inf
+            Largest entry magnitude of vectors and centres for the metric (float32-safe scores).
+        dims_per_block : int, optional
+            The build parameter the codebooks must match.
+
+        Raises
+        ------
+        IndexFormatError
+            Naming the first field that breaks an invariant.
+        """
+        B = fastscan.POINT_BLOCK
+        L = self.num_leaves
+        require(L >= 1, "centres", "an index has at least one leaf")
+        check_array(self.centres, "centres", np.float32, (L, dim))
+        check_finite(self.centres, "centres")
+        check_range(self.centres, "centres", -max_abs, max_abs)
+        check_array(self.leaf_block_offsets, "leaf_block_offsets", np.int64, (L + 1,))
+        require(int(self.leaf_block_offsets[0]) == 0, "leaf_block_offsets", "must start at 0")
+        check_nondecreasing(self.leaf_block_offsets, "leaf_block_offsets")
+        nb = int(self.leaf_block_offsets[-1])
+        require(n_positions >= 1, "vectors", "a built index holds at least one vector")
+        check_array(self.vectors, "vectors", np.float32, (n_positions, dim))
+        check_finite(self.vectors, "vectors")
+        check_range(self.vectors, "vectors", -max_abs, max_abs)
+        if self.codebooks is not None:
+            cb = self.codebooks
+            M, _, w = cb.shape
+            check_array(cb, "codebooks", np.float32, (None, CODEWORDS, None))
+            require(M >= 2 and M % 2 == 0 and w >= 1, "codebooks",
+                    f"expected an even number of sub-spaces of width >= 1; got shape {cb.shape}")
+            require(dims_per_block is None or w == dims_per_block, "codebooks",
+                    f"sub-spaces of width {w} but dims_per_block is {dims_per_block}")
+            require(self.padded_dim == M * w == pad_dim(dim, w), "padded_dim",
+                    f"is {self.padded_dim}; codebooks of shape {cb.shape} for dimension {dim} need {pad_dim(dim, w)}")
+            check_finite(cb, "codebooks")
+            check_array(self.codes, "codes", np.uint8, (nb, M // 2, B))
+        else:
+            check_array(self.int8_multipliers, "int8_multipliers", np.float32, (dim,))
+            check_finite(self.int8_multipliers, "int8_multipliers")
+            require(bool((self.int8_multipliers > 0).all()), "int8_multipliers", "must be positive")
+            require(self.padded_dim == dim, "padded_dim", f"is {self.padded_dim}; int8 codes need {dim}")
+            check_array(self.codes, "codes", np.int8, (nb * B, dim))
+        check_array(self.entry_positions, "entry_positions", np.int32, (nb * B,))
+        check_range(self.entry_positions, "entry_positions", -1, n_positions - 1)
+        check_array(self.point_terms, "point_terms", np.float32, (nb * B if l2 else 0,))
+        check_finite(self.point_terms, "point_terms")
+        check_range(self.exact_positions, "exact_positions", 0, n_positions - 1)
+        require(bool((np.diff(self.exact_positions) > 0).all()), "exact_positions", "must be strictly increasing")
+        held = np.bincount(np.asarray(self.entry_positions)[self.entry_positions >= 0], minlength=n_positions)
+        held[self.exact_positions] += 1
+        if not held.all():
+            missing = int(np.flatnonzero(held == 0)[0])
+            raise bad_field("entry_positions", f"vector {missing} is in no leaf and not in 'exact_positions'")
+        if self.exact_positions.size:
+            both = np.asarray(self.entry_positions)[self.entry_positions >= 0]
+            if np.isin(self.exact_positions, both).any():
+                raise bad_field("exact_positions", "lists a vector that also has leaf entries")
+        t = self.anisotropic_scale_threshold
+        require(t is None or (math.isfinite(t) and t >= 0), "anisotropic_scale_threshold",
+                f"must be None or a finite number >= 0; got {t}")
+        e = self.outlier_error_limit
+        require(math.isfinite(e) and e >= 0, "outlier_error_limit", f"must be a finite number >= 0; got {e}")
 
 
+# ===================================================================================== encoding
+class _Placed(NamedTuple):
+    """Entries made for a batch of vectors (before the leaf-by-leaf layout)."""
+
+    centres: np.ndarray  # all centres, grown by the leaves made for outliers
+    leaf: np.ndarray  # int64 (E,)
+    position: np.ndarray  # int64 (E,)
+    codes: np.ndarray  # uint8 (E, M) or int8 (E, d)
+    half_sqnorms: np.ndarray  # float32 (E,): ||c + r~||^2 / 2
+    exact_positions: np.ndarray  # int64: vectors without entries
+    limit: float  # the outlier error limit
+
+
+@dataclass(frozen=True)
+class _Coder:
+    """How residuals become codes: the trained quantizer of one index."""
+
+    codebooks: np.ndarray | None
+    int8_multipliers: np.ndarray | None
+    padded_dim: int
+    anisotropic_scale_threshold: float | None
+
+    @classmethod
+    def of(cls, st: PartitionedState) -> "_Coder":
+        return cls(st.codebooks, st.int8_multipliers, st.padded_dim, st.anisotropic_scale_threshold)
+
+    @property
+    def code_width(self) -> int:
+        return self.codebooks.shape[0] if self.codebooks is not None else self.padded_dim
+
+    def encode(self, X, C, leaf, rows, report=None):
+        """Codes of the entries ``(leaf, rows)`` (rows index ``X``, leaves index ``C``).
+
+        Returns
+        -------
+        (codes uint8 (E, M) or int8 (E, d), errors float32 (E,), half_sqnorms float32 (E,))
+            The codes, each entry's quantization error ``||r - r~||`` and ``||c + r~||^2 / 2``
+            (the point term of squared L2 for the reconstructed vector).
+        """
+        E = leaf.shape[0]
+        d = X.shape[1]
+        dtype = np.uint8 if self.codebooks is not None else np.int8
+        codes = np.empty((E, self.code_width), dtype=dtype)
+        errors = np.empty(E, dtype=np.float32)
+        half = np.empty(E, dtype=np.float32)
+        for s in range(0, E, ENCODE_CHUNK):
+            lf, rw = leaf[s:s + ENCODE_CHUNK], rows[s:s + ENCODE_CHUNK]
+            Cs = C[lf]
+            R = X[rw] - Cs
+            part = slice(s, s + len(lf))
+            if self.codebooks is None:
+                codes[part] = int8_encode(R, self.int8_multipliers)
+                decoded = codes[part].astype(np.float32) / self.int8_multipliers[None, :]
+            else:
+                R = pad_columns(R, self.padded_dim)
+                if self.anisotropic_scale_threshold is None:
+                    codes[part] = encode_nearest(R, self.codebooks)
+                else:
+                    Xo = X[rw]
+                    nrm = np.einsum("ij,ij->i", Xo, Xo, dtype=np.float64)
+                    eta = parallel_cost_multiplier(self.anisotropic_scale_threshold, nrm, d)
+                    U = pad_columns((Xo / np.maximum(np.sqrt(nrm), 1e-30)[:, None]).astype(np.float32),
+                                    self.padded_dim)
+                    codes[part] = encode_anisotropic(R, U, self.codebooks, eta, ANISO_ROUNDS)
+                decoded = unpack_decode(codes[part], self.codebooks)
+            err = R - decoded
+            errors[part] = np.sqrt(np.einsum("ij,ij->i", err, err, dtype=np.float64))
+            recon = Cs.astype(np.float64) + decoded[:, :d]
+            # bounded so a score never overflows (reconstructions stay near the vectors, whose
+            # entries are within the float32-safe range)
+            half[part] = np.minimum(0.5 * np.einsum("ij,ij->i", recon, recon), _POINT_TERM_MAX)
+            if report is not None:
+                report(s + len(lf), E)
+        return codes, errors, half
+
+
+# ===================================================================================== the index
 class Partitioned(Index):
     """Partitioned quantization index (k-means leaves + SOAR + anisotropic 4-bit PQ + re-ranking).
 
@@ -76,7 +411,7 @@ class Partitioned(Index):
         k-means leaves; None means ``round(2 sqrt(n))`` (ScaNN's choice: on glove-50-angular-200k
         it reads 25 % fewer points than ``sqrt(n)`` leaves at the same recall). More leaves:
         smaller leaves, cheaper probes, more centre scoring per query and a longer build. Must be
-        ``<= n``.
+        ``<= n``. The built index may hold a few more (see Notes).
     spill : {"soar", "nearest", "none"}, default "soar"
         Extra leaf assignments per point: SOAR's orthogonality-amplified choice, the plain
         next-nearest centres, or none. Spilling grows the codes (not the float vectors) and lets
@@ -108,23 +443,41 @@ class Partitioned(Index):
     kmeans_iters : int, default 10
         Lloyd rounds.
     random_state : int, Generator or None, default 0
-        Seed of every random choice; one seed and one thread give identical indexes.
+        Seed of every random choice; one seed and one thread give identical indexes (a Generator
+        or None is turned into one int seed, kept with the index).
 
     Search parameters
     -----------------
     leaves : int or None, default None
-        Leaves probed per query (1..num_leaves); None means ``ceil(num_leaves / 20)``. The main
-        recall/speed knob.
+        Leaves probed per query (values above the leaf count probe every leaf); None means
+        ``ceil(L / 20)`` of the ``L`` leaves. The main recall/speed knob. It is a minimum: when
+        the probed leaves hold fewer than ``k`` vectors allowed by the filter, more leaves are
+        probed (doubling) until the row is full, so a row is padded with -1 only when fewer than
+        ``k`` vectors are allowed at all.
     reorder : int, default 100
-        Candidates re-scored exactly (at least ``k`` are used). More: higher recall, slower.
+        Distinct candidates re-scored exactly; a value below ``k`` is raised to ``k`` (the
+        answer is the best ``k`` of the re-scored candidates). More: higher recall, slower.
+        With every leaf probed and ``reorder >= len(index)`` the search is exact.
 
     Notes
     -----
     Supports ``add`` (new points are assigned and spilled with the existing centres and
     codebooks; the packed layout is rebuilt, O(n)), ``filter=`` (a filter allowing at most
-    ``4 * reorder`` points is answered exactly), ids, save/load with mmap. Memory per point:
-    ``d / (2 w)`` code bytes per stored copy (plus 4 bytes for its position and, for "l2", 4
-    for its norm term), and ``4 d`` bytes for the re-ranking vectors.
+    ``4 * reorder`` points is answered by an exact scan), ids, save/load with mmap; not
+    ``delete``. Memory per point: ``d / (2 w)`` code bytes per stored copy (plus 4 bytes for its
+    position and, for "l2", 4 for its norm term), and ``4 d`` bytes for the re-ranking vectors.
+
+    Points the trained codes cannot represent (quantization error above 4 times the 99th
+    percentile of the build's, e.g. points added far outside the build's distribution) are not
+    scored with meaningless codes: they are clustered into leaves of their own (so the built
+    index may hold more leaves than ``num_leaves``), and the few whose error stays too large are
+    compared exactly with every query. ``stats()`` reports both counts; when they grow large,
+    rebuilding retrains the quantizer on the new distribution.
+
+    Concurrency: searches run in parallel with each other; ``add`` waits for the searches in
+    flight and builds its new state aside, so a search sees the index before or after an add,
+    and a build or add that raises leaves the index as it was. The index keeps its own copy of
+    the vectors (never the caller's array).
 
     Examples
     --------
@@ -148,8 +501,7 @@ class Partitioned(Index):
 
     def __init__(self, metric: str = "l2", **params: Any):
         super().__init__(metric=metric, **params)
-        self._a: dict[str, np.ndarray] = {}
-        self._meta: dict[str, Any] = {}
+        self._st: PartitionedState | None = None
 
     # ----------------------------------------------------------------- parameters
     def _check_build_params(self, p):
@@ -169,14 +521,12 @@ class Partitioned(Index):
             p["spherical"] = V.check_bool("spherical", p["spherical"])
         p["training_sample"] = V.check_int("training_sample", p["training_sample"], 1)
         p["kmeans_iters"] = V.check_int("kmeans_iters", p["kmeans_iters"], 1, 1000)
-        V.check_random_state(p["random_state"])
-        if isinstance(p["random_state"], np.random.Generator):
-            raise TypeError("random_state of Partitioned must be an int seed or None (it is stored with the index)")
         return p
 
     def _check_build_data(self, n):
-        if self.params["num_leaves"] is not None and self.params["num_leaves"] > n:
-            raise ValueError(f"num_leaves={self.params['num_leaves']} is larger than the number of vectors ({n})")
+        if self.params["num_leaves"] is not None:
+            V.check_not_above_count("num_leaves", self.params["num_leaves"], n)
+        V.check_capacity(type(self).__name__, n, MAX_POSITIONS)
 
     def _check_search_params(self, p):
         p = dict(p)
@@ -191,224 +541,242 @@ class Partitioned(Index):
             return None if self._metric.proxy == PROXY_L2SQ else 0.2
         return t
 
+    def _spherical(self) -> bool:
+        s = self.params["spherical"]
+        return s if s is not None else self.metric == "cosine"
+
     # ----------------------------------------------------------------- build
     def _build(self, X, progress):
+        # Everything is built in locals and assigned at the end: a build that raises (or is
+        # interrupted) leaves the previous index in place.
         p = self.params
-        report = _progress_fn(progress)
         rng = np.random.default_rng(p["random_state"])
         n, d = X.shape
         L = p["num_leaves"] or _default_leaves(n)
-        spherical = p["spherical"] if p["spherical"] is not None else self.metric == "cosine"
-        m = min(n, max(p["training_sample"], L))
-        sample = X if m == n else X[np.sort(rng.choice(n, m, replace=False))]
-        stage = (lambda done, total: report(done, 3 * total)) if report else None
-        C = kmeans(np.ascontiguousarray(sample), L, iters=p["kmeans_iters"], rng=rng,
-                   spherical=spherical, progress=stage)
-        leaf, pos = self._assign(X, C, np.arange(n, dtype=np.int64))
-        meta = {"num_leaves": L, "d_pad": d, "scale_threshold": None}
-        a: dict[str, np.ndarray] = {"centres": C, "vectors": X}
-        if p["quantizer"] == "pq4":
-            w = p["dims_per_block"]
-            d_pad = pad_dim(d, w)
-            prim = leaf[: n]  # primary entries come first
-            rows = np.arange(n) if n <= PQ_SAMPLE else np.sort(rng.choice(n, PQ_SAMPLE, replace=False))
-            R = pad_columns(X[rows] - C[prim[rows]], d_pad)
-            a["codebooks"] = train_codebooks(R, w, iters=PQ_ITERS, rng=rng)
-            meta["d_pad"] = d_pad
-            t = self._threshold()
-            if t is not None:
-                meta["scale_threshold"] = float(t * np.median(np.sqrt(sqnorms(X))))
-        else:
-            a["int8_mult"] = int8_fit(X - C[leaf[:n]])
-        self._meta, self._a = meta, a
-        codes = self._encode(X, C, leaf, pos, report)
-        self._a.update(self._layout(leaf, pos, codes, X))
-        if report:
-            report(1, 1)
+        with progress_reporter(progress, 100, desc="Partitioned build", unit="%") as report:
+            m = min(n, max(p["training_sample"], L))
+            sample = X if m == n else X[np.sort(rng.choice(n, m, replace=False))]
+            C = kmeans(np.ascontiguousarray(sample), L, iters=p["kmeans_iters"], rng=rng,
+                       spherical=self._spherical(), progress=lambda done, total: report(50 * done // total))
+            coder = self._train_coder(X, C, rng)
+            report(55)
+            placed = self._place(X, 0, C, coder, None, n / L, rng,
+                                 lambda done, total: report(55 + 44 * done // max(total, 1)))
+            state = self._assemble(placed, coder, X)
+            report(100)
+        self._st = state
 
-    def _assign(self, X, C, positions):
-        """(leaf, position) of every stored copy: primaries first, then spilled copies."""
+    def _train_coder(self, X, C, rng) -> _Coder:
+        """Train the residual quantizer (PQ codebooks or int8 scales) on a sample of residuals."""
         p = self.params
-        prim, _ = assign_nearest(X, C)
-        leaf, pos = [prim.astype(np.int64)], [positions]
+        n, d = X.shape
+        rows = np.arange(n) if n <= PQ_SAMPLE else np.sort(rng.choice(n, PQ_SAMPLE, replace=False))
+        prim, _ = assign_nearest(np.ascontiguousarray(X[rows]), C)
+        R = X[rows] - C[prim]
+        # a few extreme residuals (outliers of the build data) would stretch the codewords or
+        # the int8 range for everyone; they are left out, and placed as outliers later
+        norms = np.sqrt(np.einsum("ij,ij->i", R, R, dtype=np.float64))
+        typical = norms <= OUTLIER_FACTOR * np.quantile(norms, OUTLIER_QUANTILE)
+        if typical.sum() >= CODEWORDS:
+            R = R[typical]
+        if p["quantizer"] == "int8":
+            return _Coder(None, int8_fit(R), d, None)
+        w = p["dims_per_block"]
+        d_pad = pad_dim(d, w)
+        codebooks = train_codebooks(pad_columns(R, d_pad), w, iters=PQ_ITERS, rng=rng)
+        t = self._threshold()
+        scale_t = None if t is None else float(t * np.median(np.sqrt(sqnorms(X[rows]).astype(np.float64))))
+        return _Coder(codebooks, None, d_pad, scale_t)
+
+    def _spread(self, X, C, primary):
+        """(leaf, row) of every entry of ``X``: primaries first, then spilled copies."""
+        p = self.params
+        rows = np.arange(X.shape[0], dtype=np.int64)
+        leaf, who = [primary.astype(np.int64)], [rows]
         if p["spill"] != "none" and C.shape[0] > 1:
             soar = p["spill"] == "soar"
-            sec = soar_assign(X, C, prim, p["soar_lambda"] if soar else 0.0, spills=p["spills"],
+            sec = soar_assign(X, C, primary, p["soar_lambda"] if soar else 0.0, spills=p["spills"],
                               exclude_primary=p["soar_exclude_primary"] if soar else True)
             for s in range(sec.shape[1]):
                 ok = sec[:, s] >= 0
                 leaf.append(sec[ok, s].astype(np.int64))
-                pos.append(positions[ok])
-        return np.concatenate(leaf), np.concatenate(pos)
+                who.append(rows[ok])
+        return np.concatenate(leaf), np.concatenate(who)
 
-    def _encode(self, X, C, leaf, pos, report):
-        """Codes of every stored copy against its own leaf centre (ALGORITHMS §2.3, item 5)."""
-        a, meta = self._a, self._meta
-        base = int(pos.min()) if pos.size else 0
-        E = leaf.shape[0]
-        if "codebooks" in a:
-            cb = a["codebooks"]
-            out = np.empty((E, cb.shape[0]), dtype=np.uint8)
-        else:
-            out = np.empty((E, X.shape[1]), dtype=np.int8)
-        for s in range(0, E, ENCODE_CHUNK):
-            lf, ps = leaf[s:s + ENCODE_CHUNK], pos[s:s + ENCODE_CHUNK] - base
-            R = X[ps] - C[lf]
-            if "codebooks" not in a:
-                out[s:s + len(lf)] = int8_encode(R, a["int8_mult"])
-                continue
-            R = pad_columns(R, meta["d_pad"])
-            if meta["scale_threshold"] is None:
-                out[s:s + len(lf)] = encode_nearest(R, cb)
+    def _place(self, X, first, C, coder: _Coder, limit, typical_leaf, rng, report) -> "_Placed":
+        """Entries of the vectors ``X`` (positions ``first, first + 1, ...``).
+
+        The centres come back grown by the leaves made for outliers; ``limit`` None (at build)
+        sets the outlier error limit from these entries' errors.
+        """
+        m = X.shape[0]
+        primary, _ = assign_nearest(X, C)
+        leaf, rows = self._spread(X, C, primary)
+        codes, err, half = coder.encode(X, C, leaf, rows, report)
+        if limit is None:
+            limit = OUTLIER_FACTOR * float(np.quantile(err[:m], OUTLIER_QUANTILE))
+        outlier = np.zeros(m, dtype=bool)
+        outlier[rows[:m][err[:m] > limit]] = True
+        # a spilled copy the codes cannot represent is dropped (spilling is optional); an outlier
+        # keeps no copy in the ordinary leaves at all
+        keep = (err <= limit) & ~outlier[rows]
+        leaf, rows, codes, half = leaf[keep], rows[keep], codes[keep], half[keep]
+        exact_rows = np.zeros(0, dtype=np.int64)
+        out_rows = np.flatnonzero(outlier)
+        if out_rows.size:
+            # outliers are clustered into leaves of their own, about as full as the others; those
+            # still too far from every new centre are compared exactly instead
+            Xo = np.ascontiguousarray(X[out_rows])
+            k_o = min(out_rows.size, max(1, int(math.ceil(out_rows.size / max(typical_leaf, 1.0)))))
+            if k_o < out_rows.size:
+                Co = kmeans(Xo, k_o, iters=self.params["kmeans_iters"], rng=rng, spherical=self._spherical())
             else:
-                Xo = X[ps]
-                nrm = np.einsum("ij,ij->i", Xo, Xo)
-                eta = parallel_cost_multiplier(meta["scale_threshold"], nrm, X.shape[1])
-                U = pad_columns(Xo / np.maximum(np.sqrt(nrm), 1e-30)[:, None], meta["d_pad"])
-                out[s:s + len(lf)] = encode_anisotropic(R, U, cb, eta, ANISO_ROUNDS)
-            if report:
-                report(2 * E + s + len(lf), 3 * E)
-        return out
+                Co = Xo.copy()  # one leaf per outlier: its centre is the point, its residual zero
+            lo, _ = assign_nearest(Xo, Co)
+            lo = lo.astype(np.int64)
+            codes_o, err_o, half_o = coder.encode(Xo, Co, lo, np.arange(out_rows.size, dtype=np.int64))
+            ok = err_o <= limit
+            used, remap = np.unique(lo[ok], return_inverse=True)
+            L = C.shape[0]
+            C = np.concatenate([C, Co[used]]).astype(np.float32)
+            leaf = np.concatenate([leaf, L + remap.astype(np.int64)])
+            rows = np.concatenate([rows, out_rows[ok]])
+            codes = np.concatenate([codes, codes_o[ok]])
+            half = np.concatenate([half, half_o[ok]])
+            exact_rows = out_rows[~ok]
+        return _Placed(C, leaf, rows + first, codes, half, exact_rows + first, limit)
 
-    def _layout(self, leaf, pos, codes, X):
-        """Sort copies by leaf, pad each leaf to whole 32-point blocks, pack the codes."""
-        L = self._meta["num_leaves"]
+    def _assemble(self, placed: "_Placed", coder: _Coder, vectors, exact_before=None) -> PartitionedState:
+        """Lay the entries out leaf by leaf in padded blocks and make the state."""
+        exact = placed.exact_positions
+        if exact_before is not None:
+            exact = np.concatenate([exact_before.astype(np.int64), exact])
+        L = placed.centres.shape[0]
         B = fastscan.POINT_BLOCK
-        order = np.argsort(leaf, kind="stable")
-        leaf, pos, codes = leaf[order], pos[order], codes[order]
+        order = np.argsort(placed.leaf, kind="stable")
+        leaf, pos, codes = placed.leaf[order], placed.position[order], placed.codes[order]
         counts = np.bincount(leaf, minlength=L)
         blocks = (counts + B - 1) // B
-        leaf_start = np.zeros(L + 1, dtype=np.int64)
-        np.cumsum(blocks, out=leaf_start[1:])
-        slot = leaf_start[leaf] * B + (np.arange(len(leaf)) - np.repeat(np.cumsum(counts) - counts, counts))
-        E_pad = int(leaf_start[-1]) * B
-        entry_pos = np.full(E_pad, -1, dtype=np.int32)
-        entry_pos[slot] = pos
+        offsets = np.zeros(L + 1, dtype=np.int64)
+        np.cumsum(blocks, out=offsets[1:])
+        slot = offsets[leaf] * B + (np.arange(len(leaf)) - np.repeat(np.cumsum(counts) - counts, counts))
+        E_pad = int(offsets[-1]) * B
+        entry_positions = np.full(E_pad, -1, dtype=np.int32)
+        entry_positions[slot] = pos
         full = np.zeros((E_pad, codes.shape[1]), dtype=codes.dtype)
         full[slot] = codes
-        out = {"leaf_start": leaf_start, "entry_pos": entry_pos}
-        out["codes"] = pack_codes(full) if "codebooks" in self._a else full
-        if self._metric.proxy == PROXY_L2SQ:
-            pt = np.zeros(E_pad, dtype=np.float32)
-            pt[slot] = 0.5 * sqnorms(X)[pos]
-            out["point_term"] = pt
-            out["point_term_block_min"] = fastscan.block_min(pt)
-        return out
+        l2 = self._metric.proxy == PROXY_L2SQ
+        terms = _EMPTY_F32
+        if l2:
+            terms = np.zeros(E_pad, dtype=np.float32)
+            terms[slot] = placed.half_sqnorms[order]
+        state = PartitionedState(
+            centres=np.ascontiguousarray(placed.centres, dtype=np.float32), leaf_block_offsets=offsets,
+            entry_positions=entry_positions,
+            codes=pack_codes(full) if coder.codebooks is not None else full,
+            vectors=vectors, exact_positions=np.sort(exact).astype(np.int32), point_terms=terms,
+            codebooks=coder.codebooks, int8_multipliers=coder.int8_multipliers,
+            padded_dim=coder.padded_dim, anisotropic_scale_threshold=coder.anisotropic_scale_threshold,
+            outlier_error_limit=float(placed.limit),
+        )
+        return state.derive(l2)
 
     # ----------------------------------------------------------------- add
     def _add(self, X, progress):
-        a = self._a
-        report = _progress_fn(progress)
-        n0 = a["vectors"].shape[0]
-        C = a["centres"]
-        leaf_new, pos_new = self._assign(X, C, np.arange(n0, n0 + X.shape[0], dtype=np.int64))
-        codes_new = self._encode(X, C, leaf_new, pos_new, report)
-        leaf_old, pos_old, codes_old = self._entries()
-        allX = np.concatenate([a["vectors"], X])
-        # build the new state completely before swapping it in
-        layout = self._layout(np.concatenate([leaf_old, leaf_new]), np.concatenate([pos_old, pos_new]),
-                              np.concatenate([codes_old, codes_new]), allX)
-        self._a = {**a, **layout, "vectors": allX}
-
-    def _entries(self):
-        """The stored copies back in (leaf, position, codes) form (unpadded)."""
-        a = self._a
-        B = fastscan.POINT_BLOCK
-        blocks = np.diff(a["leaf_start"])
-        leaf = np.repeat(np.arange(len(blocks), dtype=np.int64), blocks * B)
-        ok = np.asarray(a["entry_pos"]) >= 0
-        codes = unpack_codes(np.asarray(a["codes"])) if "codebooks" in a else np.asarray(a["codes"])
-        return leaf[ok], np.asarray(a["entry_pos"])[ok].astype(np.int64), codes[ok]
+        # The new state is built aside and swapped in at the end (see _build).
+        st = self._st
+        n0 = st.num_vectors
+        V.check_capacity(type(self).__name__, n0 + X.shape[0], MAX_POSITIONS)
+        # Seeded by the seed and the first new position only: load-then-add equals add.
+        rng = np.random.default_rng([self.params["random_state"], n0])
+        coder = _Coder.of(st)
+        with progress_reporter(progress, X.shape[0], desc="Partitioned add", unit="vec") as report:
+            new = self._place(X, n0, st.centres, coder, st.outlier_error_limit, n0 / st.num_leaves, rng,
+                              lambda done, total: report(X.shape[0] * done // max(total, 1)))
+            leaf_old, pos_old, codes_old, half_old = st.entries()
+            if not half_old.shape[0]:
+                half_old = np.zeros(leaf_old.shape[0], dtype=np.float32)
+            placed = _Placed(new.centres, np.concatenate([leaf_old, new.leaf]),
+                             np.concatenate([pos_old, new.position]), np.concatenate([codes_old, new.codes]),
+                             np.concatenate([half_old, new.half_sqnorms]), new.exact_positions, new.limit)
+            state = self._assemble(placed, coder, np.concatenate([st.vectors, X]), st.exact_positions)
+        self._st = state
 
     # ----------------------------------------------------------------- search
+    def _scan_is_cheaper(self, n_allowed, k, params):
+        # probing leaves to find k of few allowed points reads far more entries than exist
+        return n_allowed <= EXACT_FILTER_FACTOR * max(params["reorder"], k)
+
+    def _vectors_at(self, positions):
+        return self._st.vectors[positions]
+
     def _search(self, Q, k, mask, leaves=None, reorder=100):
-        L = self._meta["num_leaves"]
-        t = min(L, leaves if leaves is not None else max(1, math.ceil(L / 20)))
+        st = self._st
+        L = st.num_leaves
+        t = min(L, leaves if leaves is not None else _default_probes(L))
         n_cand = max(reorder, k)
-        if mask is not None and int(mask.sum()) <= EXACT_FILTER_FACTOR * n_cand:
-            return self._search_allowed(Q, k, mask)
+        mask_arr = _NO_MASK if mask is None else mask
+        d, i = self._search_probed(Q, k, mask_arr, t, n_cand, st)
+        # A row is short only when its probed leaves hold fewer than k allowed vectors: probe
+        # twice as many leaves for those rows until they are full or every leaf is probed.
+        while t < L and (i[0, k - 1] < 0 if i.shape[0] == 1 else (i[:, k - 1] < 0).any()):
+            short = np.flatnonzero(i[:, k - 1] < 0)
+            t = min(L, 2 * t)
+            d[short], i[short] = self._search_probed(Q[short], k, mask_arr, t, n_cand, st)
+        if st.exact_positions.shape[0]:
+            d, i = self._merge_exact(Q, k, mask, d, i, st)
+        return d, i
+
+    def _search_probed(self, Q, k, mask, t, n_cand, st: PartitionedState):
+        if st.pq_arrays is not None and Q.shape[0] <= FEW_QUERIES:
+            return fastscan.search_pq_few(Q, st.pq_arrays, t, mask, n_cand, k, self._metric.proxy)
         if Q.shape[0] <= QUERY_CHUNK:
-            return self._search_chunk(Q, k, mask, t, n_cand)
-        parts = [self._search_chunk(Q[s:s + QUERY_CHUNK], k, mask, t, n_cand)
+            return self._search_batch(Q, k, mask, t, n_cand, st)
+        parts = [self._search_batch(Q[s:s + QUERY_CHUNK], k, mask, t, n_cand, st)
                  for s in range(0, Q.shape[0], QUERY_CHUNK)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    def _centre_norms(self):
-        """Squared centre norms (cached; the centres never change after the build)."""
-        C = self._a["centres"]
-        if getattr(self, "_cn_for", None) is not C:
-            self._cn = np.ascontiguousarray(np.einsum("ij,ij->i", C, C), dtype=np.float32)
-            self._cn_for = C
-        return self._cn
-
-    def _search_chunk(self, Q, k, mask, t, n_cand):
-        a = self._a
-        threads = _threads()
-        pt = a.get("point_term", np.zeros(0, dtype=np.float32))
-        mask_arr = np.zeros(0, dtype=np.bool_) if mask is None else mask
-        l2 = self._metric.proxy == PROXY_L2SQ
-        if "codebooks" in a and Q.shape[0] <= FEW_QUERIES:
-            cn = self._centre_norms() if l2 else np.zeros(0, dtype=np.float32)
-            return fastscan.search_pq_few(
-                Q, a["centres"], cn, t, a["codebooks"], a["leaf_start"], a["codes"], a["entry_pos"],
-                pt, a.get("point_term_block_min", np.zeros(0, dtype=np.float32)), mask_arr, n_cand,
-                a["vectors"], k, self._metric.proxy)
-        S = Q @ a["centres"].T
-        if l2:
-            D = self._centre_norms()[None, :] - 2.0 * S
-        else:
-            D = -S
+    def _search_batch(self, Q, k, mask, t, n_cand, st: PartitionedState):
+        threads = get_num_threads()
+        S = Q @ st.centres.T
+        D = st.centre_sqnorms[None, :] - 2.0 * S if st.centre_sqnorms.shape[0] else -S
         _, leaf_ids = fastscan.select_leaves(D, t, threads=threads)
-        leaf_bias = -np.take_along_axis(S, leaf_ids, axis=1).astype(np.float32)
-        if "codebooks" in a:
-            T, scale, base = build_luts(pad_columns(Q, self._meta["d_pad"]), a["codebooks"], threads)
-            _, cand = fastscan.scan_pq(T, scale, base, leaf_ids, leaf_bias, a["leaf_start"], a["codes"],
-                                       a["entry_pos"], pt, mask_arr, n_cand, threads=threads,
-                                       pt_block_min=a.get("point_term_block_min"),
-                                       n_points=a["vectors"].shape[0])
+        probes = fastscan.Probes(leaf_ids, np.ascontiguousarray(-np.take_along_axis(S, leaf_ids, axis=1),
+                                                                dtype=np.float32))
+        if st.codebooks is not None:
+            tables = build_luts(pad_columns(Q, st.padded_dim), st.codebooks, threads)
+            _, cand = fastscan.scan_pq(tables, probes, st.packed, mask, n_cand, threads=threads)
         else:
-            Qs = np.ascontiguousarray(Q / a["int8_mult"][None, :], dtype=np.float32)
-            _, cand = fastscan.scan_int8(Qs, leaf_ids, leaf_bias, a["leaf_start"], a["codes"],
-                                         a["entry_pos"], pt, mask_arr, n_cand, threads=threads)
-        return fastscan.rerank(Q, a["vectors"], cand, k, self._metric.proxy, threads=threads)
+            Qs = np.ascontiguousarray(Q / st.int8_multipliers[None, :], dtype=np.float32)
+            _, cand = fastscan.scan_int8(Qs, probes, st.packed, mask, n_cand, threads=threads)
+        return fastscan.rerank(Q, st.vectors, cand, k, self._metric.proxy, threads=threads)
 
-    def _search_allowed(self, Q, k, mask):
-        """Exact search over the few allowed points of a restrictive filter."""
-        X = self._a["vectors"]
-        allowed = np.flatnonzero(mask)
-        if allowed.size == 0:
-            return np.full((Q.shape[0], k), np.inf, np.float32), np.full((Q.shape[0], k), -1, np.int64)
-        sub = np.ascontiguousarray(X[allowed])
-        kk = min(k, allowed.size)
-        d, i = exact_search(Q, sub, sqnorms(sub), kk, self._metric.proxy)
-        out_d = np.full((Q.shape[0], k), np.inf, np.float32)
-        out_i = np.full((Q.shape[0], k), -1, np.int64)
-        out_d[:, :kk] = d
-        out_i[:, :kk] = np.where(i >= 0, allowed[np.maximum(i, 0)], -1)
-        return out_d, out_i
+    def _merge_exact(self, Q, k, mask, d, i, st: PartitionedState):
+        """Add the vectors without entries (compared exactly) to the results."""
+        rows = st.exact_positions.astype(np.int64)
+        if mask is not None:
+            rows = rows[mask[rows]]
+        if rows.size == 0:
+            return d, i
+        d2, i2 = self._exact_over(Q, k, rows)
+        return merge_topk(d, i, d2, i2, k)
 
     # ----------------------------------------------------------------- persistence and sizes
     def _state(self):
-        return dict(self._meta), dict(self._a)
+        return self._st.to_file()
 
     def _restore(self, meta, arrays):
-        need = {"centres", "vectors", "leaf_start", "entry_pos", "codes"}
-        need |= {"codebooks"} if self.params["quantizer"] == "pq4" else {"int8_mult"}
-        if self._metric.proxy == PROXY_L2SQ:
-            need.add("point_term")
-        missing = need - set(arrays)
-        if missing:
-            raise ValueError(f"missing arrays {sorted(missing)}")
-        L = int(meta["num_leaves"])
-        if arrays["centres"].shape[0] != L or arrays["leaf_start"].shape != (L + 1,):
-            raise ValueError("centres and leaf table do not match")
-        if arrays["entry_pos"].shape[0] != int(arrays["leaf_start"][-1]) * fastscan.POINT_BLOCK:
-            raise ValueError("entry table does not match the leaf table")
-        self._meta = {"num_leaves": L, "d_pad": int(meta["d_pad"]),
-                      "scale_threshold": meta.get("scale_threshold")}
-        self._a = dict(arrays)
-        if "point_term" in self._a and "point_term_block_min" not in self._a:
-            self._a["point_term_block_min"] = fastscan.block_min(np.asarray(self._a["point_term"]))
+        l2 = self._metric.proxy == PROXY_L2SQ
+        state = PartitionedState.from_file(meta, arrays, self.params["quantizer"])
+        state.validate(self._dim, self._n_positions, l2=l2, max_abs=self._metric.max_abs(self._dim),
+                       dims_per_block=self.params["dims_per_block"])
+        self._st = state.derive(l2)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the index's arrays (vectors, codes, leaf tables, derived terms, ids)."""
+        self._require_built()
+        with self._rw.read():
+            return self._st.nbytes() + (0 if self._ids is None else int(self._ids.nbytes))
 
     def stats(self) -> dict[str, float]:
         """Sizes of the built index: leaves, stored copies, spill fraction, bytes per vector.
@@ -416,24 +784,53 @@ class Partitioned(Index):
         Returns
         -------
         dict
-            ``num_leaves``, ``copies`` (stored code entries), ``spill_fraction`` (spilled copies
-            per vector), ``bytes_per_vector`` (everything) and ``bytes_per_vector_without_reorder``
-            (without the float32 re-ranking vectors).
+            ``num_leaves`` (leaves of the built index), ``copies`` (stored code entries),
+            ``spill_fraction`` (spilled copies per vector), ``exact_points`` (vectors the codes
+            cannot represent, compared exactly), ``bytes_per_vector`` (everything) and
+            ``bytes_per_vector_without_reorder`` (without the float32 re-ranking vectors).
         """
         self._require_built()
-        n = self._a["vectors"].shape[0]
-        copies = int((np.asarray(self._a["entry_pos"]) >= 0).sum())
         total = self.memory_bytes()
-        return {"num_leaves": self._meta["num_leaves"], "copies": copies,
-                "spill_fraction": copies / n - 1.0, "bytes_per_vector": total / n,
-                "bytes_per_vector_without_reorder": (total - self._a["vectors"].nbytes) / n}
+        with self._rw.read():
+            st = self._st
+            n = st.num_vectors
+            copies = int((np.asarray(st.entry_positions) >= 0).sum())
+            n_exact = int(st.exact_positions.shape[0])
+            return {"num_leaves": st.num_leaves, "copies": copies,
+                    "spill_fraction": copies / max(n - n_exact, 1) - 1.0, "exact_points": n_exact,
+                    "bytes_per_vector": total / n,
+                    "bytes_per_vector_without_reorder": (total - st.vectors.nbytes) / n}
 
     @classmethod
     def _search_space(cls, n, dim):
-        L = _default_leaves(n) if n else 1000
-        leaves = [v for v in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256) if v <= L] or [1]
-        build = {"num_leaves": [L]} if n else {}
-        return {"build": build, "search": {"leaves": leaves, "reorder": [20, 40, 70, 100, 160, 250]}}
+        return _space(n, None)
+
+    def _instance_search_space(self):
+        """Parameter ranges for the tuner and the benchmark sweep, for this built index.
+
+        Returns
+        -------
+        dict
+            ``{"build": {"num_leaves": [L]}, "search": {"leaves": [...], "reorder": [...]}}`` with
+            ``L`` the built index's own leaf count (``leaves`` goes up to it); an unbuilt index
+            answers as the class does for unknown ``n``.
+        """
+        if self._dim is None:
+            return _space(None, None)
+        with self._rw.read():
+            return _space(len(self), self._st.num_leaves)
+
+    search_space = _ClassOrInstanceMethod(Index.__dict__["_space_on_class"], _instance_search_space)
+
+
+def _space(n: int | None, num_leaves: int | None) -> dict[str, dict[str, list]]:
+    """Search space for ``n`` vectors; ``num_leaves`` is a built index's actual leaf count."""
+    L = num_leaves or (_default_leaves(n) if n else 1000)
+    leaves = [v for v in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256) if v < L]
+    if L <= 256:
+        leaves.append(L)  # every leaf: the exhaustive end of the range
+    build = {"num_leaves": [L]} if (n or num_leaves) else {}
+    return {"build": build, "search": {"leaves": leaves, "reorder": [20, 40, 70, 100, 160, 250]}}
 
 
 def _default_leaves(n: int) -> int:
@@ -441,7 +838,6 @@ def _default_leaves(n: int) -> int:
     return max(1, min(n, int(round(2.0 * math.sqrt(n)))))
 
 
-def _threads() -> int:
-    import numba
-
-    return int(numba.get_num_threads())
+def _default_probes(num_leaves: int) -> int:
+    """Default ``leaves`` of a search: ``ceil(L / 20)``."""
+    return max(1, math.ceil(num_leaves / 20))

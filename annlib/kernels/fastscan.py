@@ -1,19 +1,23 @@
-"""Scanning 4-bit PQ codes with 8-bit lookup tables, and exact re-ranking (ALGORITHMS §2.5-§2.6).
+"""Scanning 4-bit PQ (or int8) codes leaf by leaf, and exact re-ranking (ALGORITHMS §2.5-§2.6).
 
 The inner look-up is :func:`annlib.kernels.lut16.lut16_block`: 32 packed points against one
 query's tables with the CPU's byte shuffle (64 or 32 look-ups per instruction), or a portable
-loop. Around it this module walks the probed leaves, either query by query (few queries) or leaf
-by leaf (batches: a leaf's codes stay in cache while every query that probes it is scored).
+loop. Around it this module walks each query's probed leaves and keeps a buffer of its best
+``keep`` candidates.
 
 Sums are exact 16-bit integers (the scale chosen in
 :func:`annlib.kernels.quantization.build_luts` keeps them in range); they become an approximate
 proxy ``acc * scale + base + leaf_bias + point_term`` only to be compared, a whole block at a
-time, against the worst of the per-query candidate heap of size ``reorder``.
+time, against the worst of the query's kept candidates.
+
+The arrays of an index that the scan reads travel together as a :class:`PackedLeaves`; a query
+batch's tables as :class:`LookupTables`; the leaves each query probes as :class:`Probes`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -21,12 +25,16 @@ from numba import prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
 from .distances import proxy_pair
-from .quantization import _build_luts_rows
+from .quantization import LookupTables, _build_luts_rows
 from .lut16 import lut16_block, lut16_block_generic, lut16_block_mask
 from .topk import heap_push, heap_sort_inplace, new_heaps
 
 __all__ = [
     "POINT_BLOCK",
+    "PackedLeaves",
+    "LookupTables",
+    "Probes",
+    "PQIndexArrays",
     "lut_accumulate",
     "scan_pq",
     "scan_int8",
@@ -37,6 +45,110 @@ __all__ = [
 ]
 
 POINT_BLOCK = 32  # points per packed block (the layout of quantization.pack_codes)
+
+
+class PackedLeaves(NamedTuple):
+    """Every stored copy of a partitioned index, grouped by leaf in blocks of 32 entries.
+
+    Attributes
+    ----------
+    block_offsets : int64 (L + 1,)
+        First block of each leaf; ``block_offsets[0] == 0`` and ``block_offsets[L]`` is the
+        number of blocks ``nb``. Leaf ``l`` owns entries ``32 * block_offsets[l]`` to
+        ``32 * block_offsets[l + 1] - 1``.
+    codes : uint8 (nb, M/2, 32) or int8 (nb * 32, d)
+        Packed 4-bit PQ codes (:func:`annlib.kernels.quantization.pack_codes`), or int8 codes
+        in entry order.
+    entry_positions : int32 (nb * 32,)
+        Vector position of each entry, -1 for padding.
+    point_terms : float32 (nb * 32,) or (0,)
+        Per-entry term added to the score (``||x||^2 / 2`` for squared L2), or empty.
+    point_term_block_min : float32 (nb,) or (0,)
+        Smallest ``point_terms`` entry of each block (:func:`block_min`), or empty.
+    """
+
+    block_offsets: np.ndarray
+    codes: np.ndarray
+    entry_positions: np.ndarray
+    point_terms: np.ndarray
+    point_term_block_min: np.ndarray
+
+
+class Probes(NamedTuple):
+    """The leaves each query probes.
+
+    Attributes
+    ----------
+    leaf_ids : int64 (nq, t)
+        Probed leaves, -1 = none.
+    leaf_bias : float32 (nq, t)
+        Proxy contribution of each probed leaf (``-<q, centre>``).
+    """
+
+    leaf_ids: np.ndarray
+    leaf_bias: np.ndarray
+
+
+class PQIndexArrays(NamedTuple):
+    """What the fused few-query search (:func:`search_pq_few`) reads of a 4-bit PQ index.
+
+    Attributes
+    ----------
+    centres : float32 (L, d)
+    centre_sqnorms : float32 (L,) or (0,)
+        Squared centre norms: leaves rank by squared L2 when given, by ``-<q, c>`` when empty.
+    codebooks : float32 (M, 16, w)
+    leaves : PackedLeaves
+    vectors : float32 (n, d)
+        Full-precision re-ranking vectors.
+    """
+
+    centres: np.ndarray
+    centre_sqnorms: np.ndarray
+    codebooks: np.ndarray
+    leaves: PackedLeaves
+    vectors: np.ndarray
+
+
+class _Buffers(NamedTuple):
+    # Per-query candidate buffers: 2 * keep slots plus one block of slack, the fill count and the
+    # admission threshold (the worst kept value once the buffer has been compacted).
+    distances: np.ndarray
+    positions: np.ndarray
+    counts: np.ndarray
+    thresholds: np.ndarray
+
+
+def _new_buffers(nq: int, keep: int) -> _Buffers:
+    width = 2 * keep + POINT_BLOCK
+    return _Buffers(np.full((nq, width), np.inf, dtype=np.float32), np.full((nq, width), -1, dtype=np.int64),
+                    np.zeros(nq, dtype=np.int64), np.full(nq, np.inf, dtype=np.float32))
+
+
+# The positions held in one query's buffer are tracked in a small open-addressing hash table
+# (keys: positions, -1 = empty; values: buffer slots) of at least twice the buffer's width: it
+# stays in L1 and costs nothing to clear, where a flag per vector position would cost a memset
+# of the whole index's size per query.
+_HASH_MULT = np.uint64(11400714819323198485)  # 2^64 / golden ratio (Fibonacci hashing)
+
+
+@numba.njit(cache=True, nogil=True)
+def _new_slot_table(keep):
+    """Empty table for a buffer of ``2 * keep + 32`` slots: (keys int64, values int32, shift)."""
+    bits = 1
+    while (1 << bits) < 2 * (2 * keep + POINT_BLOCK):
+        bits += 1
+    return np.full(1 << bits, -1, dtype=np.int64), np.empty(1 << bits, dtype=np.int32), np.uint64(64 - bits)
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
+def _probe(keys, pos, shift):
+    """Cell of ``pos`` in ``keys``, or the empty cell where it would go (linear probing)."""
+    last = keys.shape[0] - 1
+    h = np.int64((np.uint64(pos) * _HASH_MULT) >> shift)
+    while keys[h] != pos and keys[h] != -1:
+        h = (h + 1) & last
+    return h
 
 
 @numba.njit(cache=True, nogil=True)
@@ -71,11 +183,11 @@ def lut_accumulate(T, codes, generic=False):
 
 
 @numba.njit(cache=True, nogil=True)
-def _compact(bd, bi, n, keep, seen):
+def _compact(bd, bi, n, keep, keys, vals, shift):
     """Quickselect: move the ``keep`` smallest of ``bd[:n]`` (with their ids) to the front.
 
-    Returns the largest kept value, the new admission threshold of the buffer. Evicted ids are
-    cleared in ``seen`` (the per-query set of ids held, empty when not tracked).
+    Returns the largest kept value, the new admission threshold of the buffer, and rebuilds the
+    slot table ``(keys, vals)`` for the kept positions.
     """
     lo = 0
     hi = n - 1
@@ -107,9 +219,11 @@ def _compact(bd, bi, n, keep, seen):
     worst = bd[0]
     for t in range(1, keep):
         worst = max(worst, bd[t])
-    if seen.shape[0] > 0:
-        for t in range(keep, n):
-            seen[bi[t]] = 0
+    keys[:] = -1
+    for t in range(keep):
+        h = _probe(keys, bi[t], shift)
+        keys[h] = bi[t]
+        vals[h] = t
     return worst
 
 
@@ -131,23 +245,23 @@ def _int_bar(lim, a):
 
 
 @numba.njit(inline="always", cache=True, nogil=True)
-def _scan_leaf(q, leaf, cst, T, scale, leaf_start, flat, n_pairs, entry_pos, pt, pt_min, mask,
-               buf_d, buf_i, cnt, thr, keep, acc, has_pt, use_mask, seen):
+def _scan_leaf(q, leaf, cst, T, scale, block_offsets, flat, n_pairs, entry_pos, pt, pt_min, mask,
+               bd, bi, cnt, thr, keep, acc, has_pt, use_mask, keys, vals, shift):
     # Candidates are rejected on the integer sums, against a bar derived once from the float
     # threshold (per block when a per-point term exists, using the block's smallest term): the
     # shuffle kernel returns the bit mask of the sums under the bar, and only those are
     # converted to floats and appended to a buffer of 2 * keep (+ one block of slack) slots,
     # compacted to the best ``keep`` when full (which is also the only time the bar moves).
-    # With ``seen`` (query-major order) a point already held is not admitted again, so spilled
-    # copies do not take two of the ``keep`` slots.
-    dedupe = seen.shape[0] > 0
+    # A position already held keeps its one slot with the better score of its copies, so spilled
+    # copies never take two places and a copy scored badly (a large residual in its spilled
+    # leaf) never hides a good one.
+    # (This is the hot loop: it takes plain arrays, unpacked from the bundles by its caller, and
+    # the admission is written out here, which measured faster than an inlined helper.)
     table = T[q].reshape(-1)
     a = scale[q]
-    cap = buf_d.shape[1] - POINT_BLOCK
-    bd = buf_d[q]
-    bi = buf_i[q]
+    cap = bd.shape[0] - POINT_BLOCK
     bar = _int_bar(thr[q] - cst, a)
-    for blk in range(leaf_start[leaf], leaf_start[leaf + 1]):
+    for blk in range(block_offsets[leaf], block_offsets[leaf + 1]):
         if has_pt:
             bar = _int_bar(thr[q] - cst - pt_min[blk], a)
         if bar <= 0:
@@ -175,174 +289,109 @@ def _scan_leaf(q, leaf, cst, T, scale, leaf_start, flat, n_pairs, entry_pos, pt,
             if v < t_q and pos >= 0:
                 if use_mask and not mask[pos]:
                     continue
-                if dedupe:
-                    if seen[pos] != 0:
-                        continue
-                    seen[pos] = 1
+                h = _probe(keys, pos, shift)
+                if keys[h] == pos:
+                    if v < bd[vals[h]]:
+                        bd[vals[h]] = v
+                    continue
+                keys[h] = pos
+                vals[h] = c
                 bd[c] = v
                 bi[c] = pos
                 c += 1
         if c >= cap:
-            thr[q] = _compact(bd, bi, c, keep, seen)
+            thr[q] = _compact(bd, bi, c, keep, keys, vals, shift)
             c = keep
             bar = _int_bar(thr[q] - cst, a)
         cnt[q] = c
 
 
+@numba.njit(inline="always", cache=True, nogil=True)
+def _finish_query(q, buf, keep, keys, vals, shift):
+    # the query's buffer down to ``keep`` entries, and the slot table emptied for the next query
+    if buf.counts[q] > keep:
+        buf.thresholds[q] = _compact(buf.distances[q], buf.positions[q], buf.counts[q], keep, keys, vals, shift)
+        buf.counts[q] = keep
+    keys[:] = -1
+
+
 @numba.njit(cache=True, nogil=True)
-def _scan_query_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, pt,
-                      pt_min, mask, buf_d, buf_i, cnt, thr, keep, q_lo, q_hi, n_points):
+def _scan_pq_rows(tables, probes, leaves, mask, buf, keep, q_lo, q_hi):
+    codes = leaves.codes
     n_pairs = codes.shape[1]
     flat = codes.reshape(-1)
+    T, scale, base = tables.tables, tables.scale, tables.base
+    leaf_ids, leaf_bias = probes.leaf_ids, probes.leaf_bias
+    offsets, entry_pos = leaves.block_offsets, leaves.entry_positions
+    pt, pt_min = leaves.point_terms, leaves.point_term_block_min
+    bd_all, bi_all, cnt, thr = buf.distances, buf.positions, buf.counts, buf.thresholds
     has_pt = pt.shape[0] > 0
     use_mask = mask.shape[0] > 0
     acc = np.empty(POINT_BLOCK, dtype=np.uint16)
-    # ids held in the current query's buffer (all zero again after each query); n_points <= 0
-    # turns the de-duplication off
-    seen = np.zeros(max(n_points, 0), dtype=np.uint8)
+    keys, vals, shift = _new_slot_table(keep)
     for q in range(q_lo, q_hi):
+        bd = bd_all[q]
+        bi = bi_all[q]
         for t in range(leaf_ids.shape[1]):
             leaf = leaf_ids[q, t]
             if leaf >= 0:
-                _scan_leaf(q, leaf, base[q] + leaf_bias[q, t], T, scale, leaf_start, flat, n_pairs,
-                           entry_pos, pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, acc, has_pt,
-                           use_mask, seen)
-        if seen.shape[0] > 0:
-            if cnt[q] > keep:
-                thr[q] = _compact(buf_d[q], buf_i[q], cnt[q], keep, seen)
-                cnt[q] = keep
-            for j in range(cnt[q]):
-                seen[buf_i[q, j]] = 0
-
-
-@numba.njit(cache=True, nogil=True)
-def _group_by_leaf(leaf_ids, n_leaves, q_lo, q_hi):
-    # counting sort of the (query, probe) pairs of queries q_lo..q_hi by leaf
-    counts = np.zeros(n_leaves + 1, dtype=np.int64)
-    for q in range(q_lo, q_hi):
-        for t in range(leaf_ids.shape[1]):
-            if leaf_ids[q, t] >= 0:
-                counts[leaf_ids[q, t] + 1] += 1
-    for l in range(n_leaves):
-        counts[l + 1] += counts[l]
-    fill = counts[:-1].copy()
-    qq = np.empty(counts[n_leaves], dtype=np.int64)
-    tt = np.empty(counts[n_leaves], dtype=np.int64)
-    for q in range(q_lo, q_hi):
-        for t in range(leaf_ids.shape[1]):
-            leaf = leaf_ids[q, t]
-            if leaf >= 0:
-                qq[fill[leaf]] = q
-                tt[fill[leaf]] = t
-                fill[leaf] += 1
-    return counts, qq, tt
-
-
-@numba.njit(cache=True, nogil=True)
-def _scan_leaf_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, pt,
-                     pt_min, mask, buf_d, buf_i, cnt, thr, keep, q_lo, q_hi):
-    # Same work as the query-major order, visited leaf by leaf so that a leaf's codes stay in
-    # cache while every query that probes it is scored.
-    n_pairs = codes.shape[1]
-    n_leaves = leaf_start.shape[0] - 1
-    flat = codes.reshape(-1)
-    has_pt = pt.shape[0] > 0
-    use_mask = mask.shape[0] > 0
-    acc = np.empty(POINT_BLOCK, dtype=np.uint16)
-    seen = np.zeros(0, dtype=np.uint8)  # queries interleave here: no de-duplication
-    offsets, qq, tt = _group_by_leaf(leaf_ids, n_leaves, q_lo, q_hi)
-    for leaf in range(n_leaves):
-        for g in range(offsets[leaf], offsets[leaf + 1]):
-            q = qq[g]
-            _scan_leaf(q, leaf, base[q] + leaf_bias[q, tt[g]], T, scale, leaf_start, flat, n_pairs,
-                       entry_pos, pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, acc, has_pt,
-                       use_mask, seen)
+                _scan_leaf(q, leaf, base[q] + leaf_bias[q, t], T, scale, offsets, flat, n_pairs, entry_pos,
+                           pt, pt_min, mask, bd, bi, cnt, thr, keep, acc, has_pt, use_mask, keys, vals, shift)
+        _finish_query(q, buf, keep, keys, vals, shift)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _scan_parallel(leaf_major, T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos,
-                   pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, chunks, n_points):
-    nq = T.shape[0]
+def _scan_pq_parallel(tables, probes, leaves, mask, buf, keep, chunks):
+    nq = tables.tables.shape[0]
     step = (nq + chunks - 1) // chunks
     for c in prange(chunks):
         lo = c * step
         hi = min(nq, lo + step)
-        if lo >= hi:
-            continue
-        if leaf_major:
-            _scan_leaf_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos,
-                             pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, lo, hi)
-        else:
-            _scan_query_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos,
-                              pt, pt_min, mask, buf_d, buf_i, cnt, thr, keep, lo, hi, n_points)
+        if lo < hi:
+            _scan_pq_rows(tables, probes, leaves, mask, buf, keep, lo, hi)
 
 
-def scan_pq(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, pt, mask,
-            n_cand, *, leaf_major=False, threads=1, pt_block_min=None, n_points=0):
-    """Approximate top-``n_cand`` candidates of every query from packed 4-bit PQ codes.
+def _candidates(buf: _Buffers, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    # slots past the fill count may hold rejected writes; blank them before returning
+    live = np.arange(keep)[None, :] < buf.counts[:, None]
+    cand_d = np.where(live, buf.distances[:, :keep], np.float32(np.inf))
+    cand_i = np.where(live, buf.positions[:, :keep], np.int64(-1))
+    return np.ascontiguousarray(cand_d, dtype=np.float32), np.ascontiguousarray(cand_i, dtype=np.int64)
+
+
+def scan_pq(tables: LookupTables, probes: Probes, leaves: PackedLeaves, mask: np.ndarray, n_cand: int,
+            *, threads: int = 1):
+    """Approximate top-``n_cand`` distinct candidates of every query from packed 4-bit PQ codes.
 
     Parameters
     ----------
-    T, scale, base : from :func:`annlib.kernels.quantization.build_luts`
-    leaf_ids : int64 (nq, t)
-        Leaves each query probes (-1 = none).
-    leaf_bias : float32 (nq, t)
-        Proxy contribution of each probed leaf (e.g. ``-<q, centre>``).
-    leaf_start : int64 (L + 1,)
-        First packed block of each leaf.
-    codes : uint8 (nb, M/2, 32)
-        Packed codes (:func:`annlib.kernels.quantization.pack_codes`).
-    entry_pos : int32 (nb * 32,)
-        Vector position of each packed entry, -1 for padding.
-    pt : float32 (nb * 32,) or (0,)
-        Per-entry term added to the score (``||x||^2 / 2`` for squared L2), or empty.
+    tables : LookupTables
+        From :func:`annlib.kernels.quantization.build_luts`.
+    probes : Probes
+        Leaves each query probes.
+    leaves : PackedLeaves
+        The index's packed codes.
     mask : bool (n,) or (0,)
         Allowed positions; empty means all.
     n_cand : int
-        Heap size per query.
-    leaf_major : bool, default False
-        Visit the probes leaf by leaf instead of query by query (keeps a leaf's codes in cache
-        across queries, but scatters the candidate buffers; measured slower on this project's
-        machine, kept for experiments).
+        Candidates kept per query.
     threads : int, default 1
         Query chunks scanned in parallel (1 runs the serial kernel without a thread launch).
-    pt_block_min : float32 (nb,) or None, default None
-        Smallest ``pt`` of each packed block (:func:`block_min`); computed here when None and
-        ``pt`` is not empty (callers that search often should compute it once).
-    n_points : int, default 0
-        Number of vector positions (``> max(entry_pos)``). When given (> 0), the query-major
-        scan admits each position once, so spilled copies do not crowd the ``n_cand`` slots;
-        0 keeps duplicates (they are removed by :func:`rerank`).
 
     Returns
     -------
     (float32 (nq, n_cand), int64 (nq, n_cand))
-        The best approximate proxies and their positions, unsorted; (+inf, -1) where empty. A
-        spilled point may appear twice.
+        The best approximate proxies and their positions, unsorted, each position once (with
+        the best score of its copies); (+inf, -1) where empty. When the probed leaves hold at
+        most ``n_cand`` allowed positions, every one of them is a candidate.
     """
-    nq = T.shape[0]
-    buf_d = np.full((nq, 2 * n_cand + POINT_BLOCK), np.inf, dtype=np.float32)
-    buf_i = np.full((nq, 2 * n_cand + POINT_BLOCK), -1, dtype=np.int64)
-    cnt = np.zeros(nq, dtype=np.int64)
-    thr = np.full(nq, np.inf, dtype=np.float32)
-    if pt_block_min is None:
-        pt_block_min = block_min(pt)
-    args = (T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, pt, pt_block_min, mask,
-            buf_d, buf_i, cnt, thr, n_cand)
+    nq = tables.tables.shape[0]
+    buf = _new_buffers(nq, n_cand)
     if threads > 1 and nq > 1:
-        _scan_parallel(bool(leaf_major), *args, min(threads, nq), int(n_points))
-    elif leaf_major:
-        _scan_leaf_major(*args, 0, nq)
+        _scan_pq_parallel(tables, probes, leaves, mask, buf, n_cand, min(threads, nq))
     else:
-        _scan_query_major(*args, 0, nq, int(n_points))
-    _finish_buffers(buf_d, buf_i, cnt, n_cand)
-    # slots past the fill count may hold rejected writes; blank them before returning
-    live = np.arange(n_cand)[None, :] < cnt[:, None]
-    buf_d[:, :n_cand][~live] = np.inf
-    buf_i[:, :n_cand][~live] = -1
-    cand_d = np.ascontiguousarray(buf_d[:, :n_cand])
-    cand_i = np.ascontiguousarray(buf_i[:, :n_cand])
-    return cand_d, cand_i
+        _scan_pq_rows(tables, probes, leaves, mask, buf, n_cand, 0, nq)
+    return _candidates(buf, n_cand)
 
 
 def block_min(pt):
@@ -357,28 +406,29 @@ def block_min(pt):
 
 
 @numba.njit(cache=True, nogil=True)
-def _finish_buffers(buf_d, buf_i, cnt, keep):
-    for q in range(buf_d.shape[0]):
-        if cnt[q] > keep:
-            _compact(buf_d[q], buf_i[q], cnt[q], keep, np.zeros(0, dtype=np.uint8))
-
-
-@numba.njit(cache=True, nogil=True)
-def _scan_int8_rows(Qs, leaf_ids, leaf_bias, leaf_start, codes8, entry_pos, pt, mask,
-                    cand_d, cand_i, q_lo, q_hi):
-    has_pt = pt.shape[0] > 0
+def _scan_int8_rows(Qs, probes, leaves, mask, buf, keep, q_lo, q_hi):
+    has_pt = leaves.point_terms.shape[0] > 0
     use_mask = mask.shape[0] > 0
+    codes8 = leaves.codes
+    entry_pos = leaves.entry_positions
+    pt = leaves.point_terms
     d = codes8.shape[1]
+    cap = buf.distances.shape[1] - POINT_BLOCK
+    keys, vals, shift = _new_slot_table(keep)
     for q in range(q_lo, q_hi):
         qv = Qs[q]
-        hd = cand_d[q]
-        hi = cand_i[q]
-        for t in range(leaf_ids.shape[1]):
-            leaf = leaf_ids[q, t]
+        bd = buf.distances[q]
+        bi = buf.positions[q]
+        c = buf.counts[q]
+        for t in range(probes.leaf_ids.shape[1]):
+            leaf = probes.leaf_ids[q, t]
             if leaf < 0:
                 continue
-            cst = leaf_bias[q, t]
-            for e in range(leaf_start[leaf] * POINT_BLOCK, leaf_start[leaf + 1] * POINT_BLOCK):
+            cst = probes.leaf_bias[q, t]
+            for e in range(leaves.block_offsets[leaf] * POINT_BLOCK, leaves.block_offsets[leaf + 1] * POINT_BLOCK):
+                pos = entry_pos[e]
+                if pos < 0 or (use_mask and not mask[pos]):
+                    continue
                 acc = np.float32(0.0)
                 row = codes8[e]
                 for j in range(d):
@@ -386,41 +436,49 @@ def _scan_int8_rows(Qs, leaf_ids, leaf_bias, leaf_start, codes8, entry_pos, pt, 
                 v = cst - acc
                 if has_pt:
                     v += pt[e]
-                if v < hd[0]:
-                    pos = entry_pos[e]
-                    if pos < 0 or (use_mask and not mask[pos]):
-                        continue
-                    heap_push(hd, hi, v, pos)
+                if not v < buf.thresholds[q]:
+                    continue
+                h = _probe(keys, pos, shift)
+                if keys[h] == pos:  # another copy held: keep the better score
+                    if v < bd[vals[h]]:
+                        bd[vals[h]] = v
+                    continue
+                keys[h] = pos
+                vals[h] = c
+                bd[c] = v
+                bi[c] = pos
+                c += 1
+                if c >= cap:
+                    buf.thresholds[q] = _compact(bd, bi, c, keep, keys, vals, shift)
+                    c = keep
+        buf.counts[q] = c
+        _finish_query(q, buf, keep, keys, vals, shift)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _scan_int8_parallel(Qs, leaf_ids, leaf_bias, leaf_start, codes8, entry_pos, pt, mask,
-                        cand_d, cand_i, chunks):
+def _scan_int8_parallel(Qs, probes, leaves, mask, buf, keep, chunks):
     nq = Qs.shape[0]
     step = (nq + chunks - 1) // chunks
     for c in prange(chunks):
         lo = c * step
         hi = min(nq, lo + step)
         if lo < hi:
-            _scan_int8_rows(Qs, leaf_ids, leaf_bias, leaf_start, codes8, entry_pos, pt, mask,
-                            cand_d, cand_i, lo, hi)
+            _scan_int8_rows(Qs, probes, leaves, mask, buf, keep, lo, hi)
 
 
-def scan_int8(Qs, leaf_ids, leaf_bias, leaf_start, codes8, entry_pos, pt, mask, n_cand, *, threads=1):
+def scan_int8(Qs, probes: Probes, leaves: PackedLeaves, mask, n_cand: int, *, threads: int = 1):
     """Like :func:`scan_pq` for int8 scalar-quantized residuals.
 
     ``Qs`` (float32 (nq, d)) holds the queries already divided by the per-dimension multipliers,
-    so ``<q, r> ~= <Qs, codes8>``; ``codes8`` is int8 (nb * 32, d) in the packed entry order.
+    so ``<q, r> ~= <Qs, codes>``; ``leaves.codes`` is int8 (nb * 32, d) in entry order.
     """
     nq = Qs.shape[0]
-    cand_d = np.full((nq, n_cand), np.inf, dtype=np.float32)
-    cand_i = np.full((nq, n_cand), -1, dtype=np.int64)
-    args = (Qs, leaf_ids, leaf_bias, leaf_start, codes8, entry_pos, pt, mask, cand_d, cand_i)
+    buf = _new_buffers(nq, n_cand)
     if threads > 1 and nq > 1:
-        _scan_int8_parallel(*args, min(threads, nq))
+        _scan_int8_parallel(Qs, probes, leaves, mask, buf, n_cand, min(threads, nq))
     else:
-        _scan_int8_rows(*args, 0, nq)
-    return cand_d, cand_i
+        _scan_int8_rows(Qs, probes, leaves, mask, buf, n_cand, 0, nq)
+    return _candidates(buf, n_cand)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -428,7 +486,7 @@ def _rerank_rows(Q, X, cand_i, k, proxy, out_d, out_i, q_lo, q_hi):
     R = cand_i.shape[1]
     ids = np.empty(R, dtype=np.int64)
     for q in range(q_lo, q_hi):
-        # de-duplicate (spilled points can be candidates twice) by sorting the ids
+        # de-duplicate (callers may pass a position twice) by sorting the ids
         ids[:] = cand_i[q]
         ids.sort()
         hd = out_d[q]
@@ -542,24 +600,25 @@ def select_leaves(D, t, *, threads=1):
 
 
 @numba.njit(cache=True, nogil=True)
-def _search_pq_few(Q, C, cn, l2, t, cb, leaf_start, codes, entry_pos, pt, pt_min, mask,
-                   n_cand, X, k, proxy, out_d, out_i):
+def _search_pq_few(Q, index, t, mask, n_cand, k, proxy, out_d, out_i):
     nq, d = Q.shape
+    C = index.centres
+    cn = index.centre_sqnorms
+    l2 = cn.shape[0] > 0
+    cb = index.codebooks
     L = C.shape[0]
     M, K, w = cb.shape
     Qp = np.zeros((nq, M * w), dtype=np.float32)
     Qp[:, :d] = Q
-    T = np.empty((nq, M, K), dtype=np.uint8)
-    scale = np.empty(nq, dtype=np.float32)
-    base = np.empty(nq, dtype=np.float32)
-    _build_luts_rows(Qp, cb, T, scale, base, 0, nq)
-    leaf_ids = np.full((nq, t), -1, dtype=np.int64)
-    leaf_bias = np.zeros((nq, t), dtype=np.float32)
+    tables = LookupTables(np.empty((nq, M, K), dtype=np.uint8), np.empty(nq, dtype=np.float32),
+                          np.empty(nq, dtype=np.float32))
+    _build_luts_rows(Qp, cb, tables.tables, tables.scale, tables.base, 0, nq)
+    probes = Probes(np.full((nq, t), -1, dtype=np.int64), np.zeros((nq, t), dtype=np.float32))
     sd = np.empty(t, dtype=np.float32)
     for q in range(nq):
         S = np.dot(C, Q[q])
         sd[:] = np.inf
-        ids = leaf_ids[q]
+        ids = probes.leaf_ids[q]
         for j in range(L):
             v = cn[j] - np.float32(2.0) * S[j] if l2 else -S[j]
             if v < sd[0]:
@@ -567,24 +626,19 @@ def _search_pq_few(Q, C, cn, l2, t, cb, leaf_start, codes, entry_pos, pt, pt_min
         heap_sort_inplace(sd, ids)
         for j in range(t):
             if ids[j] >= 0:
-                leaf_bias[q, j] = -S[ids[j]]
+                probes.leaf_bias[q, j] = -S[ids[j]]
     width = 2 * n_cand + POINT_BLOCK
-    buf_d = np.full((nq, width), np.inf, dtype=np.float32)
-    buf_i = np.full((nq, width), -1, dtype=np.int64)
-    cnt = np.zeros(nq, dtype=np.int64)
-    thr = np.full(nq, np.inf, dtype=np.float32)
-    _scan_query_major(T, scale, base, leaf_ids, leaf_bias, leaf_start, codes, entry_pos, pt,
-                      pt_min, mask, buf_d, buf_i, cnt, thr, n_cand, 0, nq, X.shape[0])
-    _finish_buffers(buf_d, buf_i, cnt, n_cand)
+    buf = _Buffers(np.full((nq, width), np.inf, dtype=np.float32), np.full((nq, width), -1, dtype=np.int64),
+                   np.zeros(nq, dtype=np.int64), np.full(nq, np.inf, dtype=np.float32))
+    _scan_pq_rows(tables, probes, index.leaves, mask, buf, n_cand, 0, nq)
     cand = np.full((nq, n_cand), -1, dtype=np.int64)
     for q in range(nq):
-        for j in range(min(cnt[q], n_cand)):
-            cand[q, j] = buf_i[q, j]
-    _rerank_rows(Q, X, cand, k, proxy, out_d, out_i, 0, nq)
+        for j in range(min(buf.counts[q], n_cand)):
+            cand[q, j] = buf.positions[q, j]
+    _rerank_rows(Q, index.vectors, cand, k, proxy, out_d, out_i, 0, nq)
 
 
-def search_pq_few(Q, C, cn, t, cb, leaf_start, codes, entry_pos, pt, pt_block_min, mask, n_cand,
-                  X, k, proxy):
+def search_pq_few(Q, index: PQIndexArrays, t: int, mask, n_cand: int, k: int, proxy: int):
     """The whole 4-bit PQ search of a few queries in one serial kernel call.
 
     Centre scoring, leaf selection, table building, the scan and the exact re-ranking of
@@ -593,23 +647,15 @@ def search_pq_few(Q, C, cn, t, cb, leaf_start, codes, entry_pos, pt, pt_block_mi
 
     Parameters
     ----------
-    Q : float32 (nq, d)
+    Q : float32 (nq, d), C-contiguous
         Queries (unpadded; padded to the codebooks' width inside).
-    C : float32 (L, d)
-        Leaf centres.
-    cn : float32 (L,) or (0,)
-        Squared centre norms, which make leaves rank by squared L2; empty ranks them by
-        ``-<q, c>``.
+    index : PQIndexArrays
     t : int
         Leaves probed per query (``1 <= t <= L``).
-    cb : float32 (M, 16, w)
-        PQ codebooks.
-    leaf_start, codes, entry_pos, pt, mask, n_cand
-        As in :func:`scan_pq`.
-    pt_block_min : float32 (nb,) or (0,)
-        :func:`block_min` of ``pt``.
-    X : float32 (n, d)
-        Re-ranking vectors.
+    mask : bool (n,) or (0,)
+        Allowed positions; empty means all.
+    n_cand : int
+        Candidates re-ranked per query.
     k : int
     proxy : int
         0 = squared L2, 1 = negative inner product (of the re-ranking).
@@ -618,9 +664,6 @@ def search_pq_few(Q, C, cn, t, cb, leaf_start, codes, entry_pos, pt, pt_block_mi
     -------
     (float32 (nq, k) exact proxies ascending, int64 (nq, k) positions), (+inf, -1) padded.
     """
-    nq = Q.shape[0]
-    out_d, out_i = new_heaps(nq, k)
-    _search_pq_few(np.ascontiguousarray(Q, dtype=np.float32), C, cn, cn.shape[0] > 0, int(t), cb,
-                   leaf_start, codes, entry_pos, pt, pt_block_min, mask, int(n_cand), X, int(k),
-                   int(proxy), out_d, out_i)
+    out_d, out_i = new_heaps(Q.shape[0], k)
+    _search_pq_few(Q, index, t, mask, n_cand, k, proxy, out_d, out_i)
     return out_d, out_i

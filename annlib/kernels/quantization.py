@@ -16,6 +16,7 @@ makes the scan exact integer arithmetic.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -25,6 +26,7 @@ from .cluster import kmeans_small
 
 __all__ = [
     "CODEWORDS",
+    "LookupTables",
     "pad_dim",
     "pad_columns",
     "train_codebooks",
@@ -34,13 +36,36 @@ __all__ = [
     "split_residual_error",
     "pack_codes",
     "unpack_codes",
+    "unpack_decode",
+    "pq_errors",
     "build_luts",
     "int8_fit",
     "int8_encode",
+    "int8_errors",
 ]
 
 CODEWORDS = 16  # 4-bit codes
 ACC_MAX = 65535  # 16-bit unsigned accumulators
+
+
+class LookupTables(NamedTuple):
+    """8-bit lookup tables of a batch of queries (:func:`build_luts`).
+
+    Attributes
+    ----------
+    tables : uint8 (nq, M, 16)
+        ``tables[q, s, j] = round((F[q, s, j] - min_j F[q, s, j]) / scale[q])`` with
+        ``F[q, s, j] = -<q_s, codeword_j>``.
+    scale : float32 (nq,)
+        Value of one table unit.
+    base : float32 (nq,)
+        Sum of the per-sub-space minima: an accumulated sum ``acc`` stands for
+        ``acc * scale + base``.
+    """
+
+    tables: np.ndarray
+    scale: np.ndarray
+    base: np.ndarray
 
 
 def pad_dim(d: int, w: int) -> int:
@@ -231,6 +256,20 @@ def unpack_decode(codes: np.ndarray, cb: np.ndarray) -> np.ndarray:
     return cb[np.arange(M)[None, :], codes.astype(np.int64)].reshape(codes.shape[0], M * w)
 
 
+def pq_errors(R: np.ndarray, codes: np.ndarray, cb: np.ndarray) -> np.ndarray:
+    """Quantization error ``||r - decode(code)||`` of every row (float32 (n,)).
+
+    Parameters
+    ----------
+    R : float32 (n, M*w)
+        Encoded vectors (zero-padded residuals).
+    codes : uint8 (n, M)
+    cb : float32 (M, 16, w)
+    """
+    E = R - unpack_decode(codes, cb)
+    return np.sqrt(np.einsum("ij,ij->i", E, E, dtype=np.float64)).astype(np.float32)
+
+
 def pack_codes(codes: np.ndarray) -> np.ndarray:
     """Pack uint8 (n, M) 4-bit codes, ``n`` a multiple of 32, into blocks (n/32, M/2, 32).
 
@@ -254,22 +293,26 @@ def unpack_codes(packed: np.ndarray) -> np.ndarray:
 
 @numba.njit(cache=True, nogil=True)
 def _build_luts_rows(Q, cb, T, scale, base, lo, hi):
+    # The table values are formed in float64: float32 products of two entries near 1e-20 would
+    # underflow and those near the float32-safe limit would leave no room for the offsets, and
+    # the scale is then chosen so that rounding can never push a 16-bit sum past 65535.
     M, k, w = cb.shape
-    G = np.empty((M, k), dtype=np.float32)
+    G = np.empty((M, k), dtype=np.float64)
+    limit = 65535.0 - M  # each of the M rounded entries may add 1/2 unit
     for q in range(lo, hi):
-        gmax = np.float32(0.0)
-        gsum = np.float32(0.0)
-        bsum = np.float32(0.0)
+        gmax = 0.0
+        gsum = 0.0
+        bsum = 0.0
         for s in range(M):
             mn = np.inf
             for j in range(k):
-                acc = np.float32(0.0)
+                acc = 0.0
                 for t in range(w):
-                    acc += Q[q, s * w + t] * cb[s, j, t]
+                    acc += np.float64(Q[q, s * w + t]) * np.float64(cb[s, j, t])
                 G[s, j] = -acc
                 if -acc < mn:
                     mn = -acc
-            mx = np.float32(0.0)
+            mx = 0.0
             for j in range(k):
                 G[s, j] -= mn
                 if G[s, j] > mx:
@@ -278,19 +321,21 @@ def _build_luts_rows(Q, cb, T, scale, base, lo, hi):
             gsum += mx
             if mx > gmax:
                 gmax = mx
-        a = np.float32(1.0)
-        if gmax > 0:
-            a = np.float32(255.0) / gmax
-            if gsum * a > 65535.0:
-                a = np.float32(65535.0) / gsum
+        a = 1.0
+        if gmax > 0.0:
+            a = 255.0 / gmax
+            if gsum * a > limit:
+                a = limit / gsum
         for s in range(M):
             for j in range(k):
-                v = np.floor(G[s, j] * a + np.float32(0.5))
+                v = np.floor(G[s, j] * a + 0.5)
                 if v > 255.0:
                     v = 255.0
                 T[q, s, j] = np.uint8(v)
-        scale[q] = np.float32(1.0) / a
-        base[q] = bsum
+        # a > 0 and finite here (float64 cannot overflow on float32 inputs); a scale that
+        # underflows float32 only makes every sum of this query score alike
+        scale[q] = np.float32(1.0 / a)
+        base[q] = np.float32(bsum)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -313,12 +358,8 @@ def build_luts(Q: np.ndarray, cb: np.ndarray, threads: int = 1):
 
     Returns
     -------
-    T : uint8 (nq, M, 16)
-        Quantized tables; ``T[q, s, j] = round((F[q, s, j] - min_j F[q, s, j]) / scale[q])``.
-    scale : float32 (nq,)
-        Value of one table unit; an accumulated sum ``acc`` approximates ``acc * scale + base``.
-    base : float32 (nq,)
-        Sum of the per-sub-space minima.
+    LookupTables
+        ``(tables, scale, base)``; unpacks like a tuple.
     """
     nq = Q.shape[0]
     M = cb.shape[0]
@@ -329,7 +370,7 @@ def build_luts(Q: np.ndarray, cb: np.ndarray, threads: int = 1):
         _build_luts_parallel(Q, cb, T, scale, base, threads)
     else:
         _build_luts_rows(Q, cb, T, scale, base, 0, nq)
-    return T, scale, base
+    return LookupTables(T, scale, base)
 
 
 def int8_fit(R: np.ndarray) -> np.ndarray:
@@ -341,3 +382,12 @@ def int8_fit(R: np.ndarray) -> np.ndarray:
 def int8_encode(R: np.ndarray, mult: np.ndarray) -> np.ndarray:
     """Symmetric int8 codes ``round(r_j * mult_j)`` clipped to [-127, 127]."""
     return np.clip(np.rint(R * mult[None, :]), -127, 127).astype(np.int8)
+
+
+def int8_errors(R: np.ndarray, codes: np.ndarray, mult: np.ndarray) -> np.ndarray:
+    """Quantization error ``||r - codes / mult||`` of every row (float32 (n,)).
+
+    Clipping makes it large for residuals beyond the range the multipliers were fitted on.
+    """
+    E = R - codes.astype(np.float32) / mult[None, :]
+    return np.sqrt(np.einsum("ij,ij->i", E, E, dtype=np.float64)).astype(np.float32)
