@@ -12,7 +12,7 @@ from annlib.kernels.quantization import (
     pad_dim, parallel_cost_multiplier, split_residual_error, train_codebooks, unpack_codes,
 )
 
-from conftest import read_shared
+from conftest import synthetic_set
 
 
 def numpy_lut_sums(T, codes):
@@ -34,9 +34,33 @@ def test_lut_kernel_equals_numpy_exactly(M):
         np.testing.assert_array_equal(mins, ref.reshape(-1, 32).min(1))
 
 
-def test_lut16_implementations_listed():
+@pytest.mark.parametrize("M", [2, 26, 96])
+def test_every_lut16_implementation_scores_like_numpy(M):
+    """Each variant this CPU can run (not only the one picked at import) gives the exact sums,
+    their minimum and the mask of the sums under a bar; a bar of 0 admits none."""
+    g = np.random.default_rng(M + 1)
+    codes = g.integers(0, 16, (32, M)).astype(np.uint8)
+    T = g.integers(0, 256, (M, 16)).astype(np.uint8)
+    T[:, 3] = 255
+    ref = numpy_lut_sums(T, codes)
+    block = pack_codes(codes)[0]
+    for impl in lut16.available():
+        for bar in (0, int(np.median(ref)), int(ref.max()) + 1, 65535):
+            sums, smallest, bits = lut16.run_block(impl, block, T, bar)
+            np.testing.assert_array_equal(sums, ref, err_msg=impl)
+            assert smallest == ref.min(), impl
+            want = sum(1 << p for p in range(32) if ref[p] < bar)
+            assert bits == want, (impl, bar)
+
+
+def test_lut16_choice_follows_the_environment(monkeypatch):
     assert lut16.available()[-1] == "generic"
-    assert lut16.IMPLEMENTATION in lut16.available()
+    monkeypatch.setenv("ANNLIB_LUT16", "generic")
+    assert lut16._pick() == "generic"
+    monkeypatch.setenv("ANNLIB_LUT16", "no-such-kernel")
+    assert lut16._pick() == lut16.available()[0]
+    with pytest.raises(ValueError, match="not available"):
+        lut16.run_block("no-such-kernel", np.zeros((1, 32), np.uint8), np.zeros((2, 16), np.uint8), 1)
 
 
 def test_pack_unpack_identity():
@@ -56,15 +80,15 @@ def test_parallel_cost_multiplier():
 
 
 @pytest.fixture(scope="module")
-def glove_unit():
-    X, _, _, _, _ = read_shared("glove-50-angular-200k")
-    X = X[:20_000]
+def unit_vectors():
+    """Clustered unit vectors of dimension 50 (cosine-like data), padded to 52 columns."""
+    X, _, _, _, _ = synthetic_set(n=20_000, d=50, n_queries=1, k=1, seed=3, metric="ip")
     X = (X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-30)).astype(np.float32)
     return pad_columns(X, pad_dim(X.shape[1], 2))
 
 
-def test_eta_one_gives_plain_codes(glove_unit):
-    X = glove_unit[:2000]
+def test_eta_one_gives_plain_codes(unit_vectors):
+    X = unit_vectors[:2000]
     cb = train_codebooks(X, 2, iters=5, rng=np.random.default_rng(0))
     plain = encode_nearest(X, cb)
     same = encode_anisotropic(X, X, cb, np.ones(len(X), np.float32), 10)
@@ -75,8 +99,8 @@ def test_eta_one_gives_plain_codes(glove_unit):
     assert (plain == ref).mean() > 0.999
 
 
-def test_anisotropic_lowers_parallel_error(glove_unit):
-    X = glove_unit
+def test_anisotropic_lowers_parallel_error(unit_vectors):
+    X = unit_vectors
     cb = train_codebooks(X, 2, iters=8, rng=np.random.default_rng(0))
     plain = encode_nearest(X, cb)
     eta = parallel_cost_multiplier(0.2, np.ones(len(X)), 50)
@@ -87,9 +111,9 @@ def test_anisotropic_lowers_parallel_error(glove_unit):
     assert perp_a > perp_p
 
 
-def test_quantized_lut_close_to_float_scores(glove_unit):
-    X = glove_unit[:640]
-    Q = glove_unit[-20:]
+def test_quantized_lut_close_to_float_scores(unit_vectors):
+    X = unit_vectors[:640]
+    Q = unit_vectors[-20:]
     cb = train_codebooks(X, 2, iters=5, rng=np.random.default_rng(0))
     codes = encode_nearest(X, cb)
     T, scale, base = build_luts(Q, cb)
@@ -124,3 +148,52 @@ def test_kmeans_nonempty_and_deterministic():
     np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, rtol=1e-5)
     small = kmeans_small(np.ascontiguousarray(X[None, :, :2]), np.ascontiguousarray(X[None, :16, :2]), 5)
     assert small.shape == (1, 16, 2) and np.isfinite(small).all()
+
+
+@pytest.mark.parametrize("magnitude", [1e-20, 1.0, 1e17])
+def test_tables_at_extreme_magnitudes(magnitude):
+    """Tables stay exact integers with a positive finite scale for tiny and huge queries (the
+    values are formed in float64): no division by zero, no overflow, and the sum of the table
+    entries still approximates the float scores."""
+    g = np.random.default_rng(2)
+    cb = (g.normal(size=(8, 16, 2)) * magnitude).astype(np.float32)
+    Q = (g.normal(size=(3, 16)) * magnitude).astype(np.float32)
+    T, scale, base = build_luts(Q, cb)
+    assert np.isfinite(scale).all() and (scale > 0).all() and np.isfinite(base).all()
+    codes = g.integers(0, 16, (64, 8)).astype(np.uint8)
+    decoded = cb[np.arange(8)[None, :], codes].reshape(64, -1).astype(np.float64)
+    for q in range(3):
+        approx = numpy_lut_sums(T[q], codes) * float(scale[q]) + float(base[q])
+        exact = -(decoded @ Q[q].astype(np.float64))
+        assert np.abs(approx - exact).max() <= 8 * float(scale[q]) / 2 * 1.001 + 1e-6 * np.abs(exact).max()
+
+
+def test_many_subspaces_never_overflow_16_bits():
+    """With M > 255 the 8-bit entries are scaled so that their rounded sum stays below 65536."""
+    g = np.random.default_rng(4)
+    M = 386  # 772 dimensions, 2 per sub-space: 65535 / M = 169.8 rounds up in every sub-space
+    # every sub-space with the same range, so the 16-bit bound (not the 8-bit one) decides the
+    # scale, and the per-entry rounding is as unfavourable as it gets
+    one = g.normal(size=(16, 2)).astype(np.float32)
+    cb = np.ascontiguousarray(np.broadcast_to(one, (M, 16, 2)))
+    Q = np.ones((3, 2 * M), np.float32) + g.normal(size=(3, 2 * M)).astype(np.float32) * 1e-3
+    T, scale, base = build_luts(Q, cb)
+    worst = T.max(axis=2).astype(np.int64).sum(axis=1)
+    assert (worst <= 65535).all()
+    assert (worst >= 60000).all()  # and the range is still used
+
+
+def test_quantization_errors_match_decoding():
+    from annlib.kernels.quantization import int8_errors, pq_errors
+
+    g = np.random.default_rng(6)
+    R = g.normal(size=(300, 8)).astype(np.float32)
+    cb = train_codebooks(R, 2, iters=4, rng=np.random.default_rng(0))
+    codes = encode_nearest(R, cb)
+    ref = np.linalg.norm(R - cb[np.arange(4)[None, :], codes].reshape(300, 8), axis=1)
+    np.testing.assert_allclose(pq_errors(R, codes, cb), ref, rtol=1e-5, atol=1e-6)
+    mult = int8_fit(R)
+    c8 = int8_encode(R * 3, mult)  # beyond the fitted range: clipped, so the error is large
+    err = int8_errors(R * 3, c8, mult)
+    np.testing.assert_allclose(err, np.linalg.norm(R * 3 - c8 / mult, axis=1), rtol=1e-5, atol=1e-6)
+    assert err.max() > 10 * int8_errors(R, int8_encode(R, mult), mult).max()

@@ -104,6 +104,7 @@ def _candidate_curves(X, Q, gt, C, leaf_lists, ts):
     return np.array(out)
 
 
+@pytest.mark.shared_data
 def test_soar_recall_at_matched_points_read():
     """ALGORITHMS §2.3 calibration table on glove-50-angular-200k (512 centres)."""
     X, Q, gt, _, _ = read_shared("glove-50-angular-200k", n_queries=200)

@@ -227,14 +227,16 @@ class PartitionedState:
         else:
             codes = take_array(arrays, "codes", np.int8, 2)
             codebooks, mults = None, take_array(arrays, "int8_multipliers", np.float32, 1)
-        num_leaves = take_meta(meta, "num_leaves")
-        require(num_leaves == centres.shape[0], "num_leaves",
-                f"is {num_leaves} but 'centres' has {centres.shape[0]} rows")
-        num_blocks = take_meta(meta, "num_blocks")
-        blocks_in_codes = codes.shape[0] if quantizer == "pq4" else codes.shape[0] // fastscan.POINT_BLOCK
-        require(num_blocks == blocks_in_codes and (quantizer == "pq4" or codes.shape[0] % fastscan.POINT_BLOCK == 0),
-                "num_blocks", f"is {num_blocks} but 'codes' holds {codes.shape[0]} "
-                f"{'blocks' if quantizer == 'pq4' else 'entries'}")
+        # Each count is stated by the metadata and implied by several arrays; the one that
+        # disagrees with the others is the field named.
+        require(offsets.shape[0] >= 1, "leaf_block_offsets", "is empty")
+        B = fastscan.POINT_BLOCK
+        _check_counts("leaves", {"num_leaves": take_meta(meta, "num_leaves"), "centres": centres.shape[0],
+                                 "leaf_block_offsets": offsets.shape[0] - 1})
+        _check_counts("blocks of 32 entries", {
+            "num_blocks": take_meta(meta, "num_blocks"), "leaf_block_offsets": int(offsets[-1]),
+            "codes": codes.shape[0] if quantizer == "pq4" else codes.shape[0] / B,
+            "entry_positions": positions.shape[0] / B})
         num_exact = take_meta(meta, "num_exact")
         require(num_exact == exact.shape[0], "num_exact",
                 f"is {num_exact} but 'exact_positions' has {exact.shape[0]} entries")
@@ -831,6 +833,21 @@ def _space(n: int | None, num_leaves: int | None) -> dict[str, dict[str, list]]:
         leaves.append(L)  # every leaf: the exhaustive end of the range
     build = {"num_leaves": [L]} if (n or num_leaves) else {}
     return {"build": build, "search": {"leaves": leaves, "reorder": [20, 40, 70, 100, 160, 250]}}
+
+
+def _check_counts(what: str, counts: dict[str, Any]) -> None:
+    """All ``counts`` (field -> the count it states or implies) must agree; name the odd one out."""
+    values = list(counts.values())
+    if all(v == values[0] for v in values):
+        return
+    for name, value in counts.items():
+        others = [v for k, v in counts.items() if k != name]
+        if all(v == others[0] for v in others):
+            break
+    else:
+        name, value = next(iter(counts.items()))
+    stated = ", ".join(f"{k}: {v:g}" for k, v in counts.items())
+    raise bad_field(name, f"disagrees on the number of {what} ({stated})")
 
 
 def _default_leaves(n: int) -> int:

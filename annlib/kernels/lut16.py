@@ -30,7 +30,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 __all__ = ["IMPLEMENTATION", "available", "lut16_block", "lut16_block_generic", "lut16_block_mask",
-           "lut16_block_mask_generic"]
+           "lut16_block_mask_generic", "run_block"]
 
 
 def _host_features() -> dict:
@@ -209,3 +209,64 @@ elif IMPLEMENTATION == "avx2":
 else:
     lut16_block = lut16_block_generic
     lut16_block_mask = lut16_block_mask_generic
+
+
+# One block through one named implementation, so each variant this CPU can run is checked
+# against the others, not only the one chosen at import. Each is compiled on first use only: the
+# AVX-512 one must never be compiled on a CPU without it.
+@numba.njit(cache=True, nogil=True)
+def _run_generic(codes, table, n_pairs, bar):
+    acc = np.empty(32, dtype=np.uint16)
+    smallest = lut16_block_generic(codes, 0, table, 0, n_pairs, acc, 0)
+    scratch = np.empty(32, dtype=np.uint16)
+    return acc, smallest, lut16_block_mask_generic(codes, 0, table, 0, n_pairs, scratch, 0, bar)
+
+
+@numba.njit(cache=True, nogil=True)
+def _run_avx2(codes, table, n_pairs, bar):
+    acc = np.empty(32, dtype=np.uint16)
+    smallest = _lut16_avx2(codes, 0, table, 0, n_pairs, acc, 0)
+    scratch = np.empty(32, dtype=np.uint16)
+    return acc, smallest, _lut16_mask_avx2(codes, 0, table, 0, n_pairs, scratch, 0, bar)
+
+
+@numba.njit(cache=True, nogil=True)
+def _run_avx512(codes, table, n_pairs, bar):
+    acc = np.empty(32, dtype=np.uint16)
+    smallest = _lut16_avx512(codes, 0, table, 0, n_pairs, acc, 0)
+    scratch = np.empty(32, dtype=np.uint16)
+    return acc, smallest, _lut16_mask_avx512(codes, 0, table, 0, n_pairs, scratch, 0, bar)
+
+
+def run_block(implementation: str, codes: np.ndarray, table: np.ndarray, bar: int):
+    """Score one packed block of 32 points with one implementation (tests and diagnostics).
+
+    Parameters
+    ----------
+    implementation : {"avx512", "avx2", "generic"}
+        Must be one of :func:`available`.
+    codes : uint8 (M/2, 32)
+        One packed block (:func:`annlib.kernels.quantization.pack_codes`).
+    table : uint8 (M, 16)
+        One query's table.
+    bar : int
+        The masked variant's bar (0-65535).
+
+    Returns
+    -------
+    (uint16 (32,), int, int)
+        The 32 sums, the smallest of them, and the bit mask of the sums below ``bar``.
+
+    Raises
+    ------
+    ValueError
+        An implementation this CPU cannot run.
+    """
+    if implementation not in available():
+        raise ValueError(f"implementation {implementation!r} is not available on this CPU; "
+                         f"available: {', '.join(available())}")
+    run = {"avx512": _run_avx512, "avx2": _run_avx2, "generic": _run_generic}[implementation]
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    sums, smallest, bits = run(codes.reshape(-1), np.ascontiguousarray(table, dtype=np.uint8).reshape(-1),
+                               codes.shape[0], np.uint16(bar))
+    return sums, int(smallest), int(bits)
