@@ -389,7 +389,7 @@ def test_huge_vectors_with_a_large_metric_are_refused_not_inf(rng):
     M = random_psd(d, 2) * 1e6
     huge = np.full((2, d), 0.9 * limit, np.float32)
     MS = annlib.MahalanobisSketch
-    with pytest.raises(ValueError, match=r"X row 0 has x\^T M x = .*MahalanobisSketch needs at most 3.3"):
+    with pytest.raises(ValueError, match=r"X row 0 has x\^T M x = .*MahalanobisSketch needs at most 4.25e\+37"):
         MS(M=M, random_state=0).build(huge)
     index = MS(M=M, random_state=0).build(X)
     before = index.search(X[:5], 5)
@@ -422,6 +422,16 @@ def test_huge_vectors_with_a_large_metric_are_refused_not_inf(rng):
     assert np.isfinite(dist).all() and (ids >= 0).all()
     np.testing.assert_allclose(dist, np.take_along_axis(ok.exact_distances(Xs[:5]), ids, 1), rtol=1e-5)
     assert np.isfinite(ok.estimate(Xs[:5])).all()
+    # the identity metric accepts everything the base accepts (entries up to the float32 limit)
+    Xi = (X / np.abs(X).max() * 0.99 * limit).astype(np.float32)
+    Xi[:, 0] = np.sign(Xi[:, 0]) * np.float32(0.99 * limit)  # antipodal pairs at the largest norm
+    ident = MS(random_state=0, m=1, copies=3).build(Xi)  # m = 1: the most spread sketch norms
+    true = np.sqrt(((Xi[:6, None].astype(np.float64) - Xi[None].astype(np.float64)) ** 2).sum(-1))
+    ids, dist = ident.search(Xi[:6], 10, reorder=300)
+    np.testing.assert_allclose(dist, np.sort(true, axis=1)[:, :10], rtol=1e-5)
+    est = ident.estimate(Xi[:6])
+    assert np.isfinite(est).all() and (est >= 0).all()
+    assert np.median(est / np.maximum(true, 1e-30)) < 10  # estimates scaled back to distances
 
 
 # ----------------------------------------------------------------------------- ownership (item 4)

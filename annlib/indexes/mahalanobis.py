@@ -32,16 +32,22 @@ from ..kernels.sketch import (
 from ..kernels.topk import topk_rows
 from ..metrics import ALIASES, METRICS
 
-__all__ = ["MahalanobisSketch", "SketchState", "QUADFORM_LIMIT"]
+__all__ = ["MahalanobisSketch", "SketchState", "QUADFORM_LIMIT", "SKETCH_SCALE"]
 
 _SUPPORTED = ["mahalanobis", "l2", "euclidean"]
 _EIG_RANK_TOL = 1e-10  # eigenvalues below this fraction of the largest are dropped from the factor
 
-# Largest ``x^T M x`` (squared Mahalanobis norm) of a stored point or a query: 2^118 ~ 3.3e35.
-# The sketches are float32 and a score is ``||z||^2 + ||s||^2 - 2<z, s>``; a sketch's squared norm
-# is the point's times a chi-square(m)/m factor (rarely above 4 even at m = 10), so with 2^10
-# below float32's maximum no term, sum or returned squared distance can overflow.
-QUADFORM_LIMIT = float(np.finfo(np.float32).max) / 1024.0
+# Largest ``x^T M x`` (squared Mahalanobis norm) of a stored point or a query, ~4.3e37: the bound
+# the base puts on ``||x||^2`` for l2 (every entry at most sqrt(FLT_MAX / 8d)), so an identity
+# index accepts exactly what BruteForce accepts. Exact distances are float64 and at most
+# 4 * QUADFORM_LIMIT < FLT_MAX when returned as float32.
+QUADFORM_LIMIT = float(np.finfo(np.float32).max) / 8.0
+# The sketches are float32 and a score is ``||z||^2 + ||s||^2 - 2<z, s>``, up to (|z| + |s|)^2. A
+# sketch's squared norm is the point's times a chi-square(m)/m factor (rarely above 4, and above
+# 128 with probability < 1e-25 even at m = 1), so the maps carry this exact power-of-two factor:
+# with 1/64 on every squared sketch quantity no term, sum or GEMM entry can overflow. Estimates
+# are scaled back on output; rankings do not depend on it.
+SKETCH_SCALE = 0.125
 _FLOAT32_SAFE = float(np.finfo(np.float32).max) / 16.0  # sketch maps and norms stay below this
 
 
@@ -75,7 +81,8 @@ class SketchState:
     sketch_sqnorms : float32 (L, n)
         Current squared norms of the sketches (deferred updates included).
     maps : float32 (L, m, d)
-        The sketch maps ``P_j = Pi_j U`` (deferred updates already applied).
+        The sketch maps ``P_j = SKETCH_SCALE * Pi_j U`` (deferred updates already applied); every
+        sketch quantity carries the factor, so estimates are divided by it on output.
     factor : float64 (p, d)
         ``U`` with ``M = U^T U``.
     matrix : float64 (d, d)
@@ -155,7 +162,7 @@ class SketchState:
 
     def to_file(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """(metadata, arrays) for :func:`annlib.io.write_index_file`."""
-        meta = {"sketch_rows": int(self.sketch_rows), "pending": int(self.pending),
+        meta = {"sketch_rows": int(self.sketch_rows), "sketch_scale": SKETCH_SCALE, "pending": int(self.pending),
                 "deleted_count": int(self.deleted_count), "identity": bool(self.identity),
                 "mahalanobis": bool(self.mahalanobis)}
         return meta, {name: getattr(self, name) for name in self._ARRAYS}
@@ -187,6 +194,9 @@ class SketchState:
         m = take_meta(meta, "sketch_rows", int)
         require(m == st.maps.shape[1], "sketch_rows",
                 f"is {m} but the maps have {st.maps.shape[1]} rows per copy")
+        scale = take_meta(meta, "sketch_scale", float)
+        require(scale == SKETCH_SCALE, "sketch_scale",
+                f"is {scale}; this version stores sketches scaled by {SKETCH_SCALE}")
         return st
 
     def validate(self, dim: int, n_positions: int, *, copies: int, deferred: int) -> None:
@@ -309,7 +319,8 @@ class MahalanobisSketch(Index):
     ------
     ValueError
         Bad ``M``/``U`` or parameters (at construction); vectors or queries whose squared
-        Mahalanobis norm ``x^T M x`` exceeds :data:`QUADFORM_LIMIT` (about 3.3e35), and metrics so
+        Mahalanobis norm ``x^T M x`` exceeds :data:`QUADFORM_LIMIT` (about 4.3e37, the bound the
+        base puts on ``||x||^2``, so the identity metric accepts what BruteForce does), and metrics so
         large that the float32 sketch maps overflow (at build, add, search and updates): the
         float32 sketches could not represent them.
 
@@ -481,7 +492,7 @@ class MahalanobisSketch(Index):
         m = p["m"] if p["m"] is not None else sketch_size(p["eps"], p["delta"], p["votes"])
         L = p["copies"]
         Pi = gaussian_columns(p["random_state"], np.arange(U.shape[0]), L, m)
-        P64 = (Pi.reshape(-1, U.shape[0]) @ U).reshape(L, m, d)
+        P64 = (Pi.reshape(-1, U.shape[0]) @ (SKETCH_SCALE * U)).reshape(L, m, d)
         if not float(np.abs(P64).max()) <= _FLOAT32_SAFE:
             raise V.sketch_maps_overflow(self._given_name)
         P = np.ascontiguousarray(P64, dtype=np.float32)
@@ -593,6 +604,7 @@ class MahalanobisSketch(Index):
                 sk = sk._replace(sketches=st.sketches[:, :, pos], sqnorms=st.sketch_sqnorms[:, pos])
             with config.threads(threads):
                 est = median_estimate(Q32, sk, self._select(Q32), root=True)
+            est *= np.float32(1.0 / SKETCH_SCALE)  # a power of two: exact
             if pos is None and st.deleted_count:
                 est[:, st.deleted] = np.inf
         return est[0] if was_1d else est
@@ -749,9 +761,10 @@ class MahalanobisSketch(Index):
         M = np.array(st.matrix)
         gram_update(M, np.ascontiguousarray(W if rows is None else U[rows]), old)
         P = np.array(st.maps)
-        outer_update(P, G, W.astype(np.float32))
+        outer_update(P, G, (SKETCH_SCALE * W).astype(np.float32))
         if not (np.isfinite(M).all() and float(np.abs(P).max()) <= _FLOAT32_SAFE):
             raise V.sketch_maps_overflow("u")
+        C = SKETCH_SCALE * C  # the sketches' share of the coefficients (exact: a power of two)
         CT = np.ascontiguousarray(C.T, dtype=np.float32)
         sn = np.array(st.sketch_sqnorms)
         pending_columns = np.array(st.pending_columns)
