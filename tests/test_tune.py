@@ -156,3 +156,71 @@ def test_auto_takes_a_target_and_refuses_family_parameters(data):
         annlib.Index.build(X[:100], M=16)
     with pytest.raises(ValueError, match="is not a class"):
         annlib.get_family("auto")
+
+
+# ------------------------------------------------------------------------------ Partitioned model
+@pytest.fixture(scope="module")
+def partitioned(data):
+    X, _, _ = data
+    return annlib.Partitioned.build(X, random_state=0)
+
+
+def test_partitioned_recall_model_is_exact_on_the_sample(data, partitioned):
+    # the instrumented pass predicts the recall of every (leaves, reorder) without searching;
+    # real searches of the same queries must agree (up to ties of the quantized scores)
+    _, Q, _ = data
+    res = annlib.tune(partitioned, Q, k=10, target_recall=0.95, held_out=0.0)
+    assert res.method == "lagrangian" and set(res) == {"leaves", "reorder"}
+    truth = partitioned.exact_search(Q, 10)
+    kth = truth.distances[:, 9]
+    for point in res.pareto[:: max(1, len(res.pareto) // 8)]:
+        _, dist = partitioned.search(Q, 10, **point.params)
+        measured = float((dist <= kth[:, None] + 1e-4 * np.abs(kth[:, None]) + 1e-6).mean())
+        assert abs(measured - point.recall) <= 0.01, (point, measured)
+
+
+@pytest.mark.parametrize("target", [0.9, 0.95, 0.99])
+def test_partitioned_tuned_point_meets_target(data, partitioned, target):
+    _, Q, fresh = data
+    res = annlib.tune(partitioned, Q, k=10, target_recall=target)
+    assert res.held_out_recall >= target - 0.01
+    assert fresh_recall(partitioned, fresh, 10, dict(res)) >= target - 0.02
+
+
+def test_partitioned_choice_is_the_cheapest_feasible_grid_point(data, partitioned):
+    _, Q, _ = data
+    res = annlib.tune(partitioned, Q, k=10, target_recall=0.95, held_out=0.0, margin=0.0)
+    feasible = [p for p in res.pareto if p.recall >= 0.95]
+    assert res.predicted_cost == pytest.approx(min(p.cost for p in feasible))
+
+
+def test_partitioned_monotone_in_target_and_budget_respected(data, partitioned):
+    _, Q, _ = data
+    costs = [annlib.tune(partitioned, Q, k=10, target_recall=t).predicted_cost for t in (0.8, 0.9, 0.95, 0.98)]
+    assert costs == sorted(costs)
+    res = annlib.tune(partitioned, Q, k=10, max_cost=costs[1])
+    assert res.predicted_cost <= costs[1] and res.predicted_recall >= 0.85
+
+
+def test_lagrangian_solver_matches_brute_force():
+    from annlib.tune.lagrange import pareto_front, solve_for_cost, solve_for_recall
+
+    g = np.random.default_rng(0)
+    for _ in range(50):
+        cost = g.uniform(1, 100, 60)
+        recall = np.clip(1 - np.exp(-cost / 30) + g.normal(0, 0.03, 60), 0, 1)
+        target = g.uniform(0.3, 0.95)
+        i = solve_for_recall(recall, cost, target)
+        feasible = recall >= target
+        if not feasible.any():
+            assert i is None
+            continue
+        assert recall[i] >= target and cost[i] == cost[feasible].min()
+        budget = g.uniform(1, 100)
+        j = solve_for_cost(recall, cost, budget)
+        within = cost <= budget
+        assert (j is None) == (not within.any())
+        if j is not None:
+            assert cost[j] <= budget and recall[j] == recall[within].max()
+        front = pareto_front(recall, cost)
+        assert (np.diff(cost[front]) >= 0).all() and (np.diff(recall[front]) > 0).all()

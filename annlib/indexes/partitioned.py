@@ -716,7 +716,8 @@ class Partitioned(Index):
         st = self._st
         L = st.num_leaves
         t = min(L, leaves if leaves is not None else _default_probes(L))
-        n_cand = max(reorder, k)
+        # more candidates than vectors cannot exist (and would only size the buffers)
+        n_cand = min(max(reorder, k), st.num_vectors)
         mask_arr = _NO_MASK if mask is None else mask
         d, i = self._search_probed(Q, k, mask_arr, t, n_cand, st)
         # A row is short only when its probed leaves hold fewer than k allowed vectors: probe
@@ -752,6 +753,52 @@ class Partitioned(Index):
             Qs = np.ascontiguousarray(Q / st.int8_multipliers[None, :], dtype=np.float32)
             _, cand = fastscan.scan_int8(Qs, probes, st.packed, mask, n_cand, threads=threads)
         return fastscan.rerank(Q, st.vectors, cand, k, self._metric.proxy, threads=threads)
+
+    def stage_ranks(self, queries, true_ids, leaves, max_reorder: int):
+        """The tuner's instrumented pass: ranks of true neighbours after each search stage.
+
+        For every probed-leaf count in ``leaves`` it runs the scan stage alone (no re-ranking)
+        and reports where each true neighbour ranks among the distinct candidates by approximate
+        score, and how many code entries each query read. ``annlib.tune`` turns this into an
+        exact recall model for every ``(leaves, reorder)``.
+
+        Parameters
+        ----------
+        queries : array-like (q, d)
+        true_ids : int array (q, k)
+            External ids of the exact k nearest neighbours of each query.
+        leaves : sequence of int
+            Increasing probed-leaf counts, each in [1, num_leaves].
+        max_reorder : int
+            The largest ``reorder`` of interest (candidates kept by the scan).
+
+        Returns
+        -------
+        annlib.indexes.partitioned_tuning.StageRanks
+
+        Raises
+        ------
+        TypeError, ValueError
+            Bad queries, ids not in the index, or leaf counts out of range.
+        """
+        from .partitioned_tuning import stage_ranks
+
+        self._require_built()
+        Q32, _ = V.as_vectors(queries, "queries", limit=self._metric.max_abs)
+        V.check_dim(Q32.shape[1], self._dim, "queries")
+        truth = np.asarray(true_ids)
+        if truth.ndim != 2 or truth.shape[0] != Q32.shape[0] or truth.dtype.kind not in "iu":
+            raise ValueError(f"true_ids must be an integer array of shape ({Q32.shape[0]}, k); got {truth.shape}")
+        max_reorder = V.check_int("max_reorder", max_reorder, 1)
+        with self._rw.read():
+            st = self._st
+            grid = np.asarray([V.check_int("leaves", t, 1, st.num_leaves) for t in leaves], dtype=np.int64)
+            if grid.size == 0 or (np.diff(grid) <= 0).any():
+                raise ValueError("leaves must be a non-empty increasing sequence")
+            pos = self._positions_of(truth.reshape(-1).astype(np.int64)).reshape(truth.shape)
+            V.check_known_positions(truth.reshape(-1), pos.reshape(-1))
+            return stage_ranks(st, self._metric.prepare(Q32), pos, grid, max_reorder,
+                               self._metric.proxy == PROXY_L2SQ)
 
     def _merge_exact(self, Q, k, mask, d, i, st: PartitionedState):
         """Add the vectors without entries (compared exactly) to the results."""
