@@ -17,7 +17,9 @@ Layout shared by every function here:
   the median of distances, so no square root is taken while ranking).
 
 Query rows are grouped by copy so that each copy's sketches are read by one GEMM per database
-block, whatever mix of copies the queries chose.
+block, whatever mix of copies the queries chose. The scoring functions take the stored arrays as
+one :class:`Sketches` bundle, and the numba folds one :class:`QueryBlock` per block (named tuples,
+which numba compiles and caches like arrays), instead of a long list of positional arrays.
 """
 
 from __future__ import annotations
