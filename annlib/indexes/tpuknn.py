@@ -245,7 +245,7 @@ class TPUKNN(Index):
         proxy = self._metric.proxy
         if mode == "exact" and backend_platform() == "cpu":
             # The CPU's exact path is BruteForce's kernel: same results, faster than XLA's sort.
-            return exact_search(Q, st.vectors, st.sqnorms, k, proxy, mask, workers=get_num_threads())
+            return exact_search(Q, st.vectors, st.sqnorms, k, proxy, mask)
         db = self._device_db()
         terms = None
         if mask is not None:
