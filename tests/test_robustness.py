@@ -6,7 +6,6 @@ so none of them needs the shared data sets. The issue item each test covers is i
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import struct
@@ -30,33 +29,6 @@ FAMILIES = annlib.families()
 ADDERS = [f for f in FAMILIES if get_family(f).supports_add]
 DELETERS = [f for f in FAMILIES if get_family(f).supports_delete]
 FAMILY_METRIC = [(f, m) for f in FAMILIES for m in family_metrics(f)]
-
-
-# Failures of families whose issue-9 refactor is still in progress: (test, family) -> reason.
-# Non-strict xfail, so each entry turns into XPASS once its fix lands (then delete the entry).
-IN_PROGRESS = {
-    ("no_padding", "partitioned"): "item 6: Partitioned pads rows with -1 at large k",
-    ("delete_twice", "hnsw"): "item 7: HNSW does not yet report already-deleted ids to the base",
-    ("delete_twice", "mahalanobis"): "item 7: MahalanobisSketch does not yet report already-deleted ids",
-    ("relabel", "bruteforce"): "item 8: state errors do not name the field yet",
-    ("relabel", "tpuknn"): "item 8: state errors do not name the field yet",
-    ("relabel", "hnsw"): "item 8: state errors do not name the field yet",
-    ("relabel", "partitioned"): "item 8: state errors do not name the field yet",
-    ("relabel", "mahalanobis"): "item 8: state errors do not name the field yet",
-    ("load_then_add", "hnsw"): "item 7: HNSW level generator state is not saved yet",
-}
-
-
-def _families(test, families, *extra):
-    """``families`` as pytest params, marked xfail where :data:`IN_PROGRESS` lists them; each
-    ``extra`` list is crossed with the family (the family stays the key)."""
-    out = []
-    for f in families:
-        reason = IN_PROGRESS.get((test, f))
-        marks = [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
-        combos = [()] if not extra else [tuple(c) for c in itertools.product(*extra)]
-        out += [pytest.param(f, *c, marks=marks) for c in combos]
-    return out
 
 
 def _data(n=300, d=16, seed=0):
@@ -234,7 +206,7 @@ def test_cosine_extreme_magnitudes(family, scale):
 
 # ------------------------------------------------------------------ item 6 (across families)
 @pytest.mark.parametrize("n,k", [(300, 300), (40, 10), (40, 40)])
-@pytest.mark.parametrize("family", _families("no_padding", FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_no_padding_when_enough_vectors_exist(family, n, k):
     """Item 6: with default search parameters and k <= n, rows are full (no -1 padding)."""
     X = _data(n, seed=n)
@@ -284,7 +256,7 @@ def test_delete_empty_is_a_no_op(family):
     _same_results(before, _exact(index, X[:5], 5))
 
 
-@pytest.mark.parametrize("family", _families("delete_twice", DELETERS))
+@pytest.mark.parametrize("family", DELETERS)
 def test_delete_twice_raises_and_failed_delete_deletes_nothing(family):
     """Item 7: one rule for all families: deleting an id twice raises ValueError "already
     deleted"; a call that raises (already deleted, or unknown id) deletes none of its ids."""
@@ -413,8 +385,8 @@ def saved_families(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("dst,src,with_params", [
-    p for p in _families("relabel", FAMILIES, FAMILIES, [False, True]) if p.values[0] != p.values[1]])
+@pytest.mark.parametrize("with_params", [False, True])
+@pytest.mark.parametrize("src,dst", [(s, d) for s in FAMILIES for d in FAMILIES if s != d])
 def test_file_relabelled_as_another_family(saved_families, tmp_path, src, dst, with_params):
     """Item 8: a file whose header says another family raises IndexFormatError naming a field
     (or, where both families store the same state, loads and searches correctly)."""
@@ -471,9 +443,8 @@ def test_base_index_build_says_what_to_do():
 
 # ------------------------------------------------------------------ item 7: load-then-add
 @pytest.mark.parametrize("family,random_state", [
-    p for f in ADDERS
-    for p in _families("load_then_add", [f],
-                       ["int", "none", "generator"] if "random_state" in get_family(f).build_defaults else ["int"])])
+    (f, rs) for f in ADDERS
+    for rs in (["int", "none", "generator"] if "random_state" in get_family(f).build_defaults else ["int"])])
 def test_load_then_add_equals_add_without_save(family, random_state, tmp_path):
     """Item 7: an index loaded from a file then added to equals the same adds without the file
     (HNSW draws levels for added points: its generator state must travel with the file)."""
