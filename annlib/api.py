@@ -129,6 +129,8 @@ class Index:
     search_defaults: ClassVar[dict[str, Any]] = {}
     supports_add: ClassVar[bool] = False
     supports_delete: ClassVar[bool] = False
+    # How tuning without a query sample makes queries from the data (annlib.tune.auto).
+    tuning_queries: ClassVar[str] = "leave_one_out"
 
     def __init__(self, metric: str = "l2", **params: Any):
         self._metric: Metric = get_metric(metric)
@@ -138,6 +140,9 @@ class Index:
             # One seed policy for every family: None draws a seed once, a Generator gives one;
             # the int kept in params is what is saved, so a loaded index rebuilds identically.
             merged["random_state"] = V.resolve_seed(merged["random_state"])
+        if merged.get("default_recall") is not None:
+            merged["default_recall"] = V.check_float("default_recall", merged["default_recall"], 0.0, 1.0,
+                                                     low_open=True)
         self.params: dict[str, Any] = self._check_build_params(merged)
         self._dim: int | None = None
         self._n_positions = 0
@@ -283,7 +288,15 @@ class Index:
             self._n_positions = X32.shape[0]
             self._ids = ext
             self._id_to_pos = None
+            self._search_overrides = {}
+            self.tuning = None
             self._forget_validated_params()
+            if self.params.get("default_recall") is not None:
+                # Families that take default_recall tune their own defaults on queries made
+                # from the data, so an untuned index is already a useful one.
+                from .tune.auto import self_tune
+
+                self_tune(self, self.params["default_recall"])
         return self
 
     @staticmethod

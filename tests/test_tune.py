@@ -58,7 +58,10 @@ def test_budget_is_respected(data, hnsw):
     budget = cheap.predicted_cost * 1.5
     res = annlib.tune(hnsw, Q, k=10, max_cost=budget)
     assert res.predicted_cost <= budget
-    assert res.predicted_recall >= cheap.predicted_recall - 1e-9  # the most accurate within budget
+    # the most accurate setting priced within the budget (prices as of this call)
+    within = [p.recall for p in res.pareto if p.cost <= budget]
+    assert res.predicted_recall == max(within)
+    assert res.predicted_recall >= 0.85
 
 
 def test_infeasible_target_names_the_best_reachable_recall(data):

@@ -508,6 +508,11 @@ class HNSW(Index):
         Seed of the level generator and of FINGER's sampling. Builds with the same seed give
         identical graphs for any number of threads. The generator's state is saved with the
         index, so adding to a loaded index gives the graph the same adds give without saving.
+    default_recall : float in (0, 1] or None, default 0.9
+        At the end of ``build`` the index tunes its own default search parameters for this
+        recall@10 on 300 queries made from the data (``annlib.tune``; see ``index.tuning``), so
+        ``search(Q, k)`` without parameters is useful on any data. None keeps the fixed defaults
+        below. Costs a few exact and sample searches (well under the build time).
 
     Search parameters
     -----------------
@@ -550,7 +555,9 @@ class HNSW(Index):
 
     family = "hnsw"
     build_defaults = {"M": 32, "ef_construction": 200, "finger": True, "finger_rank": 64,
-                      "random_state": 0}
+                      "random_state": 0, "default_recall": 0.9}
+    # a graph links each vector to its near neighbours: tune on perturbed, not left-out, vectors
+    tuning_queries = "perturbed"
     search_defaults = {"ef": 64, "finger": True}
     supports_add = True
     supports_delete = True

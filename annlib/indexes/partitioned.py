@@ -447,6 +447,11 @@ class Partitioned(Index):
     random_state : int, Generator or None, default 0
         Seed of every random choice; one seed and one thread give identical indexes (a Generator
         or None is turned into one int seed, kept with the index).
+    default_recall : float in (0, 1] or None, default 0.9
+        At the end of ``build`` the index tunes its own default search parameters for this
+        recall@10 on 300 queries made from the data (``annlib.tune``; see ``index.tuning``), so
+        ``search(Q, k)`` without parameters is useful on any data. None keeps the fixed defaults
+        below. Costs a few exact and sample searches (well under the build time).
 
     Search parameters
     -----------------
@@ -497,7 +502,7 @@ class Partitioned(Index):
         "num_leaves": None, "spill": "soar", "soar_lambda": 1.0, "spills": 1,
         "soar_exclude_primary": False, "quantizer": "pq4", "dims_per_block": 2,
         "anisotropic_threshold": "auto", "spherical": None, "training_sample": 100_000,
-        "kmeans_iters": 10, "random_state": 0,
+        "kmeans_iters": 10, "random_state": 0, "default_recall": 0.9,
     }
     search_defaults = {"leaves": None, "reorder": 100}
 

@@ -123,8 +123,25 @@ def _points(name: str, seen: dict[Any, tuple[float, float]]) -> list[OperatingPo
     # The work a search does never shrinks as the parameter grows; a measured cost that does is
     # timing noise, so costs are made non-decreasing along the parameter before they are compared.
     ordered = sorted(seen.items(), key=lambda kv: kv[0])
-    costs = np.maximum.accumulate([c for _, (_, c) in ordered]) if ordered else []
+    costs = monotone_fit([c for _, (_, c) in ordered]) if ordered else []
     return [OperatingPoint({name: v}, r, float(c)) for (v, (r, _)), c in zip(ordered, costs)]
+
+
+def monotone_fit(values) -> np.ndarray:
+    """The non-decreasing sequence closest to ``values`` in least squares (pool adjacent
+    violators): one noisy timing is averaged with its neighbours instead of lifting every
+    later cost, as a running maximum would."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    out = []
+    for total, count in blocks:
+        out.extend([total / count] * int(count))
+    return np.asarray(out)
 
 
 def geometric_grid(low: float, high: float, ratio: float = 1.25, integer: bool = True) -> list:

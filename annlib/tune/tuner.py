@@ -29,7 +29,7 @@ __all__ = ["tune"]
 def tune(index: Any, queries: Any, k: int = 10, target_recall: float | None = None,
          max_cost: float | None = None, ground_truth: Any = None, *, held_out: float = 0.3,
          margin: float = 0.005, apply: bool = False, random_state: Any = 0,
-         progress: Any = False) -> TuningResult:
+         progress: Any = False, self_ids: Any = None) -> TuningResult:
     """Choose search parameters of a built index for a recall target or a cost budget.
 
     Parameters
@@ -62,6 +62,10 @@ def tune(index: Any, queries: Any, k: int = 10, target_recall: float | None = No
         Seed of the tuning/held-out split.
     progress : bool or callable, default False
         Progress of the evaluations.
+    self_ids : int array (q,), optional
+        Leave-one-out tuning on the data: ``queries`` are indexed vectors with these ids; each
+        query's own id is left out of its truth and its results, so it acts as a fresh query
+        (how ``Index.build(X)`` and ``default_recall`` tune without a query sample).
 
     Returns
     -------
@@ -96,8 +100,17 @@ def tune(index: Any, queries: Any, k: int = 10, target_recall: float | None = No
     V.check_dim(Q.shape[1], index.dim, "queries")
     k = V.check_k(k, len(index))
     truth = None if ground_truth is None else _check_ground_truth(ground_truth, Q.shape[0], k)
+    own = None
+    if self_ids is not None:
+        own = V.check_id_list(self_ids, "self_ids")
+        if own.shape != (Q.shape[0],):
+            raise ValueError(f"self_ids needs one id per query ({Q.shape[0]}); got shape {own.shape}")
+        if truth is not None:
+            raise ValueError("give ground_truth or self_ids, not both")
+        if len(index) < k + 1:
+            raise ValueError(f"leave-one-out tuning needs more than k={k} indexed vectors; got {len(index)}")
     rng = np.random.default_rng(V.resolve_seed(random_state))
-    sample = make_sample(index, Q, k, truth, held_out, rng)
+    sample = make_sample(index, Q, k, truth, held_out, rng, own)
 
     family = index.family
     tuner = _TUNERS.get(family)
@@ -161,7 +174,7 @@ def _check_ground_truth(ground_truth: Any, nq: int, k: int):
 def _held_out_recall(index, sample: TuningSample, k: int, params) -> float | None:
     if params is None or sample.held_out is None:
         return None
-    ids, dist = index.search(sample.held_out, k, **params)
+    ids, dist = sample.search(index, k, params, held_out=True)
     return sample.held_out_truth.recall(ids, dist)
 
 
@@ -173,7 +186,8 @@ _EVALUATIONS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary
 
 def evaluations_for(index, sample: TuningSample, k: int, name: str) -> dict:
     """The cache of (recall, cost) by parameter value for this index, sample and k."""
-    key = (name, k, len(index), index.n_positions, sample.queries.shape, hash(sample.queries.tobytes()))
+    own = None if sample.self_ids is None else hash(sample.self_ids.tobytes())
+    key = (name, k, len(index), index.n_positions, sample.queries.shape, hash(sample.queries.tobytes()), own)
     per_index = _EVALUATIONS.setdefault(index, {})
     return per_index.setdefault(key, {})
 
@@ -181,7 +195,7 @@ def evaluations_for(index, sample: TuningSample, k: int, name: str) -> dict:
 def _measured(index, sample: TuningSample, k: int, name: str):
     def evaluate(value):
         params = {name: value}
-        ids, dist = index.search(sample.queries, k, **params)
+        ids, dist = sample.search(index, k, params)
         recall = sample.truth.recall(ids, dist)
         return recall, seconds_per_query(index, sample.queries, k, params)
     return evaluate
