@@ -155,8 +155,8 @@ class PartitionedState:
                                             self.point_terms, fastscan.block_min(self.point_terms))
         self.pq_arrays = None
         if self.codebooks is not None:
-            self.pq_arrays = fastscan.PQIndexArrays(self.centres, self.centre_sqnorms, self.codebooks,
-                                                    self.packed, self.vectors)
+            self.pq_arrays = fastscan.PQIndexArrays.of(self.centres, self.centre_sqnorms, self.codebooks,
+                                                       self.packed, self.vectors)
         return self
 
     def nbytes(self) -> int:
@@ -753,10 +753,10 @@ class Partitioned(Index):
                                                                 dtype=np.float32))
         if st.codebooks is not None:
             tables = build_luts(pad_columns(Q, st.padded_dim), st.codebooks, threads)
-            _, cand = fastscan.scan_pq(tables, probes, st.packed, mask, n_cand, threads=threads)
+            _, cand = fastscan.scan_pq(tables, probes, st.packed, mask, n_cand, st.num_vectors, threads=threads)
         else:
             Qs = np.ascontiguousarray(Q / st.int8_multipliers[None, :], dtype=np.float32)
-            _, cand = fastscan.scan_int8(Qs, probes, st.packed, mask, n_cand, threads=threads)
+            _, cand = fastscan.scan_int8(Qs, probes, st.packed, mask, n_cand, st.num_vectors, threads=threads)
         return fastscan.rerank(Q, st.vectors, cand, k, self._metric.proxy, threads=threads)
 
     def stage_ranks(self, queries, true_ids, leaves, max_reorder: int):
