@@ -115,6 +115,8 @@ def test_parallel_build_matches_serial_build():
 
 
 def test_graph_independent_of_thread_count(synth):
+    """The graph is identical for any thread count; FINGER's basis and payload come from BLAS
+    products, whose rounding may depend on the thread split, so they agree to rounding."""
     X = synth[0][:3000]
     a = HNSW(M=8, random_state=3).build(X, threads=1)
     b = HNSW(M=8, random_state=3).build(X, threads=2)
@@ -122,7 +124,15 @@ def test_graph_independent_of_thread_count(synth):
     _, sb = b._state()
     assert sa.keys() == sb.keys()
     for key in sa:
-        np.testing.assert_array_equal(sa[key], sb[key], err_msg=key)
+        if not key.startswith("finger_"):
+            np.testing.assert_array_equal(sa[key], sb[key], err_msg=key)
+    np.testing.assert_allclose(sa["finger_basis"], sb["finger_basis"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(sa["finger_table"], sb["finger_table"], rtol=1e-3, atol=1e-4)
+    M0 = 16
+    fa, fb = sa["finger_payload"].view(np.float32), sb["finger_payload"].view(np.float32)
+    np.testing.assert_allclose(fa[:, 2 * M0:], fb[:, 2 * M0:], rtol=1e-3, atol=1e-3)
+    same_bits = np.unpackbits(~(sa["finger_payload"][:, :M0] ^ sb["finger_payload"][:, :M0]).view(np.uint8))
+    assert same_bits.mean() > 0.999  # sign codes: only near-zero projections may flip
 
 
 def test_progress_callable(synth):

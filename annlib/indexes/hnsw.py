@@ -506,7 +506,8 @@ class HNSW(Index):
         Rank of the FINGER basis = bits per edge code; clipped to the dimension. Range 1..64.
     random_state : int, None or numpy Generator, default 0
         Seed of the level generator and of FINGER's sampling. Builds with the same seed give
-        identical graphs for any number of threads. The generator's state is saved with the
+        identical graphs for any number of threads (FINGER's basis and payload, products
+        computed by BLAS, agree to its rounding). The generator's state is saved with the
         index, so adding to a loaded index gives the graph the same adds give without saving.
     default_recall : float in (0, 1] or None, default 0.9
         At the end of ``build`` the index tunes its own default search parameters for this
