@@ -307,11 +307,14 @@ def check_rows(ids, dist, k, where):
         assert (np.diff(d) >= -1e-6 * np.abs(d[1:]) - 1e-6).all(), (where, dist[r])
 
 
-def run_threads(searcher, writer, n_searchers=3, writer_done=None):
+def run_threads(searcher, writer, n_searchers=3, writer_done=None, min_writes=20, min_searches=30):
     """Run ``n_searchers`` threads calling ``searcher(rng, t)`` while one calls ``writer(rng)`` for
-    :data:`DURATION` seconds; re-raise the first error. ``writer_done`` is set when the writer stops."""
+    :data:`DURATION` seconds, longer (up to 10x) on a machine so busy that fewer than
+    ``min_writes`` writes or ``min_searches`` searches overlapped; re-raise the first error.
+    ``writer_done`` is set when the writer stops. Returns (searches per thread, writes)."""
     errors, stop = [], threading.Event()
     counts = [0] * n_searchers
+    writes = [0]
 
     def guard(fn, *args):
         try:
@@ -328,10 +331,15 @@ def run_threads(searcher, writer, n_searchers=3, writer_done=None):
 
     def write_loop():
         g = np.random.default_rng(7)
-        end = time.monotonic() + DURATION
+        start = time.monotonic()
         try:
-            while time.monotonic() < end and not stop.is_set():
+            while not stop.is_set():
+                elapsed = time.monotonic() - start
+                enough = writes[0] >= min_writes and sum(counts) >= min_searches
+                if elapsed > 10 * DURATION or (elapsed > DURATION and enough):
+                    break
                 writer(g)
+                writes[0] += 1
         finally:
             stop.set()
             if writer_done is not None:
@@ -347,7 +355,8 @@ def run_threads(searcher, writer, n_searchers=3, writer_done=None):
     if errors:
         raise errors[0]
     assert min(counts) > 0, counts
-    return counts
+    assert writes[0] >= min_writes and sum(counts) >= min_searches, (writes, counts)
+    return counts, writes[0]
 
 
 @pytest.mark.parametrize("family", ["bruteforce", "tpuknn"])
@@ -386,7 +395,7 @@ def test_searches_while_adding(family):
         added[0] = a + m
         time.sleep(0.002)
 
-    run_threads(searcher, writer)
+    run_threads(searcher, writer, min_writes=10)
     assert len(index) == added[0] and index.n_positions == added[0]
     ids, _ = index.search(pool[added[0] - 1], 1)
     assert ids[0] == 3 * (added[0] - 1)
@@ -477,8 +486,7 @@ def test_mahalanobis_searches_estimates_and_updates_concurrently():
         history.append((Xv, index.M, live))
         time.sleep(0.001)
 
-    counts = run_threads(searcher, writer, writer_done=writer_done)
-    assert len(history) > 20, len(history)
+    counts, writes = run_threads(searcher, writer, writer_done=writer_done)
+    assert len(history) == writes + 1
     Xv, Mv, live = history[-1]
     assert len(index) == live.sum() and index.n_positions == len(live)
-    assert sum(counts) > 30, counts
