@@ -15,7 +15,7 @@ import pytest
 
 import annlib
 from annlib.indexes import partitioned as P
-from annlib.kernels.quantization import split_residual_error, unpack_codes, pad_columns
+from annlib.kernels.quantization import pad_columns, split_residual_error
 
 from conftest import assert_valid_rows, read_shared, synthetic_set, threshold_recall, true_distances
 

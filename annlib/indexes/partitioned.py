@@ -6,9 +6,12 @@ them, scores every member of those leaves from 4-bit product-quantization codes 
 re-scores them exactly with the stored float32 vectors.
 
 All metrics are scored as inner products: ``-<q, x> = -<q, c> - <q, r>`` with the centre term
-computed once per probed leaf; squared L2 adds the exact per-point term ``||x||^2 / 2``, which ranks
-like ``||q - x||^2`` for a fixed query. Points are assigned to leaves by squared L2, queries rank
-leaves by the search metric (ScaNN's asymmetry, ALGORITHMS §2.2).
+computed once per probed leaf; squared L2 adds the per-entry term ``||c + r~||^2 / 2`` of the
+vector as its codes reconstruct it, so the score is ``(||q - x~||^2 - ||q||^2) / 2``: it ranks like
+the distance to the reconstruction, with an error that grows with ``||q - x||`` rather than with
+``||x||`` (the exact ``||x||^2`` would not, for data far from the origin). Points are assigned to
+leaves by squared L2, queries rank leaves by the search metric (ScaNN's asymmetry, ALGORITHMS
+§2.2).
 
 Everything the index holds lives in one :class:`PartitionedState`, which checks its own
 invariants (:meth:`PartitionedState.validate`) when a file is loaded.
