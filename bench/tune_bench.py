@@ -1,0 +1,170 @@
+"""Tuned points against the grid search they replace (issue: auto-tuning).
+
+For each annlib family (and ``auto``) on one data set, single-threaded:
+
+1. build the family once with its self-tuning off (``default_recall=None``);
+2. grid search: every setting of ``search_space()`` measured on the data set's test queries
+   (recall@k as ann-benchmarks computes it, batch QPS as the best of several runs), timed whole;
+3. ``annlib.tune`` for each target on queries made from the training vectors only (as
+   ``Index.build(X)`` does: the test queries are never seen by the tuner), then the tuned point
+   measured on the test queries;
+4. ``auto``: ``Index.build(train, target_recall=t)`` measured the same way, against the best
+   family's grid frontier at the target.
+
+Prints a Markdown table headed by the command and the load average; writes JSON with ``--out``.
+
+    python -m annlib.bench.tune_bench --dataset glove-50-angular-200k --queries 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shlex
+import sys
+import time
+
+import numpy as np
+
+from .measures import best_time, qps
+from .runner import Workload
+
+__all__ = ["main"]
+
+
+def _measure(index, work: Workload, params: dict) -> tuple[float, float]:
+    ids, _ = index.search(work.queries, work.k, threads=1, **params)
+    recall = work.recall(ids)
+    seconds, _, _ = best_time(lambda: index.search(work.queries, work.k, threads=1, **params),
+                              min_reps=3, min_seconds=0.3)
+    return recall, qps(len(work.queries), seconds)
+
+
+def _grid(index) -> list[dict]:
+    space = index.search_space()["search"]
+    names = [n for n in space if n != "finger"]
+    return [dict(zip(names, values)) for values in itertools.product(*(space[n] for n in names))]
+
+
+def _best_at(points: list[dict], target: float) -> float | None:
+    ok = [p["qps"] for p in points if p["recall"] >= target]
+    return max(ok) if ok else None
+
+
+def run_family(family: str, work: Workload, targets: list[float], build_params: dict, log) -> dict:
+    import annlib
+    from annlib.tune.auto import tuning_queries
+
+    t0 = time.perf_counter()
+    index = annlib.Index.build(work.train, method=family, metric=work.metric, threads=1,
+                               default_recall=None, **build_params)
+    build_s = time.perf_counter() - t0
+    index.warmup()
+    grid = []
+    t0 = time.perf_counter()
+    for params in _grid(index):
+        recall, q = _measure(index, work, params)
+        grid.append({"params": params, "recall": recall, "qps": q})
+    grid_s = time.perf_counter() - t0
+    log(f"{family}: built in {build_s:.1f} s, grid of {len(grid)} points in {grid_s:.1f} s")
+    tuned = []
+    rng = np.random.default_rng(0)
+    Qs, own = tuning_queries(index, 1000, rng)
+    for target in targets:
+        t0 = time.perf_counter()
+        with annlib.threads(1):
+            res = annlib.tune(index, Qs, k=work.k, target_recall=target, self_ids=own)
+        tune_s = time.perf_counter() - t0
+        recall, q = _measure(index, work, dict(res))
+        best = _best_at(grid, target)
+        tuned.append({"target": target, "params": dict(res), "predicted_recall": res.predicted_recall,
+                      "sample_held_out_recall": res.held_out_recall, "test_recall": recall, "qps": q,
+                      "best_grid_qps": best, "qps_ratio": None if not best else q / best,
+                      "tune_seconds": tune_s, "tune_fraction_of_grid": tune_s / grid_s})
+        log(f"  target {target}: {dict(res)} test recall {recall:.4f}, {q:,.0f} QPS, "
+            f"best grid {best if best is None else round(best)}; tuning {tune_s:.1f} s")
+    return {"family": family, "build_params": build_params, "build_seconds": build_s,
+            "grid_seconds": grid_s, "grid": grid, "tuned": tuned}
+
+
+def run_auto(work: Workload, targets: list[float], frontier: dict, log) -> list[dict]:
+    import annlib
+
+    out = []
+    for target in targets:
+        t0 = time.perf_counter()
+        index = annlib.Index.build(work.train, metric=work.metric, target_recall=target, threads=1)
+        build_s = time.perf_counter() - t0
+        index.warmup()
+        recall, q = _measure(index, work, {})
+        best_family = max(frontier, key=lambda f: frontier[f].get(target) or 0.0) if frontier else None
+        best = frontier.get(best_family, {}).get(target) if best_family else None
+        out.append({"target": target, "family": index.family, "params": index.tuning["params"],
+                    "test_recall": recall, "qps": q, "build_seconds": build_s,
+                    "best_family": best_family, "best_family_qps": best,
+                    "qps_ratio": None if not best else q / best, "rule": index.tuning["rule"]})
+        log(f"auto {target}: {index.family} {index.tuning['params']} test recall {recall:.4f}, {q:,.0f} QPS "
+            f"(best family {best_family} {best if best is None else round(best)})")
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="python -m annlib.bench.tune_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--families", default="partitioned,hnsw,auto")
+    p.add_argument("--targets", default="0.9,0.95,0.99")
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--hnsw-M", type=int, default=32)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    import annlib
+    from annlib.datasets import load
+
+    annlib.set_num_threads(1)
+    log = (lambda msg: print(msg, flush=True))
+    ds = load(args.dataset)
+    work = Workload.from_dataset(ds, k=args.k, queries=args.queries)
+    targets = [float(t) for t in args.targets.split(",")]
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    command = shlex.join(["python -m annlib.bench.tune_bench", *argv])
+    load_before = os.getloadavg()[0]
+    log(f"{command}\ndata: {ds.name} n={len(work.train)} d={work.train.shape[1]} queries={len(work.queries)} "
+        f"metric={work.metric}; load average {load_before:.2f}")
+    results, frontier = [], {}
+    for family in families:
+        if family == "auto":
+            continue
+        params = {"M": args.hnsw_M} if family == "hnsw" else {}
+        r = run_family(family, work, targets, params, log)
+        results.append(r)
+        frontier[family] = {t: _best_at(r["grid"], t) for t in targets}
+    auto = run_auto(work, targets, frontier, log) if "auto" in families else []
+    load_after = os.getloadavg()[0]
+    print(f"\n`{command}` — load average {load_before:.2f} before, {load_after:.2f} after\n")
+    print("| family | target | tuned params | test recall | QPS | best grid QPS at target | ratio | tuning s | ÷ grid time |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        for t in r["tuned"]:
+            best = "—" if t["best_grid_qps"] is None else f"{t['best_grid_qps']:,.0f}"
+            ratio = "—" if t["qps_ratio"] is None else f"{t['qps_ratio']:.2f}"
+            print(f"| {r['family']} | {t['target']} | {t['params']} | {t['test_recall']:.4f} | {t['qps']:,.0f} | "
+                  f"{best} | {ratio} | {t['tune_seconds']:.1f} | {100 * t['tune_fraction_of_grid']:.0f} % |")
+    for a in auto:
+        best = "—" if a["best_family_qps"] is None else f"{a['best_family_qps']:,.0f} ({a['best_family']})"
+        ratio = "—" if a["qps_ratio"] is None else f"{a['qps_ratio']:.2f}"
+        print(f"| auto → {a['family']} | {a['target']} | {a['params']} | {a['test_recall']:.4f} | {a['qps']:,.0f} | "
+              f"{best} | {ratio} | build {a['build_seconds']:.0f} s | |")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"tune-{ds.name}.json"), "w") as fh:
+            json.dump({"command": command, "load_average": [load_before, load_after], "families": results,
+                       "auto": auto}, fh, indent=1, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
