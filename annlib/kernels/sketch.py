@@ -18,8 +18,8 @@ Layout shared by every function here:
 
 Query rows are grouped by copy so that each copy's sketches are read by one GEMM per database
 block, whatever mix of copies the queries chose. The scoring functions take the stored arrays as
-one :class:`Sketches` bundle, and the numba folds one :class:`QueryBlock` per block (named tuples,
-which numba compiles and caches like arrays), instead of a long list of positional arrays.
+one :class:`Sketches` bundle and produce one :class:`QueryBlock` per block; the numba folds take
+the block's arrays unpacked, because a tuple argument costs microseconds of dispatch per call.
 """
 
 from __future__ import annotations
@@ -85,7 +85,10 @@ class Sketches(NamedTuple):
 
 
 class QueryBlock(NamedTuple):
-    """One block of sketched queries against one database block (an argument of the numba folds).
+    """One block of sketched queries against one database block.
+
+    The numba folds take its four arrays unpacked (``fold_median_block(*block, ...)``): a tuple
+    argument costs about 2 us of dispatch per call, paid once per database block of every search.
 
     Attributes
     ----------
@@ -409,13 +412,13 @@ def _median_row(G, t_row, copy_of, zn, sn, offset, out, tmp):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def fold_median_block(block, sn, offset, mask, heap_d, heap_i, q_offset):
+def fold_median_block(G, t_of, copy_of, zn, sn, offset, mask, heap_d, heap_i, q_offset):
     """Fold one database block of median estimates into the running per-query heaps.
 
     Parameters
     ----------
-    block : QueryBlock
-        The block's sketched queries and their products with sketches ``offset .. offset+bn``.
+    G, t_of, copy_of, zn
+        The fields of a :class:`QueryBlock` (products with sketches ``offset .. offset+bn``).
     sn : float32 (L, n)
     offset : int
     mask : bool (n,) or (0,)
@@ -423,7 +426,6 @@ def fold_median_block(block, sn, offset, mask, heap_d, heap_i, q_offset):
     heap_d, heap_i : float32 / int64 (q, c), updated in place
     q_offset : int
     """
-    G, t_of, copy_of, zn = block.products, block.row_of, block.copy_of, block.query_sqnorms
     use_mask = mask.shape[0] > 0
     bn = G.shape[1]
     for r in prange(t_of.shape[0]):
@@ -441,11 +443,10 @@ def fold_median_block(block, sn, offset, mask, heap_d, heap_i, q_offset):
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def median_block(block, sn, offset, out, q_offset, root):
+def median_block(G, t_of, copy_of, zn, sn, offset, out, q_offset, root):
     """Write one database block of median estimates into ``out`` (q, n): squared, or their
     square roots when ``root`` (taken while the row is still in cache, not in a second pass).
-    ``block`` is a :class:`QueryBlock`."""
-    G, t_of, copy_of, zn = block.products, block.row_of, block.copy_of, block.query_sqnorms
+    ``G, t_of, copy_of, zn`` are the fields of a :class:`QueryBlock`."""
     bn = G.shape[1]
     for r in prange(t_of.shape[0]):
         tmp = np.empty(t_of.shape[1], dtype=np.float32)
@@ -532,7 +533,7 @@ def median_estimate(
     """
     out = np.empty((Q.shape[0], sk.sketches.shape[2]), dtype=np.float32)
     for q0, x0, block in _blocks(Q, sk, sel, query_block, db_block):
-        median_block(block, sk.sqnorms, x0, out, q0, root)
+        median_block(*block, sk.sqnorms, x0, out, q0, root)
     return out
 
 
@@ -553,6 +554,6 @@ def median_search(
     heap_d, heap_i = new_heaps(Q.shape[0], c)
     mask_arr = np.zeros(0, dtype=np.bool_) if mask is None else mask
     for q0, x0, block in _blocks(Q, sk, sel, query_block, db_block):
-        fold_median_block(block, sk.sqnorms, x0, mask_arr, heap_d, heap_i, q0)
+        fold_median_block(*block, sk.sqnorms, x0, mask_arr, heap_d, heap_i, q0)
     sort_heaps(heap_d, heap_i)
     return heap_d, heap_i
