@@ -2,6 +2,7 @@
 
 The identities and equivalences run on seeded synthetic data; the estimator's quality on real
 SIFT vectors (the protocol's reference numbers) is marked ``shared_data``.
+Builds pass ``default_recall=None`` (no self-tuning: not what these tests are about).
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from conftest import read_shared, synthetic_set
 @pytest.fixture(scope="module")
 def synth():
     X, Q, nb, _, _ = synthetic_set(6000, 48, 100, k=10, seed=11)
-    return X, Q, nb, HNSW(M=16, finger=True, finger_rank=48).build(X)
+    return X, Q, nb, HNSW(default_recall=None, M=16, finger=True, finger_rank=48).build(X)
 
 
 @pytest.fixture(scope="module")
 def sift():
     X, Q, nb, _, metric = read_shared("sift-128-euclidean-10k")
-    return X, Q, nb, HNSW(metric=metric, M=16, finger=True, finger_rank=64).build(X)
+    return X, Q, nb, HNSW(default_recall=None, metric=metric, M=16, finger=True, finger_rank=64).build(X)
 
 
 def _payload(index):
@@ -152,9 +153,9 @@ def test_finger_saves_exact_evaluations_at_equal_recall_synthetic(synth):
 
 def test_rank_is_clipped_to_dimension(blobs):
     X, Q = blobs
-    index = HNSW(M=8, finger_rank=64).build(X)
+    index = HNSW(default_recall=None, M=8, finger_rank=64).build(X)
     assert index._graph.finger.basis.shape == (X.shape[1], X.shape[1])
-    low = HNSW(M=8, finger_rank=8).build(X)
+    low = HNSW(default_recall=None, M=8, finger_rank=8).build(X)
     assert low._graph.finger.basis.shape == (8, X.shape[1])
     assert low.search(Q, 5, ef=32).ids.shape == (len(Q), 5)
     # codes use only the low `rank` bits (the cosine table has rank + 1 entries)
@@ -175,7 +176,7 @@ def test_finger_payload_follows_add_and_delete(synth):
     is within rounding of 0, and only there.
     """
     X, Q, _, _ = synth
-    index = HNSW(M=8, finger=True, finger_rank=32).build(X[:3000])
+    index = HNSW(default_recall=None, M=8, finger=True, finger_rank=32).build(X[:3000])
     index.add(X[3000:4000])
     index.delete(np.arange(0, 4000, 9))
     g, n, M0, r, pay = _payload(index)

@@ -1,7 +1,9 @@
 """HNSW: recall against exact ground truth, parallel vs serial build, add, delete, persistence, errors.
 
 Everything runs on seeded synthetic data (``synthetic_set``) except the recall floors on the
-shared real sets, marked ``shared_data`` (they skip without ../shared/data).
+shared real sets, marked ``shared_data`` (they skip without ../shared/data). Builds pass
+``default_recall=None``: the self-tuning at the end of build has its own tests, and here it
+would only add time and move the default ``ef`` these tests rely on.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def synth():
 @pytest.fixture(scope="module")
 def synth_index(synth):
     X, _, _, metric = synth
-    return HNSW(metric=metric, M=16).build(X)
+    return HNSW(default_recall=None, metric=metric, M=16).build(X)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def exact_kth(X, Q, metric, k=10):
 # Floors sit below the values measured with the default seed (in the comments), with margin.
 @pytest.mark.shared_data
 def test_recall_sift_plain_and_finger(sift):
-    index = HNSW(metric=sift[3], M=16).build(sift[0])
+    index = HNSW(default_recall=None, metric=sift[3], M=16).build(sift[0])
     assert recall(index, sift, ef=64, finger=False) >= 0.98  # measured 0.997
     assert recall(index, sift, ef=64, finger=True) >= 0.97  # measured 0.997
     assert recall(index, sift, ef=10, finger=False) >= 0.85  # measured 0.93
@@ -60,7 +62,7 @@ def test_recall_sift_plain_and_finger(sift):
 def test_recall_mnist_subset():
     X, Q, _, _, metric = read_shared("mnist-784-euclidean-10k", 100)
     X = X[:4000]
-    index = HNSW(metric=metric, M=16).build(X)
+    index = HNSW(default_recall=None, metric=metric, M=16).build(X)
     data = (X, Q, exact_kth(X, Q, metric), metric)
     assert recall(index, data, ef=64, finger=False) >= 0.97  # measured 0.999
     assert recall(index, data, ef=64, finger=True) >= 0.96  # measured 0.999
@@ -71,7 +73,7 @@ def test_recall_cosine_glove_subset():
     X, Q, _, _, metric = read_shared("glove-50-angular-200k", 100)
     X = X[:5000]
     assert metric == "cosine"
-    index = HNSW(metric="cosine", M=16).build(X)
+    index = HNSW(default_recall=None, metric="cosine", M=16).build(X)
     data = (X, Q, exact_kth(X, Q, "cosine"), "cosine")
     assert recall(index, data, ef=96, finger=False) >= 0.95  # measured 0.980
     assert recall(index, data, ef=96, finger=True) >= 0.93  # measured 0.979
@@ -85,7 +87,7 @@ def test_recall_synthetic_l2(synth, synth_index):
 @pytest.mark.parametrize("metric", ["cosine", "ip"])
 def test_recall_synthetic_other_metrics(metric):
     X, Q, _, dist, _ = synthetic_set(3000, 24, 60, metric=metric, k=10, seed=4)
-    index = HNSW(metric=metric, M=16).build(X)
+    index = HNSW(default_recall=None, metric=metric, M=16).build(X)
     data = (X, Q, dist[:, 9], metric)
     assert recall(index, data, ef=64, finger=False) >= 0.95  # measured 0.99+
     assert recall(index, data, ef=64, finger=True) >= 0.93
@@ -93,7 +95,7 @@ def test_recall_synthetic_other_metrics(metric):
 
 def test_recall_inner_product(blobs):
     X, Q = blobs
-    index = HNSW(metric="ip", M=16).build(X)
+    index = HNSW(default_recall=None, metric="ip", M=16).build(X)
     data = (X, Q, exact_kth(X, Q, "ip"), "ip")
     assert recall(index, data, ef=64, finger=False) >= 0.95
     assert recall(index, data, ef=64, finger=True) >= 0.93
@@ -104,10 +106,10 @@ def test_parallel_build_matches_serial_build():
     """Batched parallel insertion loses at most 0.005 recall against one-at-a-time insertion."""
     X, Q, _, dist, metric = synthetic_set(4000, 32, 200, k=10, seed=5)
     data = (X, Q, dist[:, 9], metric)
-    serial = HNSW(metric=metric, M=8, finger=False)
+    serial = HNSW(default_recall=None, metric=metric, M=8, finger=False)
     serial._BATCH_DIV = len(X) + 1  # batches of one point: classic sequential insertion
     serial.build(X, threads=1)
-    parallel = HNSW(metric=metric, M=8, finger=False).build(X, threads=2)
+    parallel = HNSW(default_recall=None, metric=metric, M=8, finger=False).build(X, threads=2)
     for ef in (10, 16, 32):
         r_s = recall(serial, data, ef=ef)
         r_p = recall(parallel, data, ef=ef)
@@ -118,8 +120,8 @@ def test_graph_independent_of_thread_count(synth):
     """The graph is identical for any thread count; FINGER's basis and payload come from BLAS
     products, whose rounding may depend on the thread split, so they agree to rounding."""
     X = synth[0][:3000]
-    a = HNSW(M=8, random_state=3).build(X, threads=1)
-    b = HNSW(M=8, random_state=3).build(X, threads=2)
+    a = HNSW(default_recall=None, M=8, random_state=3).build(X, threads=1)
+    b = HNSW(default_recall=None, M=8, random_state=3).build(X, threads=2)
     _, sa = a._state()
     _, sb = b._state()
     assert sa.keys() == sb.keys()
@@ -138,10 +140,10 @@ def test_graph_independent_of_thread_count(synth):
 def test_progress_callable(synth):
     X = synth[0][:2000]
     calls = []
-    HNSW(M=8, finger=False).build(X, progress=lambda done, total: calls.append((done, total)))
+    HNSW(default_recall=None, M=8, finger=False).build(X, progress=lambda done, total: calls.append((done, total)))
     assert calls and calls[-1] == (2000, 2000)
     assert all(t == 2000 for _, t in calls) and [d for d, _ in calls] == sorted(d for d, _ in calls)
-    index = HNSW(M=8, finger=False).build(X[:500])
+    index = HNSW(default_recall=None, M=8, finger=False).build(X[:500])
     calls.clear()
     index.add(X[500:800], progress=lambda done, total: calls.append((done, total)))
     assert calls[-1] == (300, 300)
@@ -149,14 +151,14 @@ def test_progress_callable(synth):
 
 def test_progress_bar_closes(synth, capsys):
     pytest.importorskip("tqdm")
-    index = HNSW(M=8, finger=False).build(synth[0][:600], progress=True)
+    index = HNSW(default_recall=None, M=8, finger=False).build(synth[0][:600], progress=True)
     assert len(index) == 600
 
 
 # -------------------------------------------------------------------------------- add / delete
 def test_add_reaches_same_recall(synth):
     X, Q, kth, metric = synth
-    index = HNSW(metric=metric, M=16).build(X[:3500])
+    index = HNSW(default_recall=None, metric=metric, M=16).build(X[:3500])
     index.add(X[3500:4200])
     index.add(X[4200:])
     assert len(index) == len(X)
@@ -167,7 +169,7 @@ def test_add_reaches_same_recall(synth):
 def test_delete_never_returns_deleted_ids(synth, tmp_path):
     X, Q, _, metric = synth
     ext = np.arange(len(X)) * 7 + 3
-    index = HNSW(metric=metric, M=16).build(X, ids=ext)
+    index = HNSW(default_recall=None, metric=metric, M=16).build(X, ids=ext)
     base_ids, _ = index.search(Q, 10, ef=64)
     gone = np.unique(np.concatenate([base_ids[:, :5].ravel(), ext[::5]]))
     g = index._graph
@@ -200,7 +202,7 @@ def test_delete_never_returns_deleted_ids(synth, tmp_path):
 
 def test_delete_almost_everything(blobs):
     X, Q = blobs
-    index = HNSW(M=8).build(X)
+    index = HNSW(default_recall=None, M=8).build(X)
     index.delete(np.arange(len(X) - 5))
     ids, dist = index.search(Q, 5, ef=32)
     assert set(ids.ravel().tolist()) <= set(range(len(X) - 5, len(X)))
@@ -210,7 +212,7 @@ def test_delete_almost_everything(blobs):
 
 def test_delete_everything_then_add(blobs):
     X, Q = blobs
-    index = HNSW(M=8).build(X[:300])
+    index = HNSW(default_recall=None, M=8).build(X[:300])
     index.delete(np.arange(300))
     assert len(index) == 0 and index._graph.entry == -1
     index.add(X[300:400])
@@ -258,7 +260,7 @@ def test_search_space():
 
 def test_search_space_of_a_built_index(blobs):
     X, _ = blobs
-    index = HNSW(M=8).build(X[:200])
+    index = HNSW(default_recall=None, M=8).build(X[:200])
     assert index.search_space()["search"]["ef"][-1] == 200
 
 
@@ -300,7 +302,7 @@ def test_bad_search_params_leave_index_unchanged(synth, synth_index):
 def test_tiny_indexes():
     X = np.arange(12, dtype=np.float32).reshape(4, 3)
     for metric in ("l2", "cosine", "ip"):
-        index = HNSW(metric=metric, M=2).build(X[:1])
+        index = HNSW(metric=metric, M=2).build(X[:1])  # default: self-tuned (must cope with 1 vector)
         ids, _ = index.search(X[0], 1)
         assert ids.tolist() == [0]
         index.add(X[1:])
