@@ -32,6 +32,12 @@ def sift():
     return X, Q
 
 
+def build(X, **params):
+    """Partitioned.build without the self-tuning of the default search parameters (which these
+    tests do not exercise, and which would triple their build time)."""
+    return annlib.Partitioned.build(X, **{"default_recall": None, **params})
+
+
 def kth_true(X, Q, metric, k=10):
     return np.sort(true_distances(X, Q, metric), axis=1)[:, k - 1]
 
@@ -50,7 +56,7 @@ def recompute(X, Q, ids, metric):
 @pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
 def test_recall_floor_sift(sift, metric):
     X, Q = sift
-    index = annlib.Partitioned.build(X, metric=metric, num_leaves=100)
+    index = build(X, metric=metric, num_leaves=100)
     kth = kth_true(X, Q, metric)
     low = threshold_recall(index.search(Q, 10, leaves=4, reorder=40).ids, X, Q, kth, metric)
     high = threshold_recall(index.search(Q, 10, leaves=20, reorder=200).ids, X, Q, kth, metric)
@@ -64,7 +70,7 @@ def test_soar_beats_no_spill_at_equal_leaves(sift):
     kth = kth_true(X, Q, "cosine")
     rec = {}
     for spill in ("none", "soar"):
-        index = annlib.Partitioned.build(X, metric="cosine", num_leaves=100, spill=spill)
+        index = build(X, metric="cosine", num_leaves=100, spill=spill)
         rec[spill] = threshold_recall(index.search(Q, 10, leaves=3, reorder=100).ids, X, Q, kth, "cosine")
     assert rec["soar"] > rec["none"]
 
@@ -72,7 +78,7 @@ def test_soar_beats_no_spill_at_equal_leaves(sift):
 @pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
 def test_recall_grows_with_leaves_synthetic(synth, metric):
     X, Q = synth
-    index = annlib.Partitioned.build(X, metric=metric, num_leaves=60)
+    index = build(X, metric=metric, num_leaves=60)
     kth = kth_true(X, Q, metric)
     low = threshold_recall(index.search(Q, 10, leaves=2, reorder=30).ids, X, Q, kth, metric)
     high = threshold_recall(index.search(Q, 10, leaves=20, reorder=200).ids, X, Q, kth, metric)
@@ -83,7 +89,7 @@ def test_recall_grows_with_leaves_synthetic(synth, metric):
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_all_leaves_and_full_reorder_is_exact(synth, quantizer, metric):
     X, Q = synth
-    index = annlib.Partitioned.build(X, metric=metric, num_leaves=30, quantizer=quantizer)
+    index = build(X, metric=metric, num_leaves=30, quantizer=quantizer)
     ids, dist = index.search(Q, 10, leaves=30, reorder=len(X))
     exact = annlib.BruteForce.build(X, metric=metric).search(Q, 10)
     np.testing.assert_allclose(dist, exact.distances, rtol=1e-4, atol=1e-3)
@@ -97,7 +103,7 @@ def test_rows_are_full_when_enough_vectors_exist(n, k, metric, quantizer):
     """Before: k = n on 300 points returned mostly -1 with the default search (and n=40, k=10
     some -1), because only ceil(L / 20) leaves were probed."""
     X = np.random.default_rng(n + k).normal(size=(n, 16)).astype(np.float32)
-    index = annlib.Partitioned.build(X, metric=metric, quantizer=quantizer)
+    index = build(X, metric=metric, quantizer=quantizer)
     Q = X[:7] + 0.01
     for params in ({}, {"reorder": 1}, {"leaves": 1, "reorder": 5}):
         ids, dist = index.search(Q, k, **params)
@@ -110,7 +116,7 @@ def test_rows_are_full_when_enough_vectors_exist(n, k, metric, quantizer):
 
 def test_rows_are_full_under_a_filter(synth):
     X, Q = synth
-    index = annlib.Partitioned.build(X, num_leaves=80)
+    index = build(X, num_leaves=80)
     allowed = np.zeros(len(X), bool)
     allowed[np.random.default_rng(0).choice(len(X), 600, replace=False)] = True  # past the exact-scan cut
     assert not index._scan_is_cheaper(600, 10, index._default_search_params())
@@ -120,7 +126,7 @@ def test_rows_are_full_under_a_filter(synth):
 
 def test_reorder_below_k_is_raised_to_k(synth):
     X, Q = synth
-    index = annlib.Partitioned.build(X, num_leaves=40)
+    index = build(X, num_leaves=40)
     a = index.search(Q, 25, leaves=40, reorder=1)
     b = index.search(Q, 25, leaves=40, reorder=25)
     np.testing.assert_array_equal(a.ids, b.ids)
@@ -136,7 +142,7 @@ def test_point_added_far_outside_is_found(metric, quantizer):
     leaf probed and reorder=500 of 2020)."""
     g = np.random.default_rng(0)
     X = g.normal(size=(2000, 16)).astype(np.float32)
-    index = annlib.Partitioned.build(X, metric=metric, num_leaves=20, quantizer=quantizer)
+    index = build(X, metric=metric, num_leaves=20, quantizer=quantizer)
     scattered = (g.normal(size=(20, 16)) * 50 + 100).astype(np.float32)
     cluster = (g.normal(size=(300, 16)) + 60).astype(np.float32)
     index.add(scattered)
@@ -166,7 +172,7 @@ def test_outlier_placement_survives_save_load_and_more_adds(tmp_path):
     g = np.random.default_rng(3)
     X = g.normal(size=(1500, 8)).astype(np.float32)
     far = (g.normal(size=(5, 8)) * 40 + 80).astype(np.float32)
-    index = annlib.Partitioned.build(X, num_leaves=15).add(far)
+    index = build(X, num_leaves=15).add(far)
     assert index.stats()["exact_points"] + index.stats()["num_leaves"] > 15
     index.save(tmp_path / "p.annlib")
     loaded = annlib.load(tmp_path / "p.annlib")
@@ -185,7 +191,7 @@ def test_outlier_placement_survives_save_load_and_more_adds(tmp_path):
 def test_spill_modes_store_each_point_once_per_leaf(synth, spill):
     X, Q = synth
     Xs = X[:3000]
-    index = annlib.Partitioned.build(Xs, metric="cosine", num_leaves=40, spill=spill, spills=2,
+    index = build(Xs, metric="cosine", num_leaves=40, spill=spill, spills=2,
                                      soar_exclude_primary=True)
     leaf, pos, _, _ = index._st.entries()
     pairs = leaf * len(Xs) + pos
@@ -205,7 +211,7 @@ def test_anisotropic_threshold_is_applied():
     X, _, _, _, _ = synthetic_set(n=3000, d=32, n_queries=1, metric="cosine", seed=4)
     errors = {}
     for t in (None, 0.2):
-        index = annlib.Partitioned.build(X, metric="cosine", num_leaves=20, spill="none",
+        index = build(X, metric="cosine", num_leaves=20, spill="none",
                                          anisotropic_threshold=t)
         st = index._st
         assert (st.anisotropic_scale_threshold is None) == (t is None)
@@ -222,7 +228,7 @@ def test_anisotropic_threshold_is_applied():
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_single_and_batch_queries_agree(synth, metric):
     X, Q = synth
-    index = annlib.Partitioned.build(X, metric=metric, num_leaves=60)
+    index = build(X, metric=metric, num_leaves=60)
     batch = index.search(Q[:20], 10, leaves=5)  # > FEW_QUERIES: the batch path
     single = np.stack([index.search(q, 10, leaves=5).ids for q in Q[:20]])  # the fused path
     assert (batch.ids == single).mean() >= 0.99  # same candidates; float ties aside
@@ -233,7 +239,7 @@ def test_single_and_batch_queries_agree(synth, metric):
 @pytest.mark.parametrize("mmap", [False, True])
 def test_save_load_and_add(synth, tmp_path, mmap):
     X, Q = synth
-    index = annlib.Partitioned.build(X[:3000], metric="l2", num_leaves=50)
+    index = build(X[:3000], metric="l2", num_leaves=50)
     index.add(X[3000:])
     assert len(index) == len(X)
     kth = kth_true(X, Q, "l2")
@@ -252,20 +258,20 @@ def test_save_load_and_add(synth, tmp_path, mmap):
 
 def test_identical_seeds_identical_index_and_generators_accepted(synth):
     X, _ = synth
-    a = annlib.Partitioned.build(X, num_leaves=40, random_state=5)
-    b = annlib.Partitioned.build(X, num_leaves=40, random_state=5)
+    a = build(X, num_leaves=40, random_state=5)
+    b = build(X, num_leaves=40, random_state=5)
     for name, arr in a._state()[1].items():
         np.testing.assert_array_equal(arr, b._state()[1][name], err_msg=name)
-    g = annlib.Partitioned.build(X, num_leaves=40, random_state=np.random.default_rng(7))
+    g = build(X, num_leaves=40, random_state=np.random.default_rng(7))
     assert isinstance(g.params["random_state"], int)
-    again = annlib.Partitioned.build(X, num_leaves=40, random_state=g.params["random_state"])
+    again = build(X, num_leaves=40, random_state=g.params["random_state"])
     np.testing.assert_array_equal(g._st.centres, again._st.centres)
 
 
 def test_load_then_add_equals_add(synth, tmp_path):
     X, Q = synth
     far = (np.random.default_rng(1).normal(size=(40, X.shape[1])) * 30 + 50).astype(np.float32)
-    a = annlib.Partitioned.build(X[:3000], num_leaves=40)
+    a = build(X[:3000], num_leaves=40)
     a.save(tmp_path / "a.annlib")
     b = annlib.load(tmp_path / "a.annlib")
     for index in (a, b):
@@ -276,7 +282,7 @@ def test_load_then_add_equals_add(synth, tmp_path):
 
 def test_restrictive_filter_is_exact(synth):
     X, Q = synth
-    index = annlib.Partitioned.build(X, num_leaves=50)
+    index = build(X, num_leaves=50)
     allowed = np.arange(0, len(X), 97)
     ids, dist = index.search(Q, 10, leaves=1, filter=allowed)
     exact = annlib.BruteForce.build(X).search(Q, 10, filter=allowed)
@@ -286,7 +292,7 @@ def test_restrictive_filter_is_exact(synth):
 
 def test_stats_bytes(synth):
     X, _ = synth
-    index = annlib.Partitioned.build(X, num_leaves=50, spill="none")
+    index = build(X, num_leaves=50, spill="none")
     s = index.stats()
     assert s["bytes_per_vector"] - s["bytes_per_vector_without_reorder"] == pytest.approx(4 * X.shape[1])
     # 8 code bytes (32 dims, 2 per 4-bit code) + position + norm term, and block padding
@@ -297,7 +303,8 @@ def test_stats_bytes(synth):
 def test_progress_is_reported_for_build_and_add(synth):
     X, _ = synth
     calls = []
-    index = annlib.Partitioned(num_leaves=30).build(X[:2000], progress=lambda d, t: calls.append((d, t)))
+    index = annlib.Partitioned(num_leaves=30, default_recall=None).build(
+        X[:2000], progress=lambda d, t: calls.append((d, t)))
     assert calls and calls[-1][0] == calls[-1][1] and all(t == calls[0][1] for _, t in calls)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     calls.clear()
@@ -310,7 +317,7 @@ def test_search_space_uses_the_built_leaf_count(synth):
     """Before: the instance's space came from a class method of (n, dim) and offered leaves up
     to 2 sqrt(n) = 126 for an index built with 30 leaves."""
     X, _ = synth
-    built = annlib.Partitioned.build(X, num_leaves=30).search_space()
+    built = build(X, num_leaves=30).search_space()
     assert set(built["search"]) == {"leaves", "reorder"}
     assert built["build"] == {"num_leaves": [30]}
     assert max(built["search"]["leaves"]) == 30
@@ -348,7 +355,7 @@ def test_bad_build_parameters(synth, params, exc, match):
 
 def test_bad_search_parameters_leave_index_unchanged(synth):
     X, Q = synth
-    index = annlib.Partitioned.build(X, num_leaves=30)
+    index = build(X, num_leaves=30)
     before = index.search(Q, 5, leaves=3)
     for params, match in ((dict(leaves=0), "leaves must be >= 1; got 0"),
                           (dict(reorder=0), "reorder must be >= 1; got 0"),
@@ -387,7 +394,7 @@ def test_extreme_data_gives_valid_rows(metric, case):
     answers with valid rows (ids unique, ascending finite distances, full rows)."""
     X = _magnitude_cases()[case]
     n = len(X)
-    index = annlib.Partitioned.build(X, metric=metric)
+    index = annlib.Partitioned.build(X, metric=metric)  # the defaults, self-tuning included
     index.add(X[: max(1, n // 4)])
     n_all = n + max(1, n // 4)
     k = min(5, n_all)
@@ -409,7 +416,7 @@ def test_values_above_the_float32_limit_raise_clearly():
 # ----------------------------------------------------------------------------------------- failures leave the index unchanged
 def test_failed_build_and_add_leave_the_index_unchanged(synth, monkeypatch):
     X, Q = synth
-    index = annlib.Partitioned.build(X[:2000], num_leaves=30)
+    index = build(X[:2000], num_leaves=30)
     before = index.search(Q, 10)
     state = index._st
 
@@ -435,7 +442,7 @@ def test_concurrent_searches_during_adds():
     and its distances equal to recomputed exact ones."""
     X, Q, _, _, _ = synthetic_set(n=6000, d=24, n_queries=40, k=10, seed=9)
     start = 2000
-    index = annlib.Partitioned.build(X[:start], num_leaves=40)
+    index = build(X[:start], num_leaves=40)
     stop = threading.Event()
     errors: list[str] = []
     checked = [0]

@@ -19,7 +19,8 @@ from annlib.indexes.partitioned import PartitionedState
 def _index(quantizer="pq4", metric="l2", outliers=False):
     g = np.random.default_rng(5)
     X = g.normal(size=(600, 12)).astype(np.float32)
-    index = annlib.Partitioned.build(X, metric=metric, num_leaves=12, quantizer=quantizer, random_state=3)
+    index = annlib.Partitioned.build(X, metric=metric, num_leaves=12, quantizer=quantizer, random_state=3,
+                                     default_recall=None)
     if outliers:
         index.add((g.normal(size=(4, 12)) * 60 + 90).astype(np.float32))
     return index
