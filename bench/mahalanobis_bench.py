@@ -187,7 +187,7 @@ def update_costs(data_dir: Path, repeats: int, stream: int = 27) -> list[dict]:
     for copies, deferred in ((8, 8), (16, 0), (16, 8), (16, 16)):
         index = annlib.MahalanobisSketch(M=M, copies=copies, deferred=deferred, random_state=0).build(X)
         index.update_metric(g.normal(size=X.shape[1]) * 1e-3)  # warm-up (JIT), then a full cycle
-        while index._pend:
+        while index._st.pending:
             index.update_metric(g.normal(size=X.shape[1]) * 1e-3)
         calls = []
         for _ in range(stream):
@@ -203,7 +203,7 @@ def update_costs(data_dir: Path, repeats: int, stream: int = 27) -> list[dict]:
         params = dict(copies=copies, deferred=deferred, m=index.sketch_size, random_state=0)
         t_build = best(lambda: annlib.MahalanobisSketch(U=index.U, **params).build(X), 1)
         # query cost with the maximum number of updates pending, against none pending
-        while index._pend < deferred:
+        while index._st.pending < deferred:
             index.update_metric(g.normal(size=X.shape[1]) * 1e-3)
         t_q_pending = best(lambda: index.estimate(Q), repeats)
         fresh = annlib.MahalanobisSketch(U=index.U, **params).build(X)
