@@ -119,11 +119,16 @@ def family_metrics(family):
     return ["l2"] if family == "mahalanobis" else ["l2", "cosine", "ip"]
 
 
-def small_index(family, X, metric="l2", **kw):
-    """Build ``family`` on ``X`` with :data:`SMALL_BUILD` parameters (``kw`` overrides them)."""
+def small_index(family, X, metric="l2", threads=1, **kw):
+    """Build ``family`` on ``X`` with :data:`SMALL_BUILD` parameters (``kw`` overrides them).
+
+    One build thread by default: on a few hundred points the parallel kernels' start-up costs far
+    more than the work (seconds instead of milliseconds on a busy machine), and builds give the
+    same index for any thread count."""
     import annlib
 
-    return annlib.Index.build(X, method=family, metric=metric, **{**SMALL_BUILD.get(family, {}), **kw})
+    return annlib.Index.build(X, method=family, metric=metric, threads=threads,
+                              **{**SMALL_BUILD.get(family, {}), **kw})
 
 
 def exhaustive_search_params(index):

@@ -458,8 +458,8 @@ def test_load_then_add_equals_add_without_save(family, random_state, tmp_path):
     a.save(path)
     b = annlib.load(path)
     for Y in (Y1, Y2):
-        a.add(Y)
-        b.add(Y)
+        a.add(Y, threads=1)
+        b.add(Y, threads=1)
         a.save(path)  # and once more through a file in between
         c = annlib.load(path)
         ra, rb, rc = (i.search(Q, 10) for i in (a, b, c))
