@@ -191,8 +191,7 @@ def test_outlier_placement_survives_save_load_and_more_adds(tmp_path):
 def test_spill_modes_store_each_point_once_per_leaf(synth, spill):
     X, Q = synth
     Xs = X[:3000]
-    index = build(Xs, metric="cosine", num_leaves=40, spill=spill, spills=2,
-                                     soar_exclude_primary=True)
+    index = build(Xs, metric="cosine", num_leaves=40, spill=spill, spills=2, soar_exclude_primary=True)
     leaf, pos, _, _ = index._st.entries()
     pairs = leaf * len(Xs) + pos
     assert len(np.unique(pairs)) == len(pairs), "a point stored twice in one leaf"
@@ -211,8 +210,7 @@ def test_anisotropic_threshold_is_applied():
     X, _, _, _, _ = synthetic_set(n=3000, d=32, n_queries=1, metric="cosine", seed=4)
     errors = {}
     for t in (None, 0.2):
-        index = build(X, metric="cosine", num_leaves=20, spill="none",
-                                         anisotropic_threshold=t)
+        index = build(X, metric="cosine", num_leaves=20, spill="none", anisotropic_threshold=t)
         st = index._st
         assert (st.anisotropic_scale_threshold is None) == (t is None)
         leaf, pos, codes, _ = st.entries()
