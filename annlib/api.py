@@ -685,7 +685,8 @@ def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True) ->
     ----------
     path : path-like
     mmap : bool, default False
-        Memory-map the large arrays read-only instead of reading them (``add`` then copies).
+        Memory-map the arrays copy-on-write instead of reading them: pages are shared with
+        the file and read on demand; the file is never written.
     verify : bool, default True
         Check every array's checksum.
 

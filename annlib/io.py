@@ -197,7 +197,7 @@ def read_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
     ----------
     path : path-like
     mmap : bool, default False
-        Memory-map the arrays read-only instead of reading them into memory.
+        Memory-map the arrays copy-on-write (never written back) instead of reading them.
     verify : bool, default True
         Check every array's CRC-32 (reads each mapped array once). The header is always checked.
 
@@ -260,7 +260,9 @@ def read_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
         if nbytes == 0:
             arr = np.zeros(shape, dtype=dtype)
         elif mmap:
-            arr = np.memmap(path, dtype=dtype, mode="r", offset=start, shape=shape)
+            # copy-on-write: pages stay shared with the file, and the kernels see the same
+            # writable array type as for a built index (no second compiled version)
+            arr = np.memmap(path, dtype=dtype, mode="c", offset=start, shape=shape)
         else:
             with open(path, "rb") as fh:
                 fh.seek(start)

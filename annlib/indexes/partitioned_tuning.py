@@ -83,9 +83,11 @@ def stage_ranks(st: "PartitionedState", Q: np.ndarray, true_positions: np.ndarra
     for gi, t in enumerate(leaves):
         probes = fastscan.Probes(np.ascontiguousarray(leaf_ids[:, :t]), np.ascontiguousarray(bias[:, :t]))
         if st.codebooks is not None:
-            score, cand = fastscan.scan_pq(tables, probes, st.packed, no_mask, max_reorder, threads=threads)
+            score, cand = fastscan.scan_pq(tables, probes, st.packed, no_mask, max_reorder, st.num_vectors,
+                                           threads=threads)
         else:
-            score, cand = fastscan.scan_int8(Qs, probes, st.packed, no_mask, max_reorder, threads=threads)
+            score, cand = fastscan.scan_int8(Qs, probes, st.packed, no_mask, max_reorder, st.num_vectors,
+                                             threads=threads)
         ranks[gi] = _ranks_of(score, cand, true_positions)
         ranks[gi][exact] = 0
     return StageRanks(np.asarray(leaves, dtype=np.int64), ranks, read[:, np.asarray(leaves) - 1].T.copy())
