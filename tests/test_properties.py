@@ -2,7 +2,8 @@
 
 Random shapes (n 1..300, d 1..40), input dtypes (float16/32/64, int8/32, bool), k in [1, n],
 duplicated rows, all-equal data, zero vectors, magnitudes from 1e-20 up to half the float32
-limit of the metric, and for families that write, an ``add`` and a ``delete`` before searching.
+limit of the metric, filters (ids or masks, deleted positions included), and for families that
+write, an ``add`` and a ``delete`` before searching.
 Every valid call must return valid rows (shape (q, k); ids known and unique per row; -1 only as
 trailing padding; distances ascending and equal to float64 recomputation for every family, since
 each re-scores its results exactly; BruteForce equal to the exact ground truth up to ties), and
@@ -66,6 +67,8 @@ def problems(draw):
         "n_add": draw(st.sampled_from([0, 0, 1, 17])),
         "delete_frac": draw(st.sampled_from([0.0, 0.0, 0.3, 0.9])),
         "query_from_data": draw(st.booleans()),
+        "filter": draw(st.sampled_from([None, None, "ids", "mask"])),
+        "filter_frac": draw(st.sampled_from([0.02, 0.3, 0.9])),
         # about one example in seven is invalid; 0 (what hypothesis favours) is a valid one
         "invalid": _invalid_kind(draw(st.integers(0, 6 * len(INVALID) - 1))),
     }
@@ -218,15 +221,25 @@ def _exercise(family, metric, p):
         Q[-1, 0] = np.nan
     elif invalid == "dim_mismatch":
         Q = np.concatenate([Q, Q[:, :1]], axis=1)
+    # a filter (ids or a mask over positions) may also allow deleted positions: never returned
+    allowed = live.copy()
+    search_kw = {}
+    if p["filter"] is not None:
+        chosen = g.random(len(allX)) < p["filter_frac"]
+        allowed &= chosen
+        search_kw["filter"] = np.flatnonzero(chosen) if p["filter"] == "ids" else chosen
     try:
-        ids, dist = index.search(Q, k)
+        ids, dist = index.search(Q, k, **search_kw)
     except (ValueError, TypeError) as exc:
         assert invalid is not None, f"valid search raised {type(exc).__name__}: {exc}"
         return "refused search"
     assert invalid is None, f"invalid search ({invalid}) was accepted"
-    live_ids = set(np.flatnonzero(live).tolist())
+    n_allowed = int(allowed.sum())
     exact_rows = family == "bruteforce"
-    assert_valid_rows(ids, dist, k, valid_ids=live_ids, allow_padding=not exact_rows, where=f"{family}/{metric}")
+    assert_valid_rows(ids, dist, k, valid_ids=set(np.flatnonzero(allowed).tolist()),
+                      allow_padding=not exact_rows or n_allowed < k, where=f"{family}/{metric}")
+    if exact_rows:
+        assert ((ids >= 0).sum(axis=1) == min(k, n_allowed)).all(), "BruteForce rows not filled"
     Q32 = Q.astype(np.float32)
     true, scale = _true(allX, Q32, metric, M)
     ok = ids >= 0
@@ -239,9 +252,10 @@ def _exercise(family, metric, p):
     if metric == "cosine":
         assert (dist[ok] >= -1e-5).all() and (dist[ok] <= 2 + 1e-5).all()
     if exact_rows:  # the k smallest true distances, up to ties
-        best = np.sort(np.where(live[None], true, np.inf), axis=1)[:, :k]
-        best_scale = np.max(np.where(live[None], scale, 0), axis=1, keepdims=True)
-        assert _close(want, best, best_scale, metric).all(), "BruteForce missed a nearer neighbour"
+        m = min(k, n_allowed)
+        best = np.sort(np.where(allowed[None], true, np.inf), axis=1)[:, :m]
+        best_scale = np.max(np.where(allowed[None], scale, 0), axis=1, keepdims=True)
+        assert _close(want[:, :m], best, best_scale, metric).all(), "BruteForce missed a nearer neighbour"
     if ok.all():
         return "full rows"
     event(f"{family}: padded rows")
