@@ -54,7 +54,7 @@ class _Run:
         self.deleted: list[int] = []  # ids whose delete() has returned
         self.stop = threading.Event()
         self.errors: list[str] = []
-        self.searches = self.rows = self.padded = self.writes = 0
+        self.searches = self.rows = self.padded = self.writes = self.saves = 0
         self.lock = threading.Lock()
 
     def vector(self, ext_id):
@@ -126,10 +126,34 @@ def _writer(run, index, can_add, can_delete, seed, batch=16):
         run.stop.set()
 
 
+def _saver(run, index, folder):
+    """Save while the writer works: every file is a consistent snapshot that loads and searches."""
+    import annlib as _annlib
+
+    path = folder / "snapshot.annlib"
+    try:
+        while not run.stop.is_set():
+            gone = set(run.deleted)
+            index.save(path)
+            started = run.started
+            loaded = _annlib.load(path)
+            n = len(loaded)
+            assert 0 < n <= run.n0 + started, (n, started)
+            Q = run.queries[:3]
+            res = loaded.search(Q, min(5, n))
+            _check(run, Q, min(5, n), res, started, gone)
+            run.saves += 1
+            run.stop.wait(0.2)
+    except Exception as exc:  # noqa: BLE001
+        run.errors.append(f"saver: {type(exc).__name__}: {exc}"[:2000])
+        run.stop.set()
+
+
 @pytest.mark.parametrize("family,extra", _writer_cases())
-def test_searches_during_adds_and_deletes(family, extra):
-    """Items 1-2: 4 searchers and 1 writer (add, and delete where supported) for a few seconds;
-    every row is checked (ids that exist, unique, ascending, exact distances, no deleted id)."""
+def test_searches_during_adds_and_deletes(family, extra, tmp_path):
+    """Items 1-2: 4 searchers, 1 writer (add, and delete where supported) and a thread saving and
+    reloading the index, for a few seconds; every row is checked (ids that exist, unique,
+    ascending, exact distances, no deleted id)."""
     run = _Run(n0=400, pool=6000, d=16, seed=1)
     index = small_index(family, run.base, ids=np.arange(run.n0), **extra)
     cls = get_family(family)
@@ -144,6 +168,7 @@ def test_searches_during_adds_and_deletes(family, extra):
     index.search(run.queries[:2], 5)
     threads = [threading.Thread(target=_searcher, args=(run, index, s)) for s in range(4)]
     threads.append(threading.Thread(target=_writer, args=(run, index, cls.supports_add, cls.supports_delete, 9)))
+    threads.append(threading.Thread(target=_saver, args=(run, index, tmp_path)))
     for th in threads:
         th.start()
     # run for SECONDS, longer if the machine is so busy that too little overlap happened
@@ -156,7 +181,7 @@ def test_searches_during_adds_and_deletes(family, extra):
         th.join(timeout=120)
     assert not any(th.is_alive() for th in threads), "a thread did not finish (deadlock?)"
     assert not run.errors, "\n".join(run.errors[:5])
-    assert run.searches > 20 and run.writes > 2, (run.searches, run.writes)
+    assert run.searches > 20 and run.writes > 2 and run.saves >= 1, (run.searches, run.writes, run.saves)
     # the index is consistent afterwards: every live id is there, deleted ones are not
     gone = set(run.deleted)
     live = [i for i in list(range(run.n0)) + list(range(run.POOL_ID, run.POOL_ID + run.started)) if i not in gone]
