@@ -884,10 +884,13 @@ class HNSW(Index):
         params = (max(ef, k), k, mask, view.deleted, bool(finger and view.has_finger))
         # one query never needs the thread count (asking numba for it costs ~5 us per call)
         chunks = 1 if nq == 1 else min(numba.get_num_threads(), nq)
+        out_d = np.empty((nq, k), np.float32)
+        out_i = np.empty((nq, k), np.int64)
+        counts = np.empty((nq, 2), np.int64)
         pool, visited, tags = self._take_scratch(chunks, g.n)
         try:
             kernel = search_serial if chunks == 1 else search_queries
-            out_d, out_i, counts = kernel(Q, view.graph, view.finger, params, visited, tags)
+            kernel(Q, view.graph, view.finger, params, visited, tags, (out_d, out_i, counts))
         finally:
             pool.append((visited, tags))
         tot = counts[0] if nq == 1 else counts.sum(axis=0)

@@ -43,6 +43,7 @@ from .topk import heap_push, heap_sort_inplace
 __all__ = [
     "GraphArrays",
     "SearchParams",
+    "SearchOutput",
     "greedy_descend",
     "search_layer",
     "select_heuristic",
@@ -106,6 +107,25 @@ class SearchParams(NamedTuple):
     mask: np.ndarray
     deleted: np.ndarray
     use_finger: bool
+
+
+class SearchOutput(NamedTuple):
+    """Where :func:`search_queries` writes its results (allocated by the caller: cheaper than
+    handing new arrays back through the dispatcher).
+
+    Attributes
+    ----------
+    distances : float32 (q, k)
+        Exact proxies, ascending (+inf padding).
+    nodes : int64 (q, k)
+        Node numbers (-1 padding).
+    counts : int64 (q, 2)
+        Per query: exact distance evaluations, FINGER estimates.
+    """
+
+    distances: np.ndarray
+    nodes: np.ndarray
+    counts: np.ndarray
 
 
 @numba.njit(inline="always", cache=True, nogil=True)
@@ -487,14 +507,8 @@ def _query(q, graph, finger, params, visited, tag, beam, out_d, out_i):
     return ev, n_est
 
 
-@numba.njit(inline="always", cache=True, nogil=True)
-def _outputs(nq, k):
-    return (np.empty((nq, k), dtype=np.float32), np.empty((nq, k), dtype=np.int64),
-            np.empty((nq, 2), dtype=np.int64))
-
-
 @numba.njit(parallel=True, cache=True, nogil=True)
-def search_queries(Q, graph, finger, params, visited, tags):
+def search_queries(Q, graph, finger, params, visited, tags, out):
     """Search every row of ``Q`` (parallel over chunks of queries, one visited set per chunk).
 
     Parameters
@@ -507,23 +521,18 @@ def search_queries(Q, graph, finger, params, visited, tags):
     params : SearchParams
     visited : uint16 (chunks, >= n); tags : int64 (chunks,)
         Reusable visited sets; one chunk of queries per row.
-
-    Returns
-    -------
-    out_d, out_i : float32 / int64 (q, k)
-        Exact proxies ascending and node numbers (-1 padded).
-    counts : int64 (q, 2)
-        Per query: exact distance evaluations, FINGER estimates.
+    out : SearchOutput
+        Receives the results.
     """
     graph = GraphArrays(*graph)
     finger = FingerArrays(*finger)
     params = SearchParams(*params)
+    out_d, out_i, counts = SearchOutput(*out)
     n_chunks = visited.shape[0]
     nq = Q.shape[0]
     ef = params.ef
     width = graph.links_layer0.shape[1]
     rank = finger.basis.shape[0]
-    out_d, out_i, counts = _outputs(nq, params.k)
     for t in prange(n_chunks):
         beam = new_beam(ef, 4 * ef + 2 * width + 64, width, rank)
         for r in range(t, nq, n_chunks):
@@ -531,26 +540,24 @@ def search_queries(Q, graph, finger, params, visited, tags):
             ev, est = _query(Q[r], graph, finger, params, visited[t], tag, beam, out_d[r], out_i[r])
             counts[r, 0] = ev
             counts[r, 1] = est
-    return out_d, out_i, counts
 
 
 @numba.njit(cache=True, nogil=True)
-def search_serial(Q, graph, finger, params, visited, tags):
+def search_serial(Q, graph, finger, params, visited, tags, out):
     """:func:`search_queries` on the calling thread only (no parallel-region start-up cost)."""
     graph = GraphArrays(*graph)
     finger = FingerArrays(*finger)
     params = SearchParams(*params)
+    out_d, out_i, counts = SearchOutput(*out)
     nq = Q.shape[0]
     ef = params.ef
     width = graph.links_layer0.shape[1]
-    out_d, out_i, counts = _outputs(nq, params.k)
     beam = new_beam(ef, 4 * ef + 2 * width + 64, width, finger.basis.shape[0])
     for r in range(nq):
         tag = next_tag(visited, tags, 0)
         ev, est = _query(Q[r], graph, finger, params, visited[0], tag, beam, out_d[r], out_i[r])
         counts[r, 0] = ev
         counts[r, 1] = est
-    return out_d, out_i, counts
 
 
 # ------------------------------------------------------------------------------------ layout
