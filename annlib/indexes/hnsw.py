@@ -265,8 +265,8 @@ class HNSWGraph:
         vectors = self.vectors[:n]
         check_finite(vectors, "vectors")
         if max_abs is not None and n:
-            require(float(np.abs(vectors).max()) <= max_abs, "vectors",
-                    f"entries must be at most {max_abs:.3g} in magnitude")
+            biggest = max(float(vectors.max()), -float(vectors.min()))  # two passes, no copy
+            require(biggest <= max_abs, "vectors", f"entries must be at most {max_abs:.3g} in magnitude")
         # node order
         if self.node_positions is None:
             inv = None
@@ -428,18 +428,25 @@ def _grown(a: np.ndarray, used: int, rows: int) -> np.ndarray:
 
 def _check_rows(links: np.ndarray, field_name: str, width: int, n: int, row_level, levels) -> None:
     """Neighbour rows: counts in [0, width], used slots in [0, n), and (upper layers) every
-    neighbour of a level-l row reaches level l (a walk reads that neighbour's row there)."""
+    neighbour of a level-l row reaches level l (a walk reads that neighbour's row there).
+
+    Runs over blocks of rows so the temporary masks stay small on large graphs.
+    """
     counts = links[:, 0]
     check_range(counts, field_name, 0, width)
-    used = np.arange(1, links.shape[1], dtype=np.int32)[None, :] <= counts[:, None]
-    ids = links[:, 1:][used]
-    check_range(ids, field_name, 0, n - 1)
-    if row_level is not None and ids.size:
-        need = np.broadcast_to(row_level[:, None], used.shape)[used]
-        low = levels[ids] < need
-        if low.any():
-            at = int(np.flatnonzero(low)[0])
-            raise bad_field(field_name, f"neighbour {int(ids[at])} does not reach layer {int(need[at])}")
+    slots = np.arange(1, links.shape[1], dtype=np.int32)[None, :]
+    block = 1 << 16
+    for lo in range(0, links.shape[0], block):
+        sub = links[lo:lo + block]
+        used = slots <= sub[:, :1]
+        ids = sub[:, 1:][used]
+        check_range(ids, field_name, 0, n - 1)
+        if row_level is not None and ids.size:
+            need = np.broadcast_to(row_level[lo:lo + block, None], used.shape)[used]
+            low = levels[ids] < need
+            if low.any():
+                at = int(np.flatnonzero(low)[0])
+                raise bad_field(field_name, f"neighbour {int(ids[at])} does not reach layer {int(need[at])}")
 
 
 class _RowBackup:
