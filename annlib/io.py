@@ -273,5 +273,10 @@ def read_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
         if verify and _crc32(arr) != entry.get("crc32"):
             raise IndexFormatError(f"{path} is corrupt: checksum mismatch in array {name!r}")
         arrays[name] = arr
+    # The writer ends the file with the last array; anything after it is another file's bytes
+    # (concatenation, a partly overwritten file) and the header does not describe it.
+    end = max([_PREFIX.size + header_len] + [payload_start + e["offset"] + e["nbytes"] for e in table])
+    if size != end:
+        raise IndexFormatError(f"{path} is corrupt: {size - end} bytes follow the last array")
     header["arrays"] = arrays
     return header

@@ -207,6 +207,11 @@ def _scalar_family(name: str, grid_fn, integer: bool = True):
         params, points = tune_scalar(name, grid, _measured(index, sample, k, name), target=goal,
                                      budget=budget, integer=integer, progress=report,
                                      known=evaluations_for(index, sample, k, name))
+        if budget is not None and params is not None:
+            # prices are final only after the monotone fit over every evaluation: choose the
+            # most accurate setting at the prices reported
+            within = [p for p in points if p.cost <= budget]
+            params = None if not within else dict(max(within, key=lambda p: (p.recall, -p.cost)).params)
         return params, points, "bisection", {"grid": list(grid)}
     return tuner
 
