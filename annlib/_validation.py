@@ -652,3 +652,68 @@ def check_capacity(family: str, total: int, limit: int) -> None:
     """A family that addresses its vectors with fixed-width integers holds at most ``limit``."""
     if total > limit:
         raise ValueError(f"{family} holds at most {limit} vectors; this call would make it hold {total}")
+
+
+# ----------------------------------------------------------------------------- tuning
+def not_an_index(value: Any) -> TypeError:
+    """``annlib.tune`` given something that is not an annlib index."""
+    return TypeError(f"index must be a built annlib index; got {type(value).__name__}")
+
+
+def check_one_constraint(target_recall: Any, max_cost: Any) -> None:
+    """Exactly one of a recall target and a cost budget."""
+    if (target_recall is None) == (max_cost is None):
+        raise ValueError("give exactly one of target_recall or max_cost")
+
+
+def check_self_ids(own: np.ndarray, n_queries: int, has_truth: bool, k: int, n_indexed: int) -> None:
+    """Leave-one-out ids: one per query, not with ground truth, and more than ``k`` vectors."""
+    if own.shape != (n_queries,):
+        raise ValueError(f"self_ids needs one id per query ({n_queries}); got shape {own.shape}")
+    if has_truth:
+        raise ValueError("give ground_truth or self_ids, not both")
+    if n_indexed < k + 1:
+        raise ValueError(f"leave-one-out tuning needs more than k={k} indexed vectors; got {n_indexed}")
+
+
+def no_tuner(family: str, tunable: Iterable[str]) -> ValueError:
+    """A family without a tuner."""
+    return ValueError(f"no tuner for family {family!r}; families that can be tuned: {', '.join(sorted(tunable))}")
+
+
+def target_unreachable(target: float, margin: float, index_name: str, k: int, reach: str) -> ValueError:
+    """No setting of the index reaches the recall target on the sample."""
+    return ValueError(
+        f"target_recall={target} (plus margin {margin}) is not reachable by this {index_name}: the best "
+        f"recall@{k} on the sample is {reach}; lower the target or rebuild with larger parameters")
+
+
+def budget_too_small(budget: float, index_name: str, cheapest_cost: float, cheapest_params: Any) -> ValueError:
+    """Every setting of the index costs more than the budget."""
+    return ValueError(
+        f"max_cost={budget:.3g} s/query is below the cheapest setting of this {index_name} "
+        f"({cheapest_cost:.3g} s/query at {cheapest_params})")
+
+
+def check_truth_ids(ids: np.ndarray, nq: int, k: int, name: str = "ground_truth ids") -> None:
+    """Exact-neighbour ids: integers, one row per query, at least ``k`` columns."""
+    if ids.dtype.kind not in "iu" or ids.ndim != 2 or ids.shape[0] != nq or ids.shape[1] < k:
+        raise ValueError(f"{name} must be an integer array of shape ({nq}, >= {k}); got {ids.dtype} {ids.shape}")
+
+
+def check_truth_distances(dist: np.ndarray, nq: int, k: int) -> None:
+    """Exact-neighbour distances: one row per query, at least ``k`` columns."""
+    if dist.ndim != 2 or dist.shape[0] != nq or dist.shape[1] < k:
+        raise ValueError(f"ground_truth distances must have shape ({nq}, >= {k}); got {dist.shape}")
+
+
+def check_increasing(name: str, values: np.ndarray) -> None:
+    """A non-empty strictly increasing sequence (e.g. a grid of leaf counts)."""
+    if values.size == 0 or (np.diff(values) <= 0).any():
+        raise ValueError(f"{name} must be a non-empty increasing sequence; got {values.tolist()}")
+
+
+def auto_is_not_a_class() -> ValueError:
+    """``get_family("auto")``: auto builds, it is not a family class."""
+    return ValueError('"auto" is not a class: Index.build(X, method="auto") chooses a family and builds it '
+                      '(index.tuning then names the family)')

@@ -79,8 +79,7 @@ def get_family(name: str) -> type["Index"]:
     """
     V.check_choice("method", name, families() + ["auto"])
     if name == "auto":
-        raise ValueError('"auto" is not a class: Index.build(X, method="auto") chooses a family and '
-                         'builds it (index.tuning then names the family)')
+        raise V.auto_is_not_a_class()
     module, _, cls = _REGISTRY[name].partition(":")
     return getattr(importlib.import_module(module), cls)
 

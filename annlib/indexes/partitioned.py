@@ -795,14 +795,12 @@ class Partitioned(Index):
         Q32, _ = V.as_vectors(queries, "queries", limit=self._metric.max_abs)
         V.check_dim(Q32.shape[1], self._dim, "queries")
         truth = np.asarray(true_ids)
-        if truth.ndim != 2 or truth.shape[0] != Q32.shape[0] or truth.dtype.kind not in "iu":
-            raise ValueError(f"true_ids must be an integer array of shape ({Q32.shape[0]}, k); got {truth.shape}")
+        V.check_truth_ids(truth, Q32.shape[0], 1, "true_ids")
         max_reorder = V.check_int("max_reorder", max_reorder, 1)
         with self._rw.read():
             st = self._st
             grid = np.asarray([V.check_int("leaves", t, 1, st.num_leaves) for t in leaves], dtype=np.int64)
-            if grid.size == 0 or (np.diff(grid) <= 0).any():
-                raise ValueError("leaves must be a non-empty increasing sequence")
+            V.check_increasing("leaves", grid)
             pos = self._positions_of(truth.reshape(-1).astype(np.int64)).reshape(truth.shape)
             V.check_known_positions(truth.reshape(-1), pos.reshape(-1))
             return stage_ranks(st, self._metric.prepare(Q32), pos, grid, max_reorder,

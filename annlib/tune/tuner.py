@@ -84,10 +84,9 @@ def tune(index: Any, queries: Any, k: int = 10, target_recall: float | None = No
 
     start = time.perf_counter()
     if not isinstance(index, Index):
-        raise TypeError(f"index must be a built annlib index; got {type(index).__name__}")
+        raise V.not_an_index(index)
     index._require_built()
-    if (target_recall is None) == (max_cost is None):
-        raise ValueError("give exactly one of target_recall or max_cost")
+    V.check_one_constraint(target_recall, max_cost)
     if target_recall is not None:
         target_recall = V.check_float("target_recall", target_recall, 0.0, 1.0, low_open=True)
     if max_cost is not None:
@@ -103,19 +102,14 @@ def tune(index: Any, queries: Any, k: int = 10, target_recall: float | None = No
     own = None
     if self_ids is not None:
         own = V.check_id_list(self_ids, "self_ids")
-        if own.shape != (Q.shape[0],):
-            raise ValueError(f"self_ids needs one id per query ({Q.shape[0]}); got shape {own.shape}")
-        if truth is not None:
-            raise ValueError("give ground_truth or self_ids, not both")
-        if len(index) < k + 1:
-            raise ValueError(f"leave-one-out tuning needs more than k={k} indexed vectors; got {len(index)}")
+        V.check_self_ids(own, Q.shape[0], truth is not None, k, len(index))
     rng = np.random.default_rng(V.resolve_seed(random_state))
     sample = make_sample(index, Q, k, truth, held_out, rng, own)
 
     family = index.family
     tuner = _TUNERS.get(family)
     if tuner is None:
-        raise ValueError(f"no tuner for family {family!r}; families that can be tuned: {', '.join(sorted(_TUNERS))}")
+        raise V.no_tuner(family, _TUNERS)
     with progress_reporter(progress, 1, desc=f"tuning {family}", unit="eval") as report:
         goal = None if target_recall is None else min(1.0, target_recall + margin)
         params, points, method, details = tuner(index, sample, k, goal, max_cost, report)
@@ -131,14 +125,9 @@ def tune(index: Any, queries: Any, k: int = 10, target_recall: float | None = No
         best = max(points, key=lambda p: p.recall) if points else None
         if target_recall is not None:
             reach = "nothing" if best is None else f"{best.recall:.4f} at {best.params}"
-            raise ValueError(
-                f"target_recall={target_recall} (plus margin {margin}) is not reachable by this "
-                f"{type(index).__name__}: the best recall@{k} on the sample is {reach}; lower the "
-                f"target or rebuild with larger parameters")
+            raise V.target_unreachable(target_recall, margin, type(index).__name__, k, reach)
         cheapest = min(points, key=lambda p: p.cost)
-        raise ValueError(
-            f"max_cost={max_cost:.3g} s/query is below the cheapest setting of this "
-            f"{type(index).__name__} ({cheapest.cost:.3g} s/query at {cheapest.params})")
+        raise V.budget_too_small(max_cost, type(index).__name__, cheapest.cost, cheapest.params)
     chosen = next((p for p in points if p.params == params), None)
     if chosen is None:
         chosen = OperatingPoint(params, float("nan"), float("nan"))
@@ -159,14 +148,11 @@ def _check_ground_truth(ground_truth: Any, nq: int, k: int):
     else:
         ids, dist = ground_truth, None
     ids = np.asarray(ids)
-    if ids.dtype.kind not in "iu" or ids.ndim != 2 or ids.shape[0] != nq or ids.shape[1] < k:
-        raise ValueError(f"ground_truth ids must be an integer array of shape ({nq}, >= {k}); "
-                         f"got {ids.dtype} {ids.shape}")
+    V.check_truth_ids(ids, nq, k)
     kth = None
     if dist is not None:
         dist = np.asarray(dist, dtype=np.float64)
-        if dist.shape[0] != nq or dist.ndim != 2 or dist.shape[1] < k:
-            raise ValueError(f"ground_truth distances must have shape ({nq}, >= {k}); got {dist.shape}")
+        V.check_truth_distances(dist, nq, k)
         kth = dist[:, k - 1]
     return ids[:, :k].astype(np.int64), kth
 
