@@ -436,7 +436,8 @@ class Index:
         if mask is None and live is None:
             return self._search(Q, k, None, **sp)
         allowed = mask if live is None else (live if mask is None else mask & live)
-        n_allowed = int(np.count_nonzero(allowed))
+        # without a filter the live count is known; counting the mask would cost a pass per search
+        n_allowed = self._live_count() if mask is None else int(np.count_nonzero(allowed))
         if self._scan_is_cheaper(n_allowed, k, sp):
             return self._exact_over(Q, k, np.flatnonzero(allowed))
         return self._search(Q, k, mask, **sp)
