@@ -8,11 +8,13 @@ object checks dtypes, shapes, ranges and offsets through these functions, which 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
 from .errors import IndexFormatError
+from .kernels.distances import sqnorms as _sqnorms
 
 __all__ = [
     "bad_field",
@@ -23,6 +25,7 @@ __all__ = [
     "check_range",
     "check_nondecreasing",
     "check_finite",
+    "PreparedVectors",
 ]
 
 
@@ -116,3 +119,74 @@ def check_finite(arr: np.ndarray, field: str) -> None:
     if arr.size and not np.isfinite(np.add.reduce(arr, axis=None, dtype=np.float64)):
         if not np.isfinite(arr).all():
             raise bad_field(field, "contains NaN or inf")
+
+
+@dataclass
+class PreparedVectors:
+    """State made of metric-prepared vectors and their squared norms (BruteForce, TPUKNN).
+
+    Attributes
+    ----------
+    vectors : float32 (n, d), C-contiguous
+        The metric-prepared vectors (unit rows for cosine), owned by the index.
+    sqnorms : float32 (n,)
+        Their squared norms (the norm expansion of squared L2 reads them).
+    """
+
+    vectors: np.ndarray
+    sqnorms: np.ndarray
+
+    @classmethod
+    def of(cls, X: np.ndarray):
+        """The state holding ``X`` (kept, not copied: the caller hands over an owned array)."""
+        return cls(X, _sqnorms(X))
+
+    def appended(self, X: np.ndarray):
+        """A new state with the rows of ``X`` appended (this one is left as it is)."""
+        return type(self)(np.concatenate([self.vectors, X]), np.concatenate([self.sqnorms, _sqnorms(X)]))
+
+    def to_file(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(metadata, arrays) for :func:`annlib.io.write_index_file`."""
+        return {}, {"vectors": self.vectors, "sqnorms": self.sqnorms}
+
+    @classmethod
+    def from_file(cls, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]):
+        """Read the state back (types only; :meth:`validate` checks the invariants).
+
+        Raises
+        ------
+        IndexFormatError
+            A missing array, or one of the wrong dtype or rank.
+        """
+        return cls(take_array(arrays, "vectors", np.float32, 2), take_array(arrays, "sqnorms", np.float32, 1))
+
+    def validate(self, dim: int, n_positions: int, metric: Any) -> None:
+        """Check every invariant the kernels rely on; run on every load.
+
+        Raises
+        ------
+        IndexFormatError
+            Names the field: shapes that disagree with ``dim``/``n_positions``, NaN/inf,
+            entries beyond the metric's float32 range, norms that are not the vectors' norms,
+            or (cosine) rows that are not unit vectors.
+        """
+        n = n_positions
+        check_array(self.vectors, "vectors", np.float32, (n, dim))
+        check_array(self.sqnorms, "sqnorms", np.float32, (n,))
+        check_finite(self.vectors, "vectors")
+        limit = metric.max_abs(dim)
+        if np.isfinite(limit):  # larger entries make the float32 distances overflow
+            check_range(self.vectors, "vectors", -limit, limit)
+        check_finite(self.sqnorms, "sqnorms")
+        # Stale or altered norms would silently mis-rank every squared-L2 search; recomputing
+        # them is one pass over the vectors, like the finiteness check.
+        fresh = _sqnorms(self.vectors)
+        if n:
+            worst = int(np.argmax(np.abs(self.sqnorms - fresh) - 1e-3 * fresh))
+            got, want = float(self.sqnorms[worst]), float(fresh[worst])
+            require(abs(got - want) <= 1e-3 * want + 1e-30, "sqnorms",
+                    f"entry {worst} is {got:.6g} but the vector's squared norm is {want:.6g}")
+            if metric.normalize:
+                bad = (np.abs(fresh - 1.0) > 1e-3) & (fresh > 1e-6)
+                require(not bad.any(), "vectors",
+                        f"row {int(np.argmax(bad))} of a cosine index is not a unit vector")

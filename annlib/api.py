@@ -13,7 +13,7 @@ import functools
 import importlib
 import importlib.util
 import os
-from typing import Any, Callable, ClassVar, Mapping, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
 

@@ -8,101 +8,35 @@ re-scoring) and hands the search to :mod:`annlib.accel.tpuknn`, imported on firs
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .. import _validation as V
 from .._progress import progress_reporter
-from .._state import check_array, check_finite, check_range, require, take_array
+from .._state import PreparedVectors
 from ..api import Index
 from ..config import get_num_threads
 from ..kernels.blockwise import exact_search
-from ..kernels.distances import rows_proxy, sqnorms
-from ..metrics import PROXY_L2SQ, Metric
+from ..kernels.distances import rows_proxy
+from ..metrics import PROXY_L2SQ
 
 __all__ = ["TPUKNN", "TPUKNNState"]
 
 DTYPES = ["float32", "bfloat16"]
 
 
-@dataclass
-class TPUKNNState:
-    """The host side of a built :class:`TPUKNN` (the device copy is made from it when needed).
-
-    Attributes
-    ----------
-    vectors : float32 (n, d), C-contiguous
-        The metric-prepared vectors (unit rows for cosine), owned by the index: saved, searched
-        by the CPU's exact path, and used to re-score the device's candidates in float32.
-    sqnorms : float32 (n,)
-        Their squared norms (the per-row score term is half of them for squared L2).
-    """
-
-    vectors: np.ndarray
-    sqnorms: np.ndarray
-
-    @classmethod
-    def of(cls, X: np.ndarray) -> "TPUKNNState":
-        """The state holding ``X`` (kept, not copied: the caller hands over an owned array)."""
-        return cls(X, sqnorms(X))
-
-    def appended(self, X: np.ndarray) -> "TPUKNNState":
-        """A new state with the rows of ``X`` appended (this one is left as it is)."""
-        return TPUKNNState(np.concatenate([self.vectors, X]), np.concatenate([self.sqnorms, sqnorms(X)]))
+class TPUKNNState(PreparedVectors):
+    """The host side of a built :class:`TPUKNN` (the device copy is made from it when needed):
+    the prepared vectors — saved, searched by the CPU's exact path, and used to re-score the
+    device's candidates in float32 — and their squared norms (fields, file layout and
+    ``validate`` in :class:`annlib._state.PreparedVectors`)."""
 
     def terms(self, proxy: int) -> np.ndarray:
         """Per-row score term: ``||x||^2 / 2`` for squared L2, 0 for inner product."""
         if proxy == PROXY_L2SQ:
             return (self.sqnorms * np.float32(0.5)).astype(np.float32)
         return np.zeros(self.sqnorms.shape[0], dtype=np.float32)
-
-    def to_file(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """(metadata, arrays) for :func:`annlib.io.write_index_file`."""
-        return {}, {"vectors": self.vectors, "sqnorms": self.sqnorms}
-
-    @classmethod
-    def from_file(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "TPUKNNState":
-        """Read the state back (types only; :meth:`validate` checks the invariants).
-
-        Raises
-        ------
-        IndexFormatError
-            A missing array, or one of the wrong dtype or rank.
-        """
-        return cls(take_array(arrays, "vectors", np.float32, 2), take_array(arrays, "sqnorms", np.float32, 1))
-
-    def validate(self, dim: int, n_positions: int, metric: Metric) -> None:
-        """Check every invariant the host kernels and the device copy rely on; run on every load.
-
-        Raises
-        ------
-        IndexFormatError
-            Names the field: shapes that disagree with ``dim``/``n_positions``, NaN/inf,
-            entries beyond the metric's float32 range, norms that are not the vectors' norms,
-            or (cosine) rows that are not unit vectors.
-        """
-        n = n_positions
-        check_array(self.vectors, "vectors", np.float32, (n, dim))
-        check_array(self.sqnorms, "sqnorms", np.float32, (n,))
-        check_finite(self.vectors, "vectors")
-        limit = metric.max_abs(dim)
-        if np.isfinite(limit):  # larger entries make the float32 scores overflow
-            check_range(self.vectors, "vectors", -limit, limit)
-        check_finite(self.sqnorms, "sqnorms")
-        # Altered norms would silently mis-rank every squared-L2 search (they are the score
-        # terms); recomputing them is one pass over the vectors, like the finiteness check.
-        fresh = sqnorms(self.vectors)
-        if n:
-            worst = int(np.argmax(np.abs(self.sqnorms - fresh) - 1e-3 * fresh))
-            got, want = float(self.sqnorms[worst]), float(fresh[worst])
-            require(abs(got - want) <= 1e-3 * want + 1e-30, "sqnorms",
-                    f"entry {worst} is {got:.6g} but the vector's squared norm is {want:.6g}")
-            if metric.normalize:
-                bad = (np.abs(fresh - 1.0) > 1e-3) & (fresh > 1e-6)
-                require(not bad.any(), "vectors",
-                        f"row {int(np.argmax(bad))} of a cosine index is not a unit vector")
 
 
 class TPUKNN(Index):
