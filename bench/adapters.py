@@ -34,6 +34,7 @@ from .measures import canonical_metric, path_bytes
 __all__ = [
     "Adapter",
     "AnnlibAdapter",
+    "AnnlibAuto",
     "FaissFlat",
     "FaissHNSW",
     "FaissIVF",
@@ -549,6 +550,76 @@ class AnnlibAdapter(Adapter):
     def memory_bytes(self):
         return int(self.index.memory_bytes())
 
+    def tune(self, work, target: float, *, sample: int = 1000, seed: int = 0):
+        """Tune the built index for ``target`` as ``Index.build(X)`` would, without test queries.
+
+        The tuning queries are made from the training vectors (``annlib.tune.auto.tuning_queries``:
+        leave-one-out or perturbed, per family), so the tuned point is measured on queries the
+        tuner never saw.
+
+        Returns
+        -------
+        (params, info) or None
+            The tuned search parameters and a record of the tuning (predicted and held-out
+            recall, seconds); None for a family with nothing to tune.
+
+        Raises
+        ------
+        ValueError
+            From ``annlib.tune`` when the target cannot be reached.
+        """
+        import time
+
+        import annlib
+        from annlib.tune.auto import tuning_queries
+
+        if not self.search_space():
+            return None
+        start = time.perf_counter()
+        queries, own = tuning_queries(self.index, sample, np.random.default_rng(seed))
+        k = min(work.k, len(self.index) - (1 if own is not None else 0))
+        with annlib.threads(self.threads):
+            result = annlib.tune(self.index, queries, k=k, target_recall=target, self_ids=own,
+                                 random_state=seed)
+        seconds = time.perf_counter() - start
+        return dict(result), {"predicted_recall": result.predicted_recall,
+                              "held_out_recall": result.held_out_recall, "margin": result.margin,
+                              "tune_s": seconds}
+
+
+class AnnlibAuto(AnnlibAdapter):
+    """annlib's one-line usage, ``Index.build(X, target_recall=t)``: family chosen and tuned.
+
+    Its build grid is the target recall; each build is one point, searched with the tuned
+    defaults (no search grid).
+    """
+
+    name = "auto"
+    family = "auto"
+
+    @classmethod
+    def default_space(cls, n, d, metric):
+        return {"build": {"target_recall": [0.9, 0.95, 0.99]}, "search": {}}
+
+    def search_space(self):
+        return {}
+
+    def _build(self, train):
+        import annlib
+
+        index = annlib.Index.build(train, metric=self.metric, threads=self.threads,
+                                   **self.build_params)
+        index.warmup()
+        return index
+
+    def describe(self):
+        label = super().describe()
+        index = getattr(self, "index", None)
+        return label if index is None else f"{label}→{index.family}"
+
+    def tune(self, work, target, **_):
+        return None  # already tuned by its build
+
 
 # -- registry -----------------------------------------------------------------------------------
 BASELINES: dict[str, type[Adapter]] = {
@@ -578,7 +649,8 @@ def annlib_families() -> list[str]:
 
 def method_names() -> list[str]:
     """Every name ``--methods`` accepts: annlib families, baselines, registered extras."""
-    names = annlib_families() + list(BASELINES) + list(_REGISTERED)
+    families = annlib_families()
+    names = families + (["auto"] if families else []) + list(BASELINES) + list(_REGISTERED)
     return list(dict.fromkeys(names))
 
 
@@ -596,4 +668,6 @@ def resolve(name: str) -> type[Adapter]:
         return BASELINES[name]
     if name in annlib_families():
         return AnnlibAdapter.for_family(name)
+    if name == "auto" and annlib_families():
+        return AnnlibAuto
     raise ValueError(f"unknown method {name!r}; accepted: {', '.join(method_names())}")

@@ -7,7 +7,9 @@ Example::
 prints which data it used, runs every method's build × search grid, writes
 ``OUT/<dataset>/results.json`` with every measured point and the environment, saves
 ``pareto-batch.png`` and ``pareto-single.png`` beside it, and prints a Markdown table of QPS at
-recall@k >= 0.90 / 0.95 / 0.99 per index headed by the exact command line.
+recall@k >= 0.90 / 0.95 / 0.99 per index headed by the exact command line. With
+``--tune 0.95`` each annlib index is also tuned for that recall and its tuned point measured and
+drawn next to its sweep; ``auto`` (the one-line ``Index.build(X)``) is a method name.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
     return value
+
+
+def _targets(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"recall targets must be numbers in (0, 1]; got {text!r}")
+    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"recall targets must be numbers in (0, 1]; got {text!r}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None,
                    help="index label or method the QPS ratios are taken against (default: the "
                         "first hnswlib index when hnswlib runs)")
+    p.add_argument("--tune", type=_targets, default=None, metavar="T[,T...]",
+                   help="after each annlib index's sweep, tune it for these recall targets with "
+                        "annlib.tune (queries made from the training vectors) and measure the "
+                        "tuned point on the test queries; drawn as a star on the plot. Also the "
+                        "targets 'auto' is built for")
     p.add_argument("--no-single", action="store_true",
                    help="skip the one-query-per-call measurements")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-index messages")
@@ -130,6 +147,7 @@ def main(argv=None) -> int:
     log = (lambda *_: None) if args.quiet else print
     settings = Settings(threads=args.threads, single=not args.no_single,
                         max_build_configs=args.max_build_configs, grids=grids,
+                        tune=args.tune or [],
                         progress=not args.quiet, log=log)
     result = run_benchmark(methods, work, settings)
 
@@ -145,7 +163,7 @@ def main(argv=None) -> int:
         "settings": {"batch_min_reps": settings.batch_min_reps,
                      "batch_min_seconds": settings.batch_min_seconds,
                      "single_passes": settings.single_passes, "query_seed": args.seed,
-                     "max_build_configs": args.max_build_configs,
+                     "max_build_configs": args.max_build_configs, "tune": args.tune,
                      "config": grid_origin, "grids": grids},
         "environment": {"versions": environment.library_versions(),
                         "blas": result.pop("blas"),

@@ -74,6 +74,8 @@ def plot_mode(runs, path, *, mode: str = "batch", title: str = "", k: int = 10,
     runs = [r for r in runs if r.get(rk) is not None and r.get(qk) is not None]
     if not runs:
         return False
+    tuned = [r for r in runs if r.get("tuned_for") is not None]
+    runs = [r for r in runs if r.get("tuned_for") is None] or tuned
     by_label = group_runs(runs)
     methods: dict[str, list[str]] = {}
     for label, group in by_label.items():
@@ -92,6 +94,14 @@ def plot_mode(runs, path, *, mode: str = "batch", title: str = "", k: int = 10,
         xs, ys = [p[0] for p in front], [p[1] for p in front]
         lowest = min(lowest, min(xs))
         ax.plot(xs, ys, label=label, markersize=4, linewidth=1.4, **style)
+    for r in tuned:
+        # The tuner's choice, drawn over the sweep it replaces (annotated with its target).
+        style = styles.get(r["label"], {"color": "black"})
+        ax.scatter([r[rk]], [r[qk]], s=140, marker="*", color=style["color"], edgecolors="black",
+                   linewidths=0.6, zorder=5)
+        ax.annotate(f"tuned {r['tuned_for']:g}", (r[rk], r[qk]), textcoords="offset points",
+                    xytext=(4, 6), fontsize=7)
+        lowest = min(lowest, r[rk])
     ax.set_yscale("log")
     ax.set_xscale("function", functions=(_stretch, _unstretch))
     left = max(0.0, min(lowest, 0.9) - 0.02)

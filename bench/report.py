@@ -12,7 +12,12 @@ import os
 
 from .pareto import RECALL_LEVELS, group_runs, ratio, summarize
 
-__all__ = ["summaries", "choose_reference", "format_tables", "write_json"]
+__all__ = ["summaries", "choose_reference", "format_tables", "write_json", "grid_runs", "tuned_table"]
+
+
+def grid_runs(runs) -> list[dict]:
+    """The sweep's records without the tuned points (``--tune``), which are judged against it."""
+    return [r for r in runs if r.get("tuned_for") is None]
 
 
 def choose_reference(runs, requested: str | None = None) -> tuple[str, str] | None:
@@ -62,6 +67,7 @@ def summaries(runs, reference=None, modes=("batch", "single")) -> dict:
     ``ratio_at`` ({level: QPS / reference QPS at that level}).
     """
     out = {}
+    runs = grid_runs(runs)
     by_label, by_method = group_runs(runs), group_runs(runs, "method")
     for mode in modes:
         labels = {label: summarize(group, mode) for label, group in by_label.items()}
@@ -144,6 +150,11 @@ def format_tables(doc: dict) -> str:
                   "", "| " + " | ".join(head) + " |",
                   "|---|" + "---:|" * (len(head) - 1)]
         lines += _rows(table, level_key)
+    tuned = tuned_table(doc)
+    if tuned:
+        lines += ["", f"**tuned points** (`--tune`: tuned on queries made from the training vectors, "
+                  "measured on the test queries; grid QPS = the index's own sweep frontier at the "
+                  "tuned point's measured recall)", ""] + tuned
     if doc.get("flops"):
         lines += ["", "**exact search throughput** (GFLOP/s = 2·q·n·d / best batch time; matmul = "
                   "numpy float32 Q @ X.T of the same shape, same threads, same run)", "",
@@ -157,6 +168,29 @@ def format_tables(doc: dict) -> str:
     if doc.get("failures"):
         lines += ["", f"{len(doc['failures'])} configuration(s) failed; see 'failures' in the JSON"]
     return "\n".join(lines)
+
+
+def tuned_table(doc: dict) -> list[str]:
+    """Markdown rows of the tuned points against their index's grid frontier, or []."""
+    from .pareto import frontier, qps_at_recall
+
+    tuned = [r for r in doc["runs"] if r.get("tuned_for") is not None]
+    if not tuned:
+        return []
+    by_label = group_runs(grid_runs(doc["runs"]))
+    lines = ["| index | target | params | predicted recall | test recall | QPS batch | grid QPS | "
+             "ratio | QPS single | tuning s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in tuned:
+        grid = by_label.get(r["label"], [])
+        front = frontier((g["recall"], g["qps_batch"]) for g in grid if g.get("qps_batch"))
+        best = qps_at_recall(front, min(r["recall"], r["tuned_for"])) if front else None
+        params = ", ".join(f"{k}={v}" for k, v in r["search_params"].items())
+        lines.append("| " + " | ".join([
+            r["label"], f"{r['tuned_for']:.2f}", params, _num(r.get("predicted_recall"), 4),
+            _num(r["recall"], 4), _num(r["qps_batch"]), _num(best),
+            _num(ratio(r["qps_batch"], best), 2), _num(r.get("qps_single")),
+            _num(r.get("tune_s"), 1)]) + " |")
+    return lines
 
 
 def _load(value) -> str:

@@ -106,6 +106,11 @@ class Settings:
         Keep only the first (cheapest) build configurations of each method.
     grids : dict
         Per-method ``{"build": grid, "search": grid}`` replacing the defaults.
+    tune : list of float
+        Recall targets: after its grid, every tunable annlib index is tuned for each (queries
+        made from the training vectors, never the test queries) and the tuned point measured as
+        an extra record marked ``tuned_for``; ``auto`` is built once per target instead of its
+        default targets.
     progress : bool
         Show a progress bar per built index.
     log : callable
@@ -119,6 +124,7 @@ class Settings:
     single_passes: int = 2
     max_build_configs: int | None = None
     grids: dict = field(default_factory=dict)
+    tune: list = field(default_factory=list)
     progress: bool = True
     log: Callable[[str], None] = print
 
@@ -163,6 +169,8 @@ def _grids_for(cls, name: str, work: Workload, settings: Settings) -> tuple[list
     override = settings.grids.get(name, {})
     n, d = work.train.shape
     build = override["build"] if "build" in override else cls.default_space(n, d, work.metric)["build"]
+    if settings.tune and cls is _adapters.AnnlibAuto and "build" not in override:
+        build = {"target_recall": list(settings.tune)}
     configs = expand(build)
     if settings.max_build_configs is not None:
         configs = configs[: settings.max_build_configs]
@@ -182,16 +190,42 @@ def _index_sizes(adapter) -> dict:
     return out
 
 
+def _tuned_points(adapter, base, work, settings, failures) -> list[dict]:
+    """The index tuned for each of ``settings.tune`` and measured: one record per target."""
+    if not settings.tune or not hasattr(adapter, "tune"):
+        return []
+    records = []
+    label = base["label"]
+    for target in settings.tune:
+        try:
+            tuned = adapter.tune(work, target)
+            if tuned is None:
+                return records
+            params, info = tuned
+            result = measure_search(adapter, work, settings, params)
+        except Exception as exc:
+            failures.append({"method": base["method"], "label": label, "tuned_for": target,
+                             "error": f"{type(exc).__name__}: {exc}",
+                             "traceback": traceback.format_exc()})
+            settings.log(f"  {label} tuned for {target}: failed: {type(exc).__name__}: {exc}")
+            continue
+        settings.log(f"  {label} tuned for {target}: {params} in {info['tune_s']:.1f} s, "
+                     f"test recall {result['recall']:.4f}, {result['qps_batch']:,.0f} QPS")
+        records.append({**base, "search_params": dict(params), "tuned_for": target, **info,
+                        **result})
+    return records
+
+
 def _run_build(cls, name, build_params, search_grid, work, settings, failures) -> list[dict]:
     """Build one configuration and sweep its search grid; returns one record per point."""
     from tqdm.auto import tqdm
 
     adapter = cls(threads=settings.threads, **build_params)
-    label = adapter.describe()
     adapter.warmup(work.train, work.metric)
     start = time.perf_counter()
     adapter.fit(work.train, work.metric)
     build_s = time.perf_counter() - start
+    label = adapter.describe()  # may name what the build chose (auto)
     sizes = _index_sizes(adapter)
     n = work.train.shape[0]
     base = {"method": name, "label": label, "build_params": dict(build_params),
@@ -211,6 +245,7 @@ def _run_build(cls, name, build_params, search_grid, work, settings, failures) -
             settings.log(f"  {label} {params}: failed: {type(exc).__name__}: {exc}")
             continue
         records.append({**base, "search_params": dict(params), **result})
+    records += _tuned_points(adapter, base, work, settings, failures)
     settings.log(f"  {label}: built in {build_s:.2f} s, {len(records)}/{len(points)} search "
                  f"configs, best recall {max((r['recall'] for r in records), default=float('nan')):.4f}")
     adapter.done()

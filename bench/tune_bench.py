@@ -9,7 +9,13 @@ For each annlib family (and ``auto``) on one data set, single-threaded:
    ``Index.build(X)`` does: the test queries are never seen by the tuner), then the tuned point
    measured on the test queries;
 4. ``auto``: ``Index.build(train, target_recall=t)`` measured the same way, against the best
-   family's grid frontier at the target.
+   family's grid frontier at the target;
+5. the anchor, ``faiss``: faiss's own auto-tuner (``ParameterSpace.explore``, which times every
+   ``nprobe`` × ``k_factor_rf`` combination it does not prune and keeps the ``OperatingPoints``
+   frontier) on its IVF-PQ fast-scan + exact re-ranking index at Partitioned's leaf count, given
+   the same kind of training-made queries (perturbed indexed vectors, as HNSW is tuned: faiss
+   cannot leave a query's own vector out) with their exact ground truth; the cheapest operating
+   point meeting the target is measured on the test queries against faiss's whole grid.
 
 Prints a Markdown table headed by the command and the load average; writes JSON with ``--out``.
 
@@ -85,8 +91,100 @@ def run_family(family: str, work: Workload, targets: list[float], build_params: 
                       "tune_seconds": tune_s, "tune_fraction_of_grid": tune_s / grid_s})
         log(f"  target {target}: {dict(res)} test recall {recall:.4f}, {q:,.0f} QPS, "
             f"best grid {best if best is None else round(best)}; tuning {tune_s:.1f} s")
-    return {"family": family, "build_params": build_params, "build_seconds": build_s,
+    num_leaves = index.stats()["num_leaves"] if family == "partitioned" else None
+    return {"family": family, "build_params": build_params, "build_seconds": build_s, "num_leaves": num_leaves,
             "grid_seconds": grid_s, "grid": grid, "tuned": tuned}
+
+
+def _faiss_grid_params(ps, index) -> list[tuple[str, dict]]:
+    """Every combination of the ParameterSpace ranges, as faiss keys and as dicts."""
+    import faiss
+
+    ranges = []
+    for i in range(ps.parameter_ranges.size()):
+        rng_i = ps.parameter_ranges.at(i)  # keep the range alive while its values are copied
+        ranges.append((str(rng_i.name), [float(v) for v in faiss.vector_to_array(rng_i.values)]))
+    out = []
+    for values in itertools.product(*(v for _, v in ranges)):
+        params = {name: int(v) for (name, _), v in zip(ranges, values)}
+        out.append((",".join(f"{k}={v}" for k, v in params.items()), params))
+    return out
+
+
+def run_faiss_anchor(work: Workload, targets: list[float], nlist: int, log) -> dict:
+    """faiss IVF-PQ fast-scan + RFlat tuned by faiss's ParameterSpace/OperatingPoints."""
+    import faiss
+    import annlib
+    from annlib.tune.auto import PERTURBATION
+
+    faiss.omp_set_num_threads(1)
+    angular = work.metric in ("cosine", "angular")
+    prep = (lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)) if angular else (lambda x: x)
+    X = np.ascontiguousarray(prep(work.train), dtype=np.float32)
+    d = X.shape[1]
+    m = d // 2 if (d // 2) % 2 == 0 else d
+    metric = faiss.METRIC_INNER_PRODUCT if angular else faiss.METRIC_L2
+    t0 = time.perf_counter()
+    index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x4fs,RFlat", metric)
+    index.train(X)
+    index.add(X)
+    build_s = time.perf_counter() - t0
+    Qt = np.ascontiguousarray(prep(work.queries), dtype=np.float32)
+
+    def measure(key):
+        ps.set_index_parameters(index, key)
+        _, ids = index.search(Qt, work.k)
+        seconds, _, _ = best_time(lambda: index.search(Qt, work.k), min_reps=3, min_seconds=0.3)
+        return work.recall(ids), qps(len(Qt), seconds)
+
+    ps = faiss.ParameterSpace()
+    ps.initialize(index)
+    ps.verbose = 0
+    grid = []
+    t0 = time.perf_counter()
+    for key, params in _faiss_grid_params(ps, index):
+        recall, q = measure(key)
+        grid.append({"params": params, "recall": recall, "qps": q})
+    grid_s = time.perf_counter() - t0
+    log(f"faiss IVF{nlist},PQ{m}x4fs,RFlat: built in {build_s:.1f} s, grid of {len(grid)} points in {grid_s:.1f} s")
+    # The tuning queries: perturbed indexed vectors (annlib.tune.auto.tuning_queries' second
+    # kind), ground truth by exact search, both counted in the tuning time.
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    pos = np.sort(rng.choice(len(X), min(1000, len(X)), replace=False))
+    S = X[pos]
+    flat = faiss.IndexFlatL2(d) if metric == faiss.METRIC_L2 else faiss.IndexFlatIP(d)
+    flat.add(X)
+    Dn, In = flat.search(S, 2)
+    nearest = np.where(In[:, 0] == pos, In[:, 1], In[:, 0])
+    radius = np.linalg.norm(S - X[nearest], axis=1)
+    Qs = np.ascontiguousarray(S + rng.standard_normal(S.shape).astype(np.float32)
+                              * (PERTURBATION * radius / np.sqrt(d))[:, None], dtype=np.float32)
+    Qs = np.ascontiguousarray(prep(Qs), dtype=np.float32)
+    D, I = flat.search(Qs, work.k)
+    crit = faiss.IntersectionCriterion(len(Qs), work.k)
+    crit.set_groundtruth(D, I.astype("int64"))
+    ops = ps.explore(index, Qs, crit)
+    explore_s = time.perf_counter() - t0
+    optimal = [ops.optimal_pts.at(i) for i in range(ops.optimal_pts.size())]
+    tuned = []
+    for target in targets:
+        ok = [p for p in optimal if p.perf >= target]
+        if not ok:
+            tuned.append({"target": target, "params": None, "note": "no operating point reached the target"})
+            log(f"  faiss target {target}: no operating point reached it")
+            continue
+        point = min(ok, key=lambda p: p.t)
+        recall, q = measure(point.key)
+        best = _best_at(grid, target)
+        tuned.append({"target": target, "params": point.key, "predicted_recall": point.perf,
+                      "test_recall": recall, "qps": q, "best_grid_qps": best,
+                      "qps_ratio": None if not best else q / best, "tune_seconds": explore_s,
+                      "tune_fraction_of_grid": explore_s / grid_s})
+        log(f"  faiss target {target}: {point.key} test recall {recall:.4f}, {q:,.0f} QPS, "
+            f"best grid {best if best is None else round(best)}; explore {explore_s:.1f} s")
+    return {"family": "faiss-ivfpqfs (OperatingPoints)", "build_params": {"nlist": nlist, "m": m},
+            "build_seconds": build_s, "grid_seconds": grid_s, "grid": grid, "tuned": tuned}
 
 
 def run_auto(work: Workload, targets: list[float], frontier: dict, log) -> list[dict]:
@@ -114,7 +212,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m annlib.bench.tune_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True)
-    p.add_argument("--families", default="partitioned,hnsw,auto")
+    p.add_argument("--families", default="partitioned,hnsw,faiss,auto",
+                   help="annlib families, 'auto', and 'faiss' (the anchor; needs partitioned first)")
     p.add_argument("--targets", default="0.9,0.95,0.99")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--k", type=int, default=10)
@@ -138,6 +237,12 @@ def main(argv=None) -> int:
     for family in families:
         if family == "auto":
             continue
+        if family == "faiss":
+            nlist = next((r["num_leaves"] for r in results if r.get("num_leaves")), None)
+            if nlist is None:
+                nlist = int(round(2 * np.sqrt(len(work.train))))
+            results.append(run_faiss_anchor(work, targets, nlist, log))
+            continue
         params = {"M": args.hnsw_M} if family == "hnsw" else {}
         r = run_family(family, work, targets, params, log)
         results.append(r)
@@ -149,6 +254,9 @@ def main(argv=None) -> int:
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         for t in r["tuned"]:
+            if t.get("params") is None:
+                print(f"| {r['family']} | {t['target']} | {t['note']} | | | | | | |")
+                continue
             best = "—" if t["best_grid_qps"] is None else f"{t['best_grid_qps']:,.0f}"
             ratio = "—" if t["qps_ratio"] is None else f"{t['qps_ratio']:.2f}"
             print(f"| {r['family']} | {t['target']} | {t['params']} | {t['test_recall']:.4f} | {t['qps']:,.0f} | "

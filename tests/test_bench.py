@@ -323,3 +323,48 @@ def test_cli_rejects_unknown_method(capsys):
         cli.main(["--methods", "toy-nothing"])
     assert exc.value.code == 2
     assert "accepted" in capsys.readouterr().err
+
+
+@pytest.fixture
+def clustered_hdf5(tmp_path):
+    from annlib.datasets import write_hdf5
+
+    g = np.random.default_rng(12)
+    centres = g.normal(size=(20, 8)) * 4
+    train = (centres[g.integers(0, 20, 1500)] + g.normal(size=(1500, 8))).astype(np.float32)
+    test = (centres[g.integers(0, 20, 60)] + g.normal(size=(60, 8))).astype(np.float32)
+    return write_hdf5(tmp_path / "clusters-8-euclidean.hdf5", train, test, "euclidean", k=20,
+                      attrs={"source": "seeded clustered vectors written by the test"})
+
+
+def test_cli_tune_draws_tuned_points_and_runs_auto(clustered_hdf5, tmp_path, capsys):
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps({"hnsw": {"build": {"M": [12]}, "search": {"ef": [10, 40, 160]}}}))
+    out = tmp_path / "out"
+    argv = ["--dataset", str(clustered_hdf5), "--methods", "hnsw,auto", "--tune", "0.9",
+            "--config", str(config), "--out", str(out), "--no-single", "--quiet"]
+
+    assert cli.main(argv) == 0
+
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "clusters-8-euclidean" / "results.json").read_text())
+    assert doc["settings"]["tune"] == [0.9] and not doc["failures"]
+    tuned = [r for r in doc["runs"] if r.get("tuned_for") is not None]
+    assert [r["method"] for r in tuned] == ["hnsw"]  # auto is tuned by its own build
+    assert set(tuned[0]["search_params"]) == {"ef"} and tuned[0]["recall"] >= 0.85
+    assert tuned[0]["tune_s"] > 0 and 0.0 < tuned[0]["predicted_recall"] <= 1.0
+    auto = [r for r in doc["runs"] if r["method"] == "auto"]
+    assert len(auto) == 1 and auto[0]["build_params"] == {"target_recall": 0.9}
+    assert "→" in auto[0]["label"] and auto[0]["recall"] >= 0.85
+    # the tuned point is judged against the sweep, and kept out of its frontier
+    grid_qps = [r["qps_batch"] for r in doc["runs"] if r["method"] == "hnsw" and "tuned_for" not in r]
+    assert len(grid_qps) == 3
+    assert "**tuned points**" in printed and "| 0.90 | ef=" in printed
+    assert (out / "clusters-8-euclidean" / "pareto-batch.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_cli_rejects_bad_tune_target(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--tune", "1.5"])
+    assert exc.value.code == 2
+    assert "recall targets must be numbers in (0, 1]" in capsys.readouterr().err
