@@ -717,3 +717,60 @@ def auto_is_not_a_class() -> ValueError:
     """``get_family("auto")``: auto builds, it is not a family class."""
     return ValueError('"auto" is not a class: Index.build(X, method="auto") chooses a family and builds it '
                       '(index.tuning then names the family)')
+
+
+# ----------------------------------------------------------------------------- scikit-learn estimators
+def sklearn_too_old(found: str) -> ImportError:
+    """``annlib.sklearn`` imported with a scikit-learn that lacks the estimator API it follows."""
+    return ImportError(
+        f"annlib.sklearn needs scikit-learn >= 1.6 (validate_data and __sklearn_tags__); found "
+        f"scikit-learn {found}. Upgrade it, e.g. pip install 'annlib[sklearn]'")
+
+
+def check_param_dict(name: str, value: Any) -> dict[str, Any]:
+    """None or a mapping of parameter names to values, returned as a new dict (never the caller's).
+
+    Raises
+    ------
+    TypeError
+        Not a mapping, or a key that is not a string.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict of parameter names to values, or None; got {_describe(value)}")
+    bad = [key for key in value if not isinstance(key, str)]
+    if bad:
+        raise TypeError(f"{name} keys must be parameter names (str); got {_describe(bad[0])}")
+    return dict(value)
+
+
+def check_not_in_params(name: str, params: Mapping[str, Any], owned: Mapping[str, str]) -> None:
+    """Refuse keys of ``params`` that another argument owns; ``owned`` maps each key to its owner.
+
+    Raises
+    ------
+    ValueError
+        Names the first such key and the argument to use instead.
+    """
+    for key, owner in owned.items():
+        if key in params:
+            raise ValueError(f"{name} may not contain {key!r}; set it with {owner} instead")
+
+
+def random_state_given_twice() -> ValueError:
+    """Both an estimator's ``random_state`` and ``method_params["random_state"]`` were set."""
+    return ValueError("random_state is set both as a parameter and in method_params; give it in one place")
+
+
+def too_many_neighbours(n_neighbors: int, n_samples_fit: int, n_samples: int, extra: int, why: str) -> ValueError:
+    """More neighbours asked for than the fitted samples can give.
+
+    ``extra`` is 1 when the query also needs the sample itself (``why`` says why), 0 otherwise.
+    The message names ``n_samples`` as scikit-learn's common tests expect.
+    """
+    need = f"n_neighbors + 1 = {n_neighbors + 1}" if extra else f"n_neighbors = {n_neighbors}"
+    reason = f" ({why})" if extra else ""
+    return ValueError(
+        f"{need} neighbours are needed{reason}, but only n_samples_fit = {n_samples_fit} samples were "
+        f"fitted (n_samples = {n_samples} in this call); lower n_neighbors or fit on more samples")
