@@ -1,0 +1,73 @@
+"""recall@10 of every family at its untuned defaults: ``Index.build(X, method=f).search(Q, 10)``.
+
+What a user gets without naming a search parameter, measured on a data set's test queries
+(which the build never sees). HNSW and Partitioned tune their defaults at the end of ``build``
+(``default_recall=0.9``, queries made from the data); the other families keep fixed defaults.
+Also ``Index.build(X)`` (``auto``, target 0.95). Single-threaded; prints a Markdown table headed
+by the command and the load average.
+
+    python -m annlib.bench.default_recall --dataset glove-50-angular-200k
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+
+__all__ = ["main"]
+
+FAMILIES = ("bruteforce", "hnsw", "partitioned", "tpuknn", "mahalanobis", "auto")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="python -m annlib.bench.default_recall",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--k", type=int, default=10)
+    args = p.parse_args(argv)
+    import annlib
+    from annlib.datasets import load
+
+    from .measures import best_time, qps
+    from .runner import Workload
+
+    annlib.set_num_threads(1)
+    ds = load(args.dataset)
+    work = Workload.from_dataset(ds, k=args.k, queries=args.queries)
+    command = shlex.join(["python -m annlib.bench.default_recall", *argv])
+    load_before = os.getloadavg()[0]
+    rows = []
+    for family in [f.strip() for f in args.families.split(",") if f.strip()]:
+        method = {} if family == "auto" else {"method": family}
+        t0 = time.perf_counter()
+        index = annlib.Index.build(work.train, metric=work.metric, threads=1, **method)
+        build_s = time.perf_counter() - t0
+        if hasattr(index, "warmup"):
+            index.warmup()
+        ids, _ = index.search(work.queries, work.k)
+        recall = work.recall(ids)
+        seconds, _, _ = best_time(lambda: index.search(work.queries, work.k), min_reps=3, min_seconds=0.3)
+        tuning = getattr(index, "tuning", None) or {}
+        params = tuning.get("params") or index.default_search_params
+        rows.append((family if family != "auto" else f"auto → {index.family}", params, recall,
+                     qps(len(work.queries), seconds), build_s))
+        print(f"{rows[-1][0]}: recall {recall:.4f} with {params}, build {build_s:.1f} s", flush=True)
+    load_after = os.getloadavg()[0]
+    print(f"\n`{command}` — {ds.name} (n={len(work.train):,}, d={work.train.shape[1]}, "
+          f"{len(work.queries):,} test queries); load average {load_before:.2f} before, {load_after:.2f} after\n")
+    print("| family | default search parameters | recall@10 | batch QPS | build s (incl. self-tune) |")
+    print("|---|---|---:|---:|---:|")
+    for name, params, recall, q, build_s in rows:
+        shown = ", ".join(f"{k}={v}" for k, v in params.items()) or "—"
+        print(f"| {name} | {shown} | {recall:.4f} | {q:,.0f} | {build_s:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
