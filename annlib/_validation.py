@@ -774,3 +774,33 @@ def too_many_neighbours(n_neighbors: int, n_samples_fit: int, n_samples: int, ex
     return ValueError(
         f"{need} neighbours are needed{reason}, but only n_samples_fit = {n_samples_fit} samples were "
         f"fitted (n_samples = {n_samples} in this call); lower n_neighbors or fit on more samples")
+
+
+# ----------------------------------------------------------------------------- ann-benchmarks module
+def check_leaf_count(value: Any) -> Any:
+    """A leaf count for the ann-benchmarks module: an int >= 1, or ``"<factor>*sqrt(n)"``.
+
+    Returns the int, or the factor as a float when given relative to ``sqrt(n)``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Anything else, with the two accepted forms.
+    """
+    if isinstance(value, str):
+        text = value.replace(" ", "")
+        head, sep, tail = text.partition("*")
+        if sep and tail == "sqrt(n)":
+            try:
+                factor = float(head)
+            except ValueError:
+                factor = float("nan")
+            if np.isfinite(factor) and factor > 0:
+                return factor
+        raise ValueError(f"num_leaves must be an int >= 1 or a string like '2*sqrt(n)'; got {_describe(value)}")
+    return check_int("num_leaves", value, 1)
+
+
+def unsupported_benchmark_metric(metric: Any, accepted: Iterable[str]) -> ValueError:
+    """A data set metric the ann-benchmarks module does not serve (e.g. hamming, jaccard)."""
+    return ValueError(f"annlib serves the ann-benchmarks metrics {', '.join(accepted)}; got {_describe(metric)}")
