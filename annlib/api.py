@@ -172,6 +172,15 @@ class Index:
         """Return (proxy distances float32 (q, k) ascending, positions int64 (q, k), -1 padded)."""
         raise NotImplementedError
 
+    def _relabel_positions(self, new_of_old: np.ndarray) -> None:
+        """Renumber every position ``p`` to ``new_of_old[p]`` (a permutation), vectors unchanged.
+
+        Needed by families tuned on held-out vectors (``tuning_queries = "held_out"``): they are
+        built on all but a sample, tuned with the sample as queries, then given the sample with
+        ``_add``; this puts every vector back at its row of the build input.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot renumber its positions")
+
     def _add(self, X: np.ndarray, progress: Any) -> None:
         raise NotImplementedError
 
@@ -282,21 +291,26 @@ class Index:
         self._check_build_data(X32.shape[0])
         Xp = self._owned(self._metric.prepare(X32), X)
         with self._rw.write(), config.threads(threads):
-            self._build(Xp, progress)
-            self._dim = X32.shape[1]
-            self._n_positions = X32.shape[0]
-            self._ids = ext
-            self._id_to_pos = None
-            self._search_overrides = {}
-            self.tuning = None
-            self._forget_validated_params()
-            if self.params.get("default_recall") is not None:
+            if self.params.get("default_recall") is None:
+                self._build(Xp, progress)
+                self._reset_state(X32.shape[1], X32.shape[0], ext)
+            else:
                 # Families that take default_recall tune their own defaults on queries made
                 # from the data, so an untuned index is already a useful one.
-                from .tune.auto import self_tune
+                from .tune.auto import build_self_tuned
 
-                self_tune(self, self.params["default_recall"])
+                build_self_tuned(self, Xp, ext, progress)
         return self
+
+    def _reset_state(self, dim: int, n_positions: int, ids: np.ndarray | None) -> None:
+        """The base's bookkeeping after a (re)build: shape, ids, and no tuned defaults."""
+        self._dim = dim
+        self._n_positions = n_positions
+        self._ids = ids
+        self._id_to_pos = None
+        self._search_overrides = {}
+        self.tuning = None
+        self._forget_validated_params()
 
     @staticmethod
     def _owned(prepared: np.ndarray, given: Any) -> np.ndarray:

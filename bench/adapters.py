@@ -529,9 +529,6 @@ class AnnlibAdapter(Adapter):
         except Exception:
             pass
 
-    def _fit(self, train):
-        self.index = self._build(train)
-
     def batch_query(self, queries, k):
         ids, _ = self.index.search(queries, k, threads=self.threads, **self.search_params)
         return np.asarray(ids, dtype=np.int64)
@@ -550,41 +547,43 @@ class AnnlibAdapter(Adapter):
     def memory_bytes(self):
         return int(self.index.memory_bytes())
 
-    def tune(self, work, target: float, *, sample: int = 1000, seed: int = 0):
-        """Tune the built index for ``target`` as ``Index.build(X)`` would, without test queries.
+    #: Recall targets to tune for (set by the runner before ``fit`` under ``--tune``).
+    tune_targets: tuple = ()
 
-        The tuning queries are made from the training vectors (``annlib.tune.auto.tuning_queries``:
-        leave-one-out or perturbed, per family), so the tuned point is measured on queries the
-        tuner never saw.
+    def _fit(self, train):
+        if not self.tune_targets or self.family == "bruteforce":
+            self.index = self._build(train)
+            self._tuned = {}
+            return
+        from .tuned_build import build_and_tune
+
+        # Tuned as Index.build self-tunes (held-out or leave-one-out training vectors); the
+        # tuning time is reported per target, the build time here includes it.
+        self.index, _, self._tuned = build_and_tune(self.family, train, self.metric, self.tune_targets,
+                                                    threads=self.threads, **self.build_params)
+        if hasattr(self.index, "warmup"):
+            self.index.warmup()
+
+    def tune(self, work, target: float):
+        """The parameters tuned for ``target`` at ``fit`` (queries made from the training
+        vectors, never the test queries; see ``bench/tuned_build.py``).
 
         Returns
         -------
         (params, info) or None
-            The tuned search parameters and a record of the tuning (predicted and held-out
-            recall, seconds); None for a family with nothing to tune.
+            None for a family with nothing to tune or a target not tuned at fit.
 
         Raises
         ------
         ValueError
-            From ``annlib.tune`` when the target cannot be reached.
+            When the target could not be reached (the tuner's message).
         """
-        import time
-
-        import annlib
-        from annlib.tune.auto import tuning_queries
-
-        if not self.search_space():
+        if not self.search_space() or target not in getattr(self, "_tuned", {}):
             return None
-        start = time.perf_counter()
-        queries, own = tuning_queries(self.index, sample, np.random.default_rng(seed))
-        k = min(work.k, len(self.index) - (1 if own is not None else 0))
-        with annlib.threads(self.threads):
-            result = annlib.tune(self.index, queries, k=k, target_recall=target, self_ids=own,
-                                 random_state=seed)
-        seconds = time.perf_counter() - start
-        return dict(result), {"predicted_recall": result.predicted_recall,
-                              "held_out_recall": result.held_out_recall, "margin": result.margin,
-                              "tune_s": seconds}
+        params, info = self._tuned[target]
+        if params is None:
+            raise ValueError(info["error"])
+        return params, info
 
 
 class AnnlibAuto(AnnlibAdapter):
@@ -617,7 +616,10 @@ class AnnlibAuto(AnnlibAdapter):
         index = getattr(self, "index", None)
         return label if index is None else f"{label}→{index.family}"
 
-    def tune(self, work, target, **_):
+    def _fit(self, train):
+        self.index = self._build(train)
+
+    def tune(self, work, target):
         return None  # already tuned by its build
 
 

@@ -221,6 +221,8 @@ def _run_build(cls, name, build_params, search_grid, work, settings, failures) -
     from tqdm.auto import tqdm
 
     adapter = cls(threads=settings.threads, **build_params)
+    if settings.tune and hasattr(adapter, "tune_targets"):
+        adapter.tune_targets = tuple(settings.tune)
     adapter.warmup(work.train, work.metric)
     start = time.perf_counter()
     adapter.fit(work.train, work.metric)

@@ -227,3 +227,36 @@ def test_lagrangian_solver_matches_brute_force():
             assert cost[j] <= budget and recall[j] == recall[within].max()
         front = pareto_front(recall, cost)
         assert (np.diff(cost[front]) >= 0).all() and (np.diff(recall[front]) > 0).all()
+
+
+# ------------------------------------------------------------------------------ self-tune at build
+def test_hnsw_self_tune_holds_a_sample_out_and_keeps_rows_as_positions(data, tmp_path):
+    X, _, fresh = data
+    X = X[:3000]
+    index = annlib.HNSW(M=12, ef_construction=64, default_recall=0.9).build(X)
+    assert index.tuning["chosen_by"] == "build self-tune"
+    assert "held out of the build" in index.tuning["sample"]
+    assert len(index) == 3000 and index.n_positions == 3000
+    # every vector is back at its own row: found as its own nearest neighbour, by id and filter
+    ids, dist = index.search(X[::97], 1, ef=64)
+    assert ids[:, 0].tolist() == list(range(0, 3000, 97)) and np.all(dist[:, 0] <= 1e-4)
+    assert np.allclose(index._vectors_at(np.arange(3000)), X)
+    odd = np.zeros(3000, bool)
+    odd[1::2] = True
+    assert np.all(index.search(fresh[:20], 10, filter=odd).ids % 2 == 1)
+    # the tuned default meets the target on unseen queries, and survives save/load
+    assert fresh_recall(index, fresh, 10, {}) >= 0.9 - 0.02
+    index.save(tmp_path / "h.annlib")
+    back = annlib.load(tmp_path / "h.annlib")
+    assert back.default_search_params == index.default_search_params
+    np.testing.assert_array_equal(back.search(fresh[:50], 10).ids, index.search(fresh[:50], 10).ids)
+    assert index.search_stats()["queries"] == 50 + 20 + 300 + len(range(0, 3000, 97))  # tuning not counted
+
+
+def test_default_margin_scales_with_the_miss_budget():
+    from annlib.tune.tuner import default_margin
+
+    assert default_margin(0.9) == pytest.approx(0.012)
+    assert default_margin(0.95) == pytest.approx(0.006)
+    assert default_margin(0.99) == pytest.approx(0.002)
+    assert default_margin(0.5) == 0.02 and default_margin(None) == 0.0

@@ -240,7 +240,7 @@ class HNSWGraph:
         read out of bounds or return garbage.
 
         Cheap vectorised passes: dtypes and shapes; ``n`` equal to ``n_positions``; levels in
-        range; upper-row offsets equal to the cumulative levels (in position order) and inside
+        range; upper-row offsets equal to the cumulative levels (in offset order) and inside
         ``links_upper``; neighbour counts within capacity and neighbour ids within ``[0, n)``
         (and, on upper layers, of nodes that reach that layer); entry point live and of the top
         level; tombstone count; node order a permutation; finite vectors (and at most
@@ -268,34 +268,34 @@ class HNSWGraph:
             biggest = max(float(vectors.max()), -float(vectors.min()))  # two passes, no copy
             require(biggest <= max_abs, "vectors", f"entries must be at most {max_abs:.3g} in magnitude")
         # node order
-        if self.node_positions is None:
-            inv = None
-        else:
+        if self.node_positions is not None:
             perm = self.node_positions
             check_array(perm, "node_positions", np.int64, (n,))
             check_range(perm, "node_positions", 0, max(n - 1, 0))
             seen = np.zeros(n, np.bool_)
             seen[perm] = True
             require(bool(seen.all()), "node_positions", "is not a permutation of the positions")
-            inv = np.empty(n, np.int64)
-            inv[perm] = np.arange(n, dtype=np.int64)
         # levels and upper-row offsets
         levels = self.levels[:n]
         check_range(levels, "levels", 0, _MAX_LEVEL)
-        lv_pos = levels if inv is None else levels[inv]
-        us_pos = self.upper_start[:n] if inv is None else self.upper_start[:n][inv]
+        # Each node owns the rows [ustart, ustart + level): taken in offset order (level-0
+        # nodes first among equal offsets) the offsets must be the running sum of the levels,
+        # so the row ranges tile links_upper without overlap. Offsets follow insertion order,
+        # which is position order except after a held-out self-tune (samples inserted last).
+        ustart = self.upper_start[:n]
+        by_offset = np.lexsort((levels, ustart))
         expected = np.zeros(n, np.int64)
-        np.cumsum(lv_pos[:-1], out=expected[1:])
-        require(np.array_equal(us_pos, expected), "ustart",
+        np.cumsum(levels[by_offset][:-1], out=expected[1:])
+        require(np.array_equal(ustart[by_offset], expected), "ustart",
                 "upper-layer row offsets do not match the cumulative levels")
-        rows = int(lv_pos.sum())
+        rows = int(levels.sum())
         require(self.n_upper_rows == rows, "rows", f"expected {rows} (the sum of levels); got {self.n_upper_rows}")
         require(self.links_upper.shape[0] >= max(1, rows), "upper",
                 f"expected at least {max(1, rows)} rows; got {self.links_upper.shape[0]}")
         # neighbour lists
         _check_rows(self.links_layer0[:n], "links0", 2 * M, n, None, levels)
         if rows:
-            row_level = (np.arange(rows, dtype=np.int64) - np.repeat(us_pos, lv_pos) + 1).astype(np.int32)
+            row_level = (np.arange(rows, dtype=np.int64) - np.repeat(ustart[by_offset], levels[by_offset]) + 1).astype(np.int32)
             _check_rows(self.links_upper[:rows], "upper", M, n, row_level, levels)
         # tombstones and entry point
         dead = self.deleted[:n]
@@ -564,8 +564,9 @@ class HNSW(Index):
     family = "hnsw"
     build_defaults = {"M": 32, "ef_construction": 200, "finger": True, "finger_rank": 64,
                       "random_state": 0, "default_recall": 0.9}
-    # a graph links each vector to its near neighbours: tune on perturbed, not left-out, vectors
-    tuning_queries = "perturbed"
+    # A graph links each vector to its near neighbours, so an indexed vector searched
+    # leave-one-out starts next to its answer: self-tuning holds a sample out of the build.
+    tuning_queries = "held_out"
     search_defaults = {"ef": 64, "finger": True}
     supports_add = True
     supports_delete = True
@@ -661,6 +662,12 @@ class HNSW(Index):
             raise
         graph.rng = rng
         self._commit(graph)
+
+    def _relabel_positions(self, new_of_old):
+        g = self._graph
+        current = g.node_positions if g.node_positions is not None else np.arange(g.n, dtype=np.int64)
+        g.node_positions = np.ascontiguousarray(new_of_old[current], dtype=np.int64)
+        self._commit(g)
 
     def _draw_levels(self, rng, m):
         mult = 1.0 / math.log(self.params["M"])

@@ -1,8 +1,9 @@
 """``Index.build(X)`` with no method: choose a family by a measured rule, build it, tune it.
 
 The rule (:func:`choose_family`) comes from the tuned-point measurements on the shared data sets
-in docs/benchmarks.md ("auto"); the tuning queries are indexed vectors searched leave-one-out
-(:func:`tuning_queries`), so no query sample is needed.
+in docs/benchmarks.md ("auto"); the tuning queries are made from the data (vectors held out of
+the build and added after tuning, or indexed vectors searched leave-one-out), so no query sample
+is needed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import numpy as np
 from .. import _validation as V
 from .tuner import tune
 
-__all__ = ["choose_family", "tuning_queries", "build_auto", "self_tune", "AUTO_DEFAULTS", "SELF_TUNE_QUERIES"]
+__all__ = ["choose_family", "tuning_queries", "held_out_split", "build_auto", "build_self_tuned",
+           "AUTO_DEFAULTS", "SELF_TUNE_QUERIES"]
 
 SELF_TUNE_QUERIES = 300
 
@@ -69,6 +71,7 @@ def tuning_queries(index: Any, m: int, rng: np.random.Generator) -> tuple[np.nda
     own = index._external_ids(pos)
     if getattr(index, "tuning_queries", "leave_one_out") == "leave_one_out":
         return S, own
+    # "held_out" and "perturbed" families on an index already built with every vector
     near = index.exact_search(S, min(2, len(index)))
     nearest = np.where(near.ids[:, 0] == own, near.ids[:, -1], near.ids[:, 0])  # duplicates: either
     radius = np.zeros(m, np.float64)
@@ -92,7 +95,8 @@ def build_auto(X: Any, metric: str = "l2", *, ids: Any = None, progress: Any = F
     target_recall : float in (0, 1], default 0.95
         recall@k the tuned default search parameters aim at.
     sample_size : int, default 1000
-        Tuning queries made from the data (:func:`tuning_queries`); 30 % are held out to check.
+        Tuning queries made from the data (:func:`build_self_tuned`: vectors held out of the
+        build, or leave-one-out); 30 % of them are kept out of tuning to check it.
     k : int, default 10
         Neighbours the recall is tuned at (clipped to the number of vectors).
     random_state : int, Generator or None, default 0
@@ -108,7 +112,7 @@ def build_auto(X: Any, metric: str = "l2", *, ids: Any = None, progress: Any = F
     TypeError, ValueError
         As ``Index.build``; a target the chosen family cannot reach.
     """
-    from ..api import Index
+    from ..api import get_family
 
     target_recall = V.check_float("target_recall", target_recall, 0.0, 1.0, low_open=True)
     sample_size = V.check_int("sample_size", sample_size, 20)
@@ -117,46 +121,91 @@ def build_auto(X: Any, metric: str = "l2", *, ids: Any = None, progress: Any = F
     X32, _ = V.as_vectors(X, "X")
     n, dim = X32.shape
     family, build_params, reason = choose_family(n, dim, metric if isinstance(metric, str) else "l2", target_recall)
-    index = Index.build(X32 if X32 is not X else X, method=family, metric=metric, ids=ids, progress=progress,
-                        threads=threads, random_state=seed, **build_params)
-    rng = np.random.default_rng(seed)
-    Q, own = tuning_queries(index, sample_size, rng)
-    k = min(k, len(index) - 1 if own is not None else len(index))
-    result = tune(index, Q, k=k, target_recall=target_recall, apply=True,
-                  random_state=seed, progress=progress, self_ids=own)
-    index.tuning = {**result.summary(), "chosen_by": "auto", "rule": reason,
-                    "build_params": dict(build_params), "sample": _describe_sample(Q, own)}
+    index = get_family(family)(metric=metric, random_state=seed, default_recall=target_recall, **build_params)
+    # the build's own self-tune does the tuning, with auto's sample size and k
+    index._self_tune_plan = (sample_size, k)
+    index.build(X32 if X32 is not X else X, ids=ids, progress=progress, threads=threads)
+    tuning = index.tuning or {"target_recall": target_recall, "params": {},
+                              "note": f"{n} vector(s): too few to tune; the family's defaults are kept"}
+    if "note" in tuning and n >= 2:
+        raise ValueError(f"Index.build(X) chose {family} but could not tune it: {tuning['note']}")
+    index.tuning = {**tuning, "chosen_by": "auto", "rule": reason, "build_params": dict(build_params)}
     return index
 
 
-def _describe_sample(Q: np.ndarray, own: np.ndarray | None) -> str:
+def _describe_sample(Q: np.ndarray, own: np.ndarray | None, held_out: bool = False) -> str:
+    if held_out:
+        return f"{Q.shape[0]} vectors held out of the build as queries, added after tuning"
     if own is None:
         return f"{Q.shape[0]} indexed vectors moved by {PERTURBATION} nearest-neighbour distances"
     return f"{Q.shape[0]} indexed vectors as leave-one-out queries"
 
 
-def self_tune(index: Any, target_recall: float) -> None:
-    """Tune a freshly built index's default search parameters for ``target_recall``.
-
-    Runs at the end of ``build`` for families built with ``default_recall`` (HNSW, Partitioned):
-    :data:`SELF_TUNE_QUERIES` indexed vectors as leave-one-out queries (:func:`tuning_queries`),
-    30 % held out,
-    recall@10. The result becomes the index's default search parameters and ``index.tuning``;
-    when the target cannot be reached the family's own defaults stay and ``index.tuning`` says
-    why. Costs a few exact searches of the sample and a few sample searches.
-    """
-    seed = int(index.params.get("random_state") or 0)
+def held_out_split(n: int, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept positions, sample positions), both sorted: ``m`` of ``n`` drawn with ``seed``."""
     rng = np.random.default_rng([seed, 1])
-    if len(index) < 2:
+    sample = np.sort(rng.choice(n, m, replace=False)).astype(np.int64)
+    keep = np.setdiff1d(np.arange(n, dtype=np.int64), sample, assume_unique=True)
+    return keep, sample
+
+
+def build_self_tuned(index: Any, X: np.ndarray, ids: np.ndarray | None, progress: Any) -> None:
+    """Build ``index`` on ``X`` (prepared, owned) and tune its defaults for ``default_recall``.
+
+    Called by ``Index.build`` (under the index's write lock) for families built with
+    ``default_recall``. The sample size and k come from ``index._self_tune_plan`` when
+    ``Index.build(X)`` (auto) set one, else :data:`SELF_TUNE_QUERIES` and 10. Families whose
+    ``tuning_queries`` is ``"held_out"`` (HNSW) are built on all but a random sample of the
+    vectors, tuned with that sample as queries (fresh queries of the data's distribution, exactly),
+    and then given the sample by ``add`` at its own rows; the others are built whole and tuned
+    on leave-one-out queries (:func:`tuning_queries`). The result becomes the default search
+    parameters and ``index.tuning``; when the target cannot be reached the family's own defaults
+    stay and ``index.tuning["note"]`` says why.
+    """
+    target = index.params["default_recall"]
+    sample_size, k = getattr(index, "_self_tune_plan", (SELF_TUNE_QUERIES, 10))
+    seed = int(index.params.get("random_state") or 0)
+    n, dim = X.shape
+    m = min(sample_size, n // 4)
+    held_out = getattr(index, "tuning_queries", "leave_one_out") == "held_out" and m >= _MIN_HELD_OUT
+    if not held_out:
+        index._build(X, progress)
+        index._reset_state(dim, n, ids)
+        if n >= 2:
+            rng = np.random.default_rng([seed, 1])
+            Q, own = tuning_queries(index, sample_size, rng)
+            _tune_defaults(index, Q, own, target, min(k, n - 1), seed)
         return
-    Q, own = tuning_queries(index, SELF_TUNE_QUERIES, rng)
+    keep, sample = held_out_split(n, m, seed)
+    index._build(np.ascontiguousarray(X[keep]), progress)
+    index._reset_state(dim, keep.size, None)
+    Q = np.ascontiguousarray(X[sample])
+    params = _tune_defaults(index, Q, None, target, min(k, keep.size), seed, held_out=True)
+    tuning = index.tuning
+    index._add(Q, progress)
+    index._relabel_positions(np.concatenate([keep, sample]))
+    index._reset_state(dim, n, ids)
+    if hasattr(index, "reset_search_stats"):
+        index.reset_search_stats()  # the tuning searches are not the user's
+    if params:
+        index.set_default_search_params(**params)
+    index.tuning = tuning
+
+
+# Below this many held-out vectors (a quarter of the data) HNSW tunes on perturbed vectors.
+_MIN_HELD_OUT = 40
+
+
+def _tune_defaults(index: Any, Q: np.ndarray, own: np.ndarray | None, target: float, k: int,
+                   seed: int, held_out: bool = False) -> dict[str, Any]:
+    """Tune for ``target`` on ``Q``; set defaults and ``index.tuning``; returns the params."""
     try:
-        result = tune(index, Q, k=min(10, len(index) - 1), target_recall=target_recall, random_state=seed,
-                      self_ids=own)
+        result = tune(index, Q, k=k, target_recall=target, random_state=seed, self_ids=own)
     except ValueError as exc:
-        index.tuning = {"chosen_by": "build self-tune", "target_recall": target_recall,
+        index.tuning = {"chosen_by": "build self-tune", "target_recall": target,
                         "params": {}, "note": f"family defaults kept: {exc}"}
-        return
+        return {}
     index.set_default_search_params(**result.params)
     index.tuning = {**result.summary(), "chosen_by": "build self-tune",
-                    "sample": _describe_sample(Q, own)}
+                    "sample": _describe_sample(Q, own, held_out)}
+    return dict(result.params)
