@@ -7,6 +7,11 @@ Also ``Index.build(X)`` (``auto``, target 0.95). Single-threaded; prints a Markd
 by the command and the load average.
 
     python -m annlib.bench.default_recall --dataset glove-50-angular-200k
+    python -m annlib.bench.default_recall --dataset synthetic:clusters:10000:64:200
+
+``synthetic:gaussian:N:D`` is N i.i.d. standard normal vectors of dimension D plus 1,000 fresh
+queries; ``synthetic:clusters:N:D:C`` draws them around C Gaussian centres (spread 3, unit
+noise). Seed 0, euclidean.
 """
 
 from __future__ import annotations
@@ -20,6 +25,31 @@ import time
 __all__ = ["main"]
 
 FAMILIES = ("bruteforce", "hnsw", "partitioned", "tpuknn", "mahalanobis", "auto")
+
+
+class _Synthetic:
+    """A generated data set with the fields ``Workload.from_dataset`` reads."""
+
+    def __init__(self, spec: str):
+        import numpy as np
+
+        parts = spec.split(":")
+        kind, n, d = parts[1], int(parts[2]), int(parts[3])
+        g = np.random.default_rng(0)
+        if kind == "gaussian":
+            draw = lambda m: g.standard_normal((m, d))
+        elif kind == "clusters":
+            centres = g.standard_normal((int(parts[4]), d)) * 3
+            draw = lambda m: centres[g.integers(0, len(centres), m)] + g.standard_normal((m, d))
+        else:
+            raise ValueError(f"unknown synthetic kind {kind!r}; use gaussian or clusters")
+        self.name = spec.replace(":", "-")
+        self.train = draw(n).astype(np.float32)
+        self.test = draw(1000).astype(np.float32)
+        self.metric = "euclidean"
+        d2 = ((self.test ** 2).sum(1)[:, None] - 2 * self.test @ self.train.T + (self.train ** 2).sum(1)[None])
+        self.neighbors = np.argsort(d2, axis=1)[:, :100]
+        self.distances = None
 
 
 def main(argv=None) -> int:
@@ -38,7 +68,7 @@ def main(argv=None) -> int:
     from .runner import Workload
 
     annlib.set_num_threads(1)
-    ds = load(args.dataset)
+    ds = _Synthetic(args.dataset) if args.dataset.startswith("synthetic:") else load(args.dataset)
     work = Workload.from_dataset(ds, k=args.k, queries=args.queries)
     command = shlex.join(["python -m annlib.bench.default_recall", *argv])
     load_before = os.getloadavg()[0]
