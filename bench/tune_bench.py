@@ -21,7 +21,8 @@ For each annlib family (and ``auto``) on one data set, single-threaded:
 
 Prints a Markdown table headed by the command and the load average; writes JSON with ``--out``.
 
-    python -m annlib.bench.tune_bench --dataset glove-50-angular-200k --queries 1000
+    python -m annlib.bench.tune_bench --dataset glove-50-angular-200k --queries 1000 --out results/tune
+    python -m annlib.bench.tune_bench --summarize results/tune     # one table of every run
 """
 
 from __future__ import annotations
@@ -263,8 +264,37 @@ def run_auto(work: Workload, targets: list[float], families: list[dict], log) ->
     return out
 
 
+def summarize(folder: str) -> str:
+    """One Markdown table of every ``tune-*.json`` in ``folder`` (the docs' must-show table)."""
+    import glob
+
+    rows = ["| data set | index | target | tuned parameters | test recall | QPS ÷ best grid at target "
+            "(that grid point) | tuning s (÷ grid time) | load before/after |",
+            "|---|---|---:|---|---:|---:|---:|---|"]
+    for path in sorted(glob.glob(os.path.join(folder, "tune-*.json"))):
+        doc = json.load(open(path))
+        name = os.path.basename(path)[5:-5]
+        load = "/".join(f"{v:.2f}" for v in doc["load_average"])
+        for r in doc["families"]:
+            for t in r["tuned"]:
+                if t.get("params") is None:
+                    rows.append(f"| {name} | {r['family']} | {t['target']} | {t['note']} | | | | {load} |")
+                    continue
+                ratio = "—" if t["qps_ratio"] is None else f"{t['qps_ratio']:.2f} ({t.get('best_grid_params')})"
+                rows.append(f"| {name} | {r['family']} | {t['target']} | {t['params']} | {t['test_recall']:.4f} | "
+                            f"{ratio} | {t['tune_seconds']:.1f} ({100 * t['tune_fraction_of_grid']:.0f} %) | {load} |")
+        for a in doc.get("auto", []):
+            ratio = "—" if a["qps_ratio"] is None else f"{a['qps_ratio']:.2f} ({a['best_family']} {a['best_family_params']})"
+            rows.append(f"| {name} | auto → {a['family']} {a.get('build_params') or ''} | {a['target']} | {a['params']} | "
+                        f"{a['test_recall']:.4f} | {ratio} | build {a['build_seconds']:.0f} s | {load} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--summarize"]:
+        print(summarize(argv[1] if len(argv) > 1 else "results/tune"))
+        return 0
     p = argparse.ArgumentParser(prog="python -m annlib.bench.tune_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True)
     p.add_argument("--families", default="partitioned,hnsw,faiss,auto",

@@ -260,3 +260,23 @@ def test_default_margin_scales_with_the_miss_budget():
     assert default_margin(0.95) == pytest.approx(0.006)
     assert default_margin(0.99) == pytest.approx(0.002)
     assert default_margin(0.5) == 0.02 and default_margin(None) == 0.0
+
+
+def test_auto_rule_switches_to_partitioned_at_the_measured_size():
+    from annlib.tune.auto import AUTO_PARTITIONED_FROM, choose_family
+
+    assert choose_family(AUTO_PARTITIONED_FROM - 1, 128, "l2", 0.95)[0] == "hnsw"
+    family, params, reason = choose_family(AUTO_PARTITIONED_FROM, 128, "cosine", 0.95)
+    assert family == "partitioned" and params == {} and "Partitioned" in reason
+
+
+def test_auto_builds_and_tunes_partitioned_above_the_threshold(data, monkeypatch):
+    import importlib
+
+    auto = importlib.import_module("annlib.tune.auto")  # annlib.tune is also the function
+    X, _, fresh = data
+    monkeypatch.setattr(auto, "AUTO_PARTITIONED_FROM", 1000)  # the rule's branch on a small set
+    index = annlib.Index.build(X[:4000], target_recall=0.95, sample_size=400)
+    assert index.family == "partitioned" and index.tuning["chosen_by"] == "auto"
+    assert "leave-one-out" in index.tuning["sample"] and set(index.tuning["params"]) == {"leaves", "reorder"}
+    assert fresh_recall(index, fresh, 10, {}) >= 0.95 - 0.02
