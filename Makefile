@@ -16,11 +16,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --upgrade pip >/dev/null
 
 $(VENV)/.installed-test: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -e '.[test,baselines]'
+	$(BIN)/pip install -e '.[test]'
 	touch $@
 
 $(VENV)/.installed-bench: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -e '.[baselines,glove]'
+	$(BIN)/pip install -e '.[bench]'
 	touch $@
 
 venv: $(VENV)/.installed-test

@@ -720,6 +720,12 @@ def auto_is_not_a_class() -> ValueError:
 
 
 # ----------------------------------------------------------------------------- scikit-learn estimators
+def missing_extra(what: str, extra: str, cause: BaseException) -> ImportError:
+    """An optional dependency of ``what`` does not import."""
+    return ImportError(f"{what} needs the optional dependencies of annlib[{extra}] "
+                       f"(pip install 'annlib[{extra}]'): {cause}")
+
+
 def sklearn_too_old(found: str) -> ImportError:
     """``annlib.sklearn`` imported with a scikit-learn that lacks the estimator API it follows."""
     return ImportError(

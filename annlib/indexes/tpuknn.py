@@ -120,7 +120,10 @@ class TPUKNN(Index):
 
     # ----------------------------------------------------------------- state
     def _make_db(self, st: TPUKNNState):
-        from ..accel.sharding import DeviceDatabase
+        try:
+            from ..accel.sharding import DeviceDatabase
+        except ImportError as exc:  # jax is an optional extra
+            raise V.missing_extra("TPUKNN", "jax", exc) from None
 
         return DeviceDatabase(st.vectors, st.terms(self._metric.proxy), dtype=self.params["dtype"],
                               shards=self.params["shards"])
