@@ -1,11 +1,12 @@
 """TPU-KNN in JAX: brute-force scores by matmul, then the bin-wise approximate top-k.
 
 For a chunk of queries ``Q`` and a database block ``X_b`` the scores are one matmul,
-``s = t_b - Q @ X_b.T`` with the per-row term ``t = ||x||^2 / 2`` for squared L2 (the same order
-as the distance, ALGORITHMS §0) and ``t = 0`` for inner product (cosine arrives as unit vectors).
+``s = t_b - Q @ X_b.T`` with the per-row term ``t = ||x||^2 / 2`` for squared L2 (then
+``s = (||q - x||^2 - ||q||^2) / 2``, which ranks rows as the distance does) and ``t = 0`` for inner
+product (cosine arrives as unit vectors).
 Padding rows and rows a filter excludes have ``t = +inf``.
 
-Bin-wise reduction (ALGORITHMS §3.1). Global row ``j`` belongs to bin ``j mod L``. Each block's
+Bin-wise reduction (docs/tpuknn.md). Global row ``j`` belongs to bin ``j mod L``. Each block's
 scores are reshaped to ``(q, c, L)`` and reduced with ``min`` over ``c`` -- one compare per score,
 no sort, no heap -- and folded into a running ``(q, L)`` minimum that also remembers which block
 each bin's minimum came from. After the last block an exact ``lax.top_k`` over the ``L`` bin

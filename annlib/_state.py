@@ -1,4 +1,4 @@
-"""Checks for a family's typed state, used by every ``validate()`` (DESIGN §6).
+"""Checks for a family's typed state, used by every ``validate()`` (docs/api.md, "Persistence").
 
 A loaded file is untrusted input: before any kernel touches a restored array, the family's state
 object checks dtypes, shapes, ranges and offsets through these functions, which raise

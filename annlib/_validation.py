@@ -1,4 +1,5 @@
-"""Every input check and every user-facing error message of annlib (DESIGN §4).
+"""Every input check and every user-facing error message of annlib (each listed, with what to do,
+in docs/guide.md, "Troubleshooting").
 
 Families never write their own checks: they call these functions at the public boundary, before
 any state is touched, so a call that raises leaves the index exactly as it was.

@@ -37,7 +37,8 @@ class SearchResult(NamedTuple):
     ids : ndarray of int64, shape (q, k) (or (k,) for a 1-D query)
         External ids, best first; -1 pads rows with fewer than ``k`` results.
     distances : ndarray of float32, same shape
-        Distances of DESIGN §3 (smaller is better); +inf where the id is -1.
+        Distances of the index's metric: Euclidean (l2), ``1 - cos`` (cosine) or ``-<q, x>`` (ip);
+        smaller is better; +inf where the id is -1.
     """
 
     ids: np.ndarray
@@ -280,7 +281,7 @@ class Index:
         Raises
         ------
         TypeError, ValueError
-            Bad vectors or ids (DESIGN §4), or parameters that do not fit the data.
+            Bad vectors or ids, or parameters that do not fit the data.
         """
         if type(self) is Index:
             raise V.abstract_index_build()
@@ -330,7 +331,7 @@ class Index:
         "Parameters\n----------\nX : array-like (n, d)\nmethod : str\n    One of families() or 'auto'.\n"
         "metric : {'l2', 'cosine', 'ip'}\nids : array-like of int, optional\n"
         "progress : bool or callable\nthreads : int, optional\n**params\n    Family build parameters.\n\n"
-        "Raises\n------\nValueError\n    Unknown method, metric or parameter; bad data (DESIGN §4).\n"
+        "Raises\n------\nValueError\n    Unknown method, metric or parameter; bad data.\n"
         "TypeError\n    Non-numeric data."
     )
 
@@ -408,8 +409,8 @@ class Index:
         Raises
         ------
         TypeError, ValueError
-            DESIGN §4: bad queries, dimension mismatch, bad ``k``, unknown or out-of-range
-            parameters, bad filter.
+            Bad queries, dimension mismatch, bad ``k``, unknown or out-of-range parameters,
+            bad filter.
         """
         # This path runs once per query in one-at-a-time use, so it avoids work it can skip.
         self._require_built()
@@ -564,7 +565,7 @@ class Index:
         NotImplementedError
             The family cannot add (the message names the families that can).
         TypeError, ValueError
-            Bad vectors or ids (DESIGN §4).
+            Bad vectors or ids.
         """
         if not self.supports_add:
             raise V.add_not_supported(type(self).__name__, _families_with("supports_add"))

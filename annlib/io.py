@@ -1,4 +1,4 @@
-"""The on-disk format of an annlib index (DESIGN §6).
+"""The on-disk format of an annlib index (described in docs/api.md, "Persistence").
 
 One self-describing file::
 

@@ -1,8 +1,9 @@
 """The metric table: public name -> internal proxy, normalisation and final correction.
 
-Kernels rank by a *proxy* that is monotone in the public distance (ALGORITHMS §0): squared L2 for
+Kernels rank by a *proxy* that is monotone in the public distance: squared L2 for
 ``"l2"`` and ``-<q, x>`` for ``"ip"`` and ``"cosine"`` (the latter on unit vectors). The proxy is
-turned into the distance of DESIGN §3 only on output, once per returned neighbour.
+turned into the public distance (Euclidean, ``1 - cos`` or ``-<q, x>``) only on output, once per
+returned neighbour.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ Every adapter is built with its build parameters, then::
     adapter.describe()        -> label naming the method and its build parameters
 
 The baselines are the libraries our users know, configured as in the reference measurements
-(BASELINES.md): their packages are imported only when asked for, and a method whose package is
-missing is skipped by the runner with a message. Angular data are unit-normalised and searched
+the project started from (faiss IVF with 4·√n lists and ScaNN with 2·√n leaves by default; grids
+in bench/configs/): their packages are imported only when asked for, and a method whose package
+is missing is skipped by the runner with a message. Angular data are unit-normalised and searched
 by inner product for every baseline; query normalisation happens inside the timed call, as the
 library under test has to do it too.
 
@@ -50,7 +51,7 @@ __all__ = [
     "format_label",
 ]
 
-# Search sweeps of the reference measurements (BASELINES.md, Notes).
+# Search sweeps of the reference measurements the project started from.
 EF_SWEEP = [10, 20, 40, 80, 120, 200, 400, 600, 800]
 PROBE_SWEEP = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 EPSILON_SWEEP = [0.0, 0.04, 0.08, 0.12, 0.16, 0.2, 0.24, 0.28, 0.32, 0.36]

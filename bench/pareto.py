@@ -3,7 +3,7 @@
 A sweep gives one point per configuration; the frontier keeps those no other point beats on
 both recall and QPS. The headline figure is the QPS at recall >= 0.90 / 0.95 / 0.99, read off
 the frontier with log-QPS interpolated linearly in recall between the two frontier points that
-bracket the level (as in BASELINES.md): QPS falls roughly exponentially as recall approaches 1,
+bracket the level: QPS falls roughly exponentially as recall approaches 1,
 so interpolating the logarithm follows the curve where interpolating QPS would overstate it.
 """
 

@@ -1,7 +1,7 @@
 """Results file and printed tables of a benchmark run.
 
-The tables are Markdown, shaped like those of BASELINES.md, and start with the exact command
-that produced them, so a figure quoted in the docs can always be reproduced.
+The tables are Markdown, shaped like those of docs/benchmarks-hnsw.md, and start with the exact
+command that produced them, so a figure quoted in the docs can always be reproduced.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def grid_runs(runs) -> list[dict]:
 def choose_reference(runs, requested: str | None = None) -> tuple[str, str] | None:
     """What ratios are taken against: ``("label", name)``, ``("method", name)`` or None.
 
-    By default the first hnswlib index (M=16 in the default grid, as in BASELINES.md) when
+    By default the first hnswlib index (M=16 in the default grid) when
     hnswlib ran. A requested name may be an index label or a method (its best frontier over
     all builds).
 
@@ -45,7 +45,7 @@ def choose_reference(runs, requested: str | None = None) -> tuple[str, str] | No
 
 
 def _best_of(entries: list[dict], pooled: dict) -> dict:
-    """A method's figures: at each level the best of its indexes (BASELINES.md's overview).
+    """A method's figures: at each level the best of its indexes (a summary row of the benchmark pages).
 
     Taking the best per level rather than reading one frontier pooled over all builds keeps
     the method's figure at least as high as each of its indexes: an interpolated value is not

@@ -2,10 +2,11 @@
 configuration in batch and single-query mode.
 
 Measurement follows ann-benchmarks' runner with the repetition rules of the reference numbers
-(BASELINES.md): a warm-up call that is not timed (it absorbs JIT compilation and cold caches),
-batch QPS as the best of at least 3 repetitions spanning at least 0.5 s, single-query QPS as the
-best of at least 2 passes of a Python loop over the queries, and recall recomputed from the raw
-vectors for both modes. Everything runs under one thread count (1 unless asked otherwise).
+the project started from: a warm-up call that is not timed (it absorbs JIT compilation and cold
+caches), batch QPS as the best of at least 3 repetitions spanning at least 0.5 s, single-query
+QPS as the best of at least 2 passes of a Python loop over the queries, and recall recomputed
+from the raw vectors for both modes. Everything runs under one thread count (1 unless asked
+otherwise).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def synthetic_set(n: int = 5000, d: int = 32, n_queries: int = 100, metric: str 
 
 
 def true_distances(train, Q, metric):
-    """Exact public distances (DESIGN §3) in float64, shape (q, n)."""
+    """Exact public distances (Euclidean, 1 - cos, -<q, x>) in float64, shape (q, n)."""
     X = train.astype(np.float64)
     Qd = Q.astype(np.float64)
     if metric == "l2":

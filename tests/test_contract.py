@@ -1,4 +1,4 @@
-"""The contract every registered family must pass (DESIGN §2-§4, §6).
+"""The contract every registered family must pass (docs/api.md: build, search, errors, persistence).
 
 A new family is done when it passes this file: add an entry to CASES with small-data build
 parameters, search parameters that give high recall, and parameters that must be refused.
@@ -184,7 +184,7 @@ def _expect(exc, match, fn, *args, **kwargs):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_error_row(built, blobs, family):
-    """DESIGN §4, every row, for this family; the index is unchanged afterwards."""
+    """The error table of docs/api.md, every row, for this family; the index is unchanged afterwards."""
     X, Q = blobs
     index = built[(family, "l2")]
     before = search(index, family, Q, 5)

@@ -57,7 +57,8 @@ def test_stored_edge_terms_reproduce_the_distance(synth):
 
 
 def _correlation(index, Q, table, fB=None, codes=None):
-    """ALGORITHMS §1.9 protocol: the 6 nodes nearest each query as centres, all their edges."""
+    """Correlation of estimated and true distances: the 6 nodes nearest each query as centres, all
+    their edges."""
     g = index._graph
     n = g.n
     X = g.vectors[:n]  # node order
@@ -91,7 +92,7 @@ def test_estimate_correlates_with_true_distance_sift(sift):
     _, Q, _, index = sift
     assert index._graph.finger.rank == 64
     corr_svd, corr_rand = _svd_vs_random_basis(index, Q)
-    assert corr_svd >= 0.87  # ALGORITHMS §1.9 measured 0.89-0.90
+    assert corr_svd >= 0.87  # measured 0.89-0.90 with rank 64 on sift-128-euclidean-10k
     assert corr_svd > corr_rand + 0.01, (corr_svd, corr_rand)
 
 

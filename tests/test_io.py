@@ -1,4 +1,4 @@
-"""The index file format: round trips, mmap, and every kind of bad file (DESIGN §6)."""
+"""The index file format: round trips, mmap, and every kind of bad file (docs/api.md, "Persistence")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The layering rules of DESIGN §5, read from each module's imports."""
+"""The layering rules, read from each module's imports: kernels import only kernels, a family never
+another family's internals, bench and tune no family internals, datasets nothing else of annlib;
+only kernels use numba's jit; ``import annlib`` stays light."""
 
 from __future__ import annotations
 

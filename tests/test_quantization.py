@@ -1,4 +1,4 @@
-"""PQ / anisotropic / LUT16 / int8 kernels against plain numpy references (ALGORITHMS §2.4-§2.6)."""
+"""PQ / anisotropic / LUT16 / int8 kernels against plain numpy references."""
 
 from __future__ import annotations
 

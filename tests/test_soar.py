@@ -1,4 +1,5 @@
-"""SOAR spilled assignments (ALGORITHMS §2.3 verification list)."""
+"""SOAR spilled assignments: the lambda = 0 cases, the kernel against a numpy loop, orthogonality,
+several spills, and recall at matched points read."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def clustered():
 
 
 def numpy_soar(X, C, prim, lam, exclude_primary):
-    """The loss of ALGORITHMS §2.3 evaluated point by point (float64)."""
+    """SOAR's loss ``||x - c'||^2 + lam <x - c', r_hat>^2`` evaluated point by point (float64)."""
     X64, C64 = X.astype(np.float64), C.astype(np.float64)
     out = np.full(len(X), -1)
     for i, x in enumerate(X64):
@@ -106,7 +107,8 @@ def _candidate_curves(X, Q, gt, C, leaf_lists, ts):
 
 @pytest.mark.shared_data
 def test_soar_recall_at_matched_points_read():
-    """ALGORITHMS §2.3 calibration table on glove-50-angular-200k (512 centres)."""
+    """SOAR against no spilling and next-centre spilling at equal points read, on
+    glove-50-angular-200k (512 centres)."""
     X, Q, gt, _, _ = read_shared("glove-50-angular-200k", n_queries=200)
     X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-30)
     Q = Q / np.maximum(np.linalg.norm(Q, axis=1, keepdims=True), 1e-30)

@@ -3,7 +3,7 @@
 ``d_M(q, x) = sqrt((q - x)^T M (q - x)) = ||U (q - x)||`` with ``M = U^T U`` positive
 semi-definite. ``L`` independent Gaussian projections ``Pi_j`` (``m x p``) give per copy the map
 ``P_j = Pi_j U`` and the stored sketches ``s_{j,i} = P_j x_i``; a query is estimated against every
-point by the median over ``R`` copies chosen per query (ALGORITHMS §4). Because every stored
+point by the median over ``R`` copies chosen per query (docs/mahalanobis.md). Because every stored
 quantity is linear in ``U`` and in the points, point and low-rank metric changes are applied to
 the sketches directly, far cheaper than re-transforming the data.
 """
@@ -582,7 +582,7 @@ class MahalanobisSketch(Index):
         Raises
         ------
         TypeError, ValueError
-            Bad queries (DESIGN §4), dimension mismatch, an id not in the index, or a query whose
+            Bad queries, dimension mismatch, an id not in the index, or a query whose
             ``q^T M q`` exceeds :data:`QUADFORM_LIMIT`.
 
         Notes
@@ -665,7 +665,7 @@ class MahalanobisSketch(Index):
         Raises
         ------
         TypeError, ValueError
-            Bad vectors (DESIGN §4), dimension mismatch, an id not in the index, repeated ids,
+            Bad vectors, dimension mismatch, an id not in the index, repeated ids,
             a number of vectors different from the number of ids, or a vector whose ``x^T M x``
             exceeds :data:`QUADFORM_LIMIT`. The index is unchanged.
 

@@ -1,4 +1,4 @@
-"""The instrumented pass of the Partitioned tuner (ALGORITHMS §5.2): where each true neighbour
+"""The instrumented pass of the Partitioned tuner (docs/tuning.md): where each true neighbour
 stands after each stage of a Partitioned search, for every number of probed leaves of a grid.
 
 Given the ranks, recall for any ``(leaves, reorder)`` is exact on the sample without running the

@@ -1,6 +1,7 @@
 """Distance kernels: scalar pairs, one query against many rows, and blocked query batches.
 
-All kernels return the proxy of ALGORITHMS §0 (squared L2, or negative inner product), float32.
+All kernels return a proxy monotone in the public distance (squared L2, or negative inner
+product; see :mod:`annlib.metrics`), float32.
 ``proxy`` arguments take the codes of :mod:`annlib.metrics` (0 = squared L2, 1 = -<q, x>); the code
 is a run-time integer so one compiled kernel serves every metric.
 """

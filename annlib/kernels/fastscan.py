@@ -1,4 +1,4 @@
-"""Scanning 4-bit PQ (or int8) codes leaf by leaf, and exact re-ranking (ALGORITHMS §2.5-§2.6).
+"""Scanning 4-bit PQ (or int8) codes leaf by leaf, and exact re-ranking (docs/partitioned.md).
 
 The inner look-up is :func:`annlib.kernels.lut16.lut16_block`: 32 packed points against one
 query's tables with the CPU's byte shuffle (64 or 32 look-ups per instruction), or a portable

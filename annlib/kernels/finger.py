@@ -1,7 +1,7 @@
 """FINGER kernels: low-rank angle codes of graph edges and the estimate-filtered layer-0 walk.
 
 While node ``c`` is expanded, a neighbour ``e`` splits into a part along ``c`` and a residual
-orthogonal to it (ALGORITHMS §1.2)::
+orthogonal to it (FINGER, Chen et al., WWW 2023; docs/hnsw.md)::
 
     t_e = <e, c> / |c|^2          e_res = e - t_e c          (stored per edge: t_e, |e_res|)
     <q, e> = t_e <q, c> + <q_res, e_res>        (exact; q_res = q - t_q c, t_q = <q, c>/|c|^2)

@@ -1,5 +1,5 @@
 """Vector quantization: 4-bit product quantization (plain or anisotropic), 8-bit lookup tables,
-and symmetric int8 scalar quantization (ALGORITHMS §2.4-§2.6).
+and symmetric int8 scalar quantization (docs/partitioned.md, step 3).
 
 Product quantization splits a (zero-padded) vector into ``M`` sub-spaces of ``w`` dimensions and
 stores, per sub-space, the index of one of 16 codewords (4 bits). ``M`` is always even so two codes
@@ -83,7 +83,7 @@ def pad_columns(X: np.ndarray, d_pad: int) -> np.ndarray:
 
 
 def train_codebooks(R: np.ndarray, w: int, *, iters: int, rng: np.random.Generator) -> np.ndarray:
-    """Train 16 codewords per sub-space by plain k-means (ScaNN's default, ALGORITHMS §2.4.3).
+    """Train 16 codewords per sub-space by plain k-means (ScaNN's default).
 
     Parameters
     ----------
@@ -138,7 +138,7 @@ def encode_nearest(R, cb):
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def encode_anisotropic(R, U, cb, eta, rounds):
-    """Anisotropic (score-aware) PQ codes by coordinate descent (ALGORITHMS §2.4.2).
+    """Anisotropic (score-aware) PQ codes by coordinate descent (Guo et al., ICML 2020).
 
     Minimises ``eta ||e_par||^2 + ||e_perp||^2`` where ``e = r - r~`` is the quantization error
     and the parallel direction is the unit *original* vector ``u`` (not the residual).
@@ -222,7 +222,7 @@ def parallel_cost_multiplier(threshold: float, sqnorms: np.ndarray, dim: int) ->
     """ScaNN's per-point anisotropic weight ``eta = (d-1) (T^2/||x||^2) / (1 - T^2/||x||^2)``.
 
     Clamped to ``[1, 1e4]``: below 1 the loss would favour parallel error (the opposite of the
-    intent) and ``T >= ||x||`` would make it infinite or negative (ALGORITHMS §2.4.6).
+    intent) and ``T >= ||x||`` would make it infinite or negative.
 
     Returns
     -------
@@ -347,7 +347,7 @@ def _build_luts_parallel(Q, cb, T, scale, base, chunks):
 
 
 def build_luts(Q: np.ndarray, cb: np.ndarray, threads: int = 1):
-    """Per-query 8-bit lookup tables of ``-<q_s, codeword>`` (ALGORITHMS §2.5).
+    """Per-query 8-bit lookup tables of ``-<q_s, codeword>`` (read by ``lut16``).
 
     Parameters
     ----------

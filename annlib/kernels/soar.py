@@ -1,4 +1,4 @@
-"""SOAR spilled assignments (Sun et al., NeurIPS 2023; ALGORITHMS §2.3).
+"""SOAR spilled assignments (Sun et al., NeurIPS 2023; docs/partitioned.md, step 2).
 
 For a point ``x`` with primary centre ``c`` and residual ``r = x - c``, a secondary centre ``c'``
 is chosen to minimise the orthogonality-amplified loss
