@@ -1,4 +1,4 @@
-"""Automatic tuning of search parameters (ALGORITHMS §5): :func:`tune` and its result type."""
+"""Automatic tuning of search parameters (docs/tuning.md): :func:`tune` and its result type."""
 
 from .result import OperatingPoint, TuningResult
 from .tuner import tune

@@ -1,4 +1,4 @@
-"""``annlib.tune``: search parameters for a recall target or a cost budget (ALGORITHMS §5).
+"""``annlib.tune``: search parameters for a recall target or a cost budget (docs/tuning.md).
 
 Partitioned indexes are tuned by the constrained-optimization method of Sun, Guo and Kumar (ICLR
 2023): one instrumented pass gives an exact recall model for every (leaves, reorder), a cost model
