@@ -89,12 +89,14 @@ def _display_path(path) -> str:
     """A path as short as possible and without this machine's home folder."""
     if not path:
         return "—"
-    path = os.fspath(path)
+    path = os.path.abspath(os.fspath(path))
     rel = os.path.relpath(path)
-    if not rel.startswith(os.pardir + os.sep + os.pardir + os.sep + os.pardir):
-        return rel
+    if not rel.startswith(os.pardir + os.sep):
+        return rel  # inside the working folder
     home = os.path.expanduser("~")
-    return "~" + path[len(home):] if path.startswith(home + os.sep) else path
+    if path.startswith(home + os.sep):
+        return "~" + path[len(home):]
+    return rel if not rel.startswith(os.pardir + os.sep + os.pardir + os.sep + os.pardir) else path
 
 
 def _plain(value):

@@ -12,7 +12,8 @@ import os
 
 from .pareto import RECALL_LEVELS, group_runs, ratio, summarize
 
-__all__ = ["summaries", "choose_reference", "format_tables", "write_json", "grid_runs", "tuned_table"]
+__all__ = ["summaries", "choose_reference", "format_tables", "write_json", "grid_runs", "tuned_table",
+           "baseline_table"]
 
 
 def grid_runs(runs) -> list[dict]:
@@ -150,6 +151,11 @@ def format_tables(doc: dict) -> str:
                   "", "| " + " | ".join(head) + " |",
                   "|---|" + "---:|" * (len(head) - 1)]
         lines += _rows(table, level_key)
+    for mode in doc["summary"]:
+        versus = baseline_table(doc, mode)
+        if versus:
+            lines += ["", f"**annlib against the best baseline, {mode} queries** (QPS ÷ the fastest "
+                      "baseline at the same recall, which one in brackets)", ""] + versus
     tuned = tuned_table(doc)
     if tuned:
         lines += ["", f"**tuned points** (`--tune`: tuned on queries made from the training vectors, "
@@ -168,6 +174,31 @@ def format_tables(doc: dict) -> str:
     if doc.get("failures"):
         lines += ["", f"{len(doc['failures'])} configuration(s) failed; see 'failures' in the JSON"]
     return "\n".join(lines)
+
+
+def baseline_table(doc: dict, mode: str = "batch") -> list[str]:
+    """Markdown rows: each annlib method's QPS ÷ the best baseline's at every recall level."""
+    from . import adapters
+
+    table = doc["summary"].get(mode, {}).get("by_method", {})
+    baselines = {m: e for m, e in table.items() if m in adapters.BASELINES}
+    ours = {m: e for m, e in table.items() if m not in adapters.BASELINES and m not in ("bruteforce",)}
+    if not baselines or not ours:
+        return []
+    levels = list(next(iter(table.values()))["qps_at"])
+    lines = ["| annlib | " + " | ".join(f"÷ best @{lv}" for lv in levels) + " |",
+             "|---|" + "---:|" * len(levels)]
+    for method, e in ours.items():
+        cells = []
+        for lv in levels:
+            rivals = {b: be["qps_at"][lv] for b, be in baselines.items() if be["qps_at"][lv] is not None}
+            if e["qps_at"][lv] is None or not rivals:
+                cells.append("—")
+                continue
+            best = max(rivals, key=rivals.get)
+            cells.append(f"{e['qps_at'][lv] / rivals[best]:.2f} ({best})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def tuned_table(doc: dict) -> list[str]:

@@ -368,3 +368,18 @@ def test_cli_rejects_bad_tune_target(capsys):
         cli.main(["--tune", "1.5"])
     assert exc.value.code == 2
     assert "recall targets must be numbers in (0, 1]" in capsys.readouterr().err
+
+
+def test_baseline_table_divides_by_the_fastest_baseline_at_each_level():
+    def run(method, recall, q):
+        return {"method": method, "label": method, "recall": recall, "qps_batch": q,
+                "build_s": 1.0, "bytes_per_vector": 4.0}
+
+    runs = [run("hnsw", 0.90, 2000.0), run("hnsw", 0.95, 1500.0), run("hnsw", 0.99, 1000.0),
+            run("hnswlib", 0.90, 1000.0), run("hnswlib", 0.95, 1200.0), run("hnswlib", 0.99, 800.0),
+            run("scann", 0.90, 4000.0), run("scann", 0.95, 400.0)]
+    doc = {"summary": report.summaries(runs, None, ("batch",))}
+    rows = report.baseline_table(doc)
+    assert rows[0].startswith("| annlib | ÷ best @0.90")
+    assert rows[2] == "| hnsw | 0.50 (scann) | 1.25 (hnswlib) | 1.25 (hnswlib) |"
+    assert report.baseline_table({"summary": report.summaries(runs[:2], None, ("batch",))}) == []

@@ -4,8 +4,8 @@
    of every true neighbour of the sample after the quantized scan; recall for any
    ``(leaves, reorder)`` is then exact on the sample: ``mean 1[rank < reorder]``.
 2. Cost per query is modelled as ``c0 + c_read * entries read + c_leaf * leaves + c_reorder *
-   reorder``, the coefficients fitted (non-negative least squares) to a few timed searches of the
-   sample on this machine.
+   reorder``, the coefficients fitted (non-negative least squares on relative errors) to twelve
+   timed searches of the sample on this machine.
 3. Over the grid of ``(leaves, reorder)`` pairs, the Lagrangian relaxation
    ``min (1 - R) + lam * J`` with bisection on ``lam`` picks the point (:mod:`.lagrange`).
 """
@@ -44,16 +44,23 @@ def _fit_cost(index, sample, k, leaves_grid, reorder_grid, entries_read) -> np.n
     from scipy.optimize import nnls
 
     G, R = len(leaves_grid), len(reorder_grid)
-    picks = {(0, 0), (G - 1, 0), (0, R - 1), (G // 2, R // 2), (G - 1, R - 1), (G // 4, R // 4),
-             (3 * G // 4, R // 4), (G // 4, 3 * R // 4)}
+    # the corners pin the slopes; most points sit where tuned settings land (few leaves and a
+    # short reorder list relative to the grid's ends)
+    picks = {(0, 0), (G - 1, 0), (0, R - 1), (G - 1, R - 1), (G // 2, R // 2), (G // 4, R // 4),
+             (3 * G // 4, R // 4), (G // 4, 3 * R // 4), (G // 2, R // 4), (G // 4, R // 2),
+             (G // 8, R // 8), (G // 2, R // 8)}
     rows, times = [], []
     for gi, ri in sorted(picks):
         params = {"leaves": int(leaves_grid[gi]), "reorder": int(reorder_grid[ri])}
         times.append(seconds_per_query(index, sample.queries[:TIMING_QUERIES], k, params, repeats=2))
         rows.append([1.0, entries_read[gi], float(leaves_grid[gi]), float(reorder_grid[ri])])
     A = np.asarray(rows)
+    t = np.asarray(times)
+    # Relative error: the choice compares settings that cost a few tens of microseconds, so a
+    # fit dominated by the slowest corner (all leaves, the longest reorder) would misprice them.
+    A, t = A / t[:, None], np.ones_like(t)
     scale = np.maximum(A.max(axis=0), 1e-12)
-    coef, _ = nnls(A / scale, np.asarray(times))
+    coef, _ = nnls(A / scale, t)
     return coef / scale
 
 
