@@ -1,0 +1,93 @@
+"""First use as a user meets it: time to the first ``build`` + ``search`` and resident memory.
+
+For each family, in a fresh interpreter: ``import annlib``, ``Index.build(X, method=f)`` on
+10,000 × 32 float32 vectors and one batch ``search``, timed; then the process's resident memory
+growth over the import, against ``index.memory_bytes()``. Each family runs twice with the same
+numba cache folder: "cold" (an empty folder: every kernel compiles, as in a fresh install) and
+"warm" (a later process loading the cache).
+
+    python -m annlib.bench.cold_start [--families hnsw,partitioned] [--n 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+
+__all__ = ["main"]
+
+_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+import annlib
+
+def rss():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096
+
+family, n = sys.argv[1], int(sys.argv[2])
+X = np.random.default_rng(0).standard_normal((n, 32)).astype(np.float32)
+Q = np.random.default_rng(1).standard_normal((100, 32)).astype(np.float32)
+t1 = time.perf_counter()
+base = rss()
+index = annlib.Index.build(X) if family == "auto" else annlib.Index.build(X, method=family)
+t2 = time.perf_counter()
+after_build = rss()
+index.search(Q, 10)
+t3 = time.perf_counter()
+index.search(Q[0], 10)
+t4 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "build_s": t2 - t1, "batch_s": t3 - t2, "one_s": t4 - t3,
+                  "rss_growth": after_build - base, "memory_bytes": index.memory_bytes(),
+                  "family": index.family}))
+"""
+
+
+def _run(family: str, n: int, cache: str) -> dict:
+    env = {**os.environ, "NUMBA_CACHE_DIR": cache, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _CHILD, family, str(n)], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{family}: {done.stderr[-1000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="python -m annlib.bench.cold_start", description=__doc__.split("\n\n")[0])
+    p.add_argument("--families", default="bruteforce,hnsw,partitioned,tpuknn,mahalanobis,auto")
+    p.add_argument("--n", type=int, default=10_000)
+    args = p.parse_args(argv)
+    command = shlex.join(["python -m annlib.bench.cold_start", *argv])
+    load_before = os.getloadavg()[0]
+    rows = []
+    for family in [f.strip() for f in args.families.split(",") if f.strip()]:
+        with tempfile.TemporaryDirectory() as cache:
+            cold = _run(family, args.n, cache)
+            warm = _run(family, args.n, cache)
+        rows.append((family, cold, warm))
+        print(f"{family}: cold {cold}, warm {warm}", flush=True)
+    print(f"\n`{command}` — {args.n:,} × 32 vectors, one thread; load average {load_before:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after\n")
+    print("| family | cold: build + first batch + first one-query search (s) | warm: same (s) | "
+          "import (s) | resident growth ÷ memory_bytes() |")
+    print("|---|---:|---:|---:|---:|")
+    for family, cold, warm in rows:
+        total = lambda r: r["build_s"] + r["batch_s"] + r["one_s"]
+        ratio = cold["rss_growth"] / max(cold["memory_bytes"], 1)
+        print(f"| {family}{' → ' + cold['family'] if family == 'auto' else ''} | {total(cold):.1f} "
+              f"({cold['build_s']:.1f} + {cold['batch_s']:.1f} + {cold['one_s']:.1f}) | {total(warm):.2f} | "
+              f"{warm['import_s']:.1f} | {cold['rss_growth'] / 1e6:.0f} MB ÷ {cold['memory_bytes'] / 1e6:.1f} MB = "
+              f"{ratio:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
