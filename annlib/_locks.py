@@ -30,29 +30,9 @@ class ReadWriteLock:
         self._writer_depth = 0
         self._writers_waiting = 0
 
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
-        me = threading.get_ident()
-        cond = self._cond
-        with cond:
-            if self._writer == me:  # a writer reading its own index
-                self._writer_depth += 1
-                nested = True
-            else:
-                nested = False
-                while self._writer is not None or self._writers_waiting:
-                    cond.wait()
-                self._readers += 1
-        try:
-            yield
-        finally:
-            with cond:
-                if nested:
-                    self._writer_depth -= 1
-                else:
-                    self._readers -= 1
-                    if self._readers == 0:
-                        cond.notify_all()
+    def read(self) -> "_ReadHold":
+        """Context manager holding the lock for reading (shared with other readers)."""
+        return _ReadHold(self)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
@@ -78,3 +58,38 @@ class ReadWriteLock:
                 if self._writer_depth == 0:
                     self._writer = None
                     cond.notify_all()
+
+
+class _ReadHold:
+    """One ``with lock.read():`` block. A plain object rather than a generator context manager:
+    searches take it once per call, and one query per call is a common way to search."""
+
+    __slots__ = ("_lock", "_nested")
+
+    def __init__(self, lock: ReadWriteLock) -> None:
+        self._lock = lock
+        self._nested = False
+
+    def __enter__(self) -> None:
+        lock = self._lock
+        me = threading.get_ident()
+        with lock._cond:
+            if lock._writer == me:  # a writer reading its own index
+                lock._writer_depth += 1
+                self._nested = True
+            else:
+                while lock._writer is not None or lock._writers_waiting:
+                    lock._cond.wait()
+                lock._readers += 1
+
+    def __exit__(self, *exc) -> None:
+        lock = self._lock
+        with lock._cond:
+            if self._nested:
+                lock._writer_depth -= 1
+            else:
+                lock._readers -= 1
+                # only a writer waits for the readers to leave: wake one only when one waits
+                if lock._readers == 0 and lock._writers_waiting:
+                    lock._cond.notify_all()
+

@@ -12,11 +12,14 @@ import threading
 from typing import Iterator
 
 from ._validation import check_int
-from .kernels.threads import assume_blas_threads, blas_controllers, blas_limit
+from .kernels.threads import assume_blas_threads, blas_controllers, blas_limit, blas_settled_at
 
 __all__ = ["set_num_threads", "get_num_threads", "threads", "max_threads", "process_threads"]
 
 _lock = threading.Lock()
+# numba's thread count is per Python thread; this mirrors what annlib last set in each thread (a
+# count changed behind annlib's back, by numba.set_num_threads, is not seen: use annlib's calls)
+_numba_in_thread = threading.local()
 _blas_limiter = None  # threadpoolctl limiter kept alive so a global BLAS limit persists
 # numba's thread count is per Python thread; the process-wide setting is kept here and applied by
 # every annlib call in whichever thread it runs (None: never set, numba's own default applies).
@@ -71,6 +74,7 @@ def set_num_threads(n: int) -> None:
     with _lock:
         _process_threads = n
         _numba().set_num_threads(n)
+        _numba_in_thread.n = n
         _blas_limiter = _set_blas_threads(n)
         blas_controllers(refresh=True)  # pick up BLAS libraries loaded since the last call
         assume_blas_threads(n)
@@ -91,14 +95,20 @@ def threads(n: int | None) -> Iterator[None]:
             return
     numba = _numba()
     n = min(check_int("threads", n, 1), max(1, numba.config.NUMBA_NUM_THREADS))
+    # Per-call use (threads= on every search, or the process setting) must cost microseconds:
+    # when this thread's numba count (as annlib last set it) and BLAS already are n, there is
+    # nothing to change or restore.
+    if getattr(_numba_in_thread, "n", None) == n and blas_settled_at(n):
+        yield
+        return
     previous = numba.get_num_threads()
-    # Per-call use (threads= on every search) must cost microseconds: blas_limit touches only
-    # libraries whose setting differs, through controllers found once.
     if previous != n:
         numba.set_num_threads(n)
+    _numba_in_thread.n = n
     try:
         with blas_limit(n):
             yield
     finally:
         if previous != n:
             numba.set_num_threads(previous)
+        _numba_in_thread.n = previous

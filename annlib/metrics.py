@@ -8,6 +8,8 @@ returned neighbour.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,12 @@ __all__ = ["Metric", "METRICS", "ALIASES", "get_metric", "PROXY_L2SQ", "PROXY_NE
 
 PROXY_L2SQ = 0  # kernel code: squared Euclidean distance
 PROXY_NEG_IP = 1  # kernel code: negative inner product
+
+
+@functools.lru_cache(maxsize=64)
+def _float32_safe_magnitude(dim: int) -> float:
+    """``sqrt(FLT_MAX / (8 dim))``, cached: every search checks its queries against it."""
+    return float(np.sqrt(np.finfo(np.float32).max / (8.0 * max(1, dim))))
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,7 @@ class Metric:
         """
         if self.normalize:
             return float("inf")
-        return float(np.sqrt(np.finfo(np.float32).max / (8.0 * max(1, dim))))
+        return _float32_safe_magnitude(dim)
 
     def to_distance(self, proxy: np.ndarray) -> np.ndarray:
         """Convert proxy values to public distances in place where possible (inf stays inf)."""

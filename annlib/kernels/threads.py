@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["blas_controllers", "blas_limit", "assume_blas_threads", "worker_pool"]
+__all__ = ["blas_controllers", "blas_limit", "blas_settled_at", "assume_blas_threads", "worker_pool"]
 
 _blas_libs = None
 _assumed: int | None = None  # BLAS thread count last set through this module
@@ -93,6 +93,12 @@ class blas_limit:
                     _assumed = None if len({old for _, old in _saved}) > 1 else _saved[0][1]
                 _saved.clear()
         return False
+
+
+def blas_settled_at(n: int) -> bool:
+    """Whether BLAS already runs ``n`` threads with no ``blas_limit`` block in flight (a racy
+    read: a block starting meanwhile only changes the thread count of this one call)."""
+    return _assumed == n and not _active
 
 
 def assume_blas_threads(n: int | None) -> None:
