@@ -9,7 +9,7 @@ Families: :class:`BruteForce` (exact). ``import annlib`` never imports jax, h5py
 
 from .api import Index, SearchResult, __version__, families, get_family, load, register_family
 from .config import get_num_threads, set_num_threads, threads
-from .errors import AnnlibError, DimensionMismatchError, IndexFormatError, NotBuiltError
+from .errors import AnnlibError, CompilationNotice, DimensionMismatchError, IndexFormatError, NotBuiltError
 from .indexes.bruteforce import BruteForce
 from .metrics import METRICS
 from .tune import TuningResult, tune
@@ -18,7 +18,7 @@ __all__ = [
     "Index", "SearchResult", "load", "families", "get_family", "register_family",
     "BruteForce",
     "set_num_threads", "get_num_threads", "threads",
-    "AnnlibError", "IndexFormatError", "DimensionMismatchError", "NotBuiltError",
+    "AnnlibError", "IndexFormatError", "DimensionMismatchError", "NotBuiltError", "CompilationNotice",
     "METRICS", "__version__", "tune", "TuningResult",
     "HNSW", "Partitioned", "TPUKNN", "MahalanobisSketch",
 ]

@@ -21,6 +21,7 @@ from . import _validation as V
 from . import config, io
 from ._locks import ReadWriteLock
 from ._state import bad_field, check_array, check_range, require, take_meta
+from ._compile_notice import notice_compilation
 from .errors import IndexFormatError, NotBuiltError
 from .metrics import Metric, get_metric
 
@@ -286,6 +287,7 @@ class Index:
         if type(self) is Index:
             raise V.abstract_index_build()
         X32, _ = V.as_vectors(X, "X", limit=self._metric.max_abs)
+        notice_compilation(type(self))
         ext = None if ids is None else V.check_ids(ids, X32.shape[0])
         V.check_progress(progress)
         threads = V.check_threads(threads)

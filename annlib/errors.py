@@ -11,6 +11,7 @@ __all__ = [
     "IndexFormatError",
     "DimensionMismatchError",
     "NotBuiltError",
+    "CompilationNotice",
 ]
 
 
@@ -28,3 +29,13 @@ class DimensionMismatchError(AnnlibError, ValueError):
 
 class NotBuiltError(AnnlibError, RuntimeError):
     """``search``/``add``/``save`` called on an index object before ``build``."""
+
+
+class CompilationNotice(UserWarning):
+    """Issued once per family and process when its kernels are compiled for this machine.
+
+    The first build of a family after installation compiles its numba kernels (tens of seconds
+    for HNSW and Partitioned); later processes load them from numba's cache. Silence it with
+    ``warnings.simplefilter("ignore", annlib.CompilationNotice)``.
+    """
+

@@ -572,6 +572,8 @@ class HNSW(Index):
     tuning_queries = "held_out"
     search_defaults = {"ef": 64, "finger": True}
     supports_add = True
+    # the kernels every build runs: uncached means this build compiles (annlib.CompilationNotice)
+    first_kernels = ("annlib.kernels.graph:insert_batch",)
     supports_delete = True
 
     # A batch inserted in parallel is at most 1/_BATCH_DIV of the current graph, and at most

@@ -502,6 +502,8 @@ class Partitioned(Index):
 
     family = "partitioned"
     supports_add = True
+    # the kernels every build runs: uncached means this build compiles (annlib.CompilationNotice)
+    first_kernels = ("annlib.kernels.cluster:_argmin_block",)
     build_defaults = {
         "num_leaves": None, "spill": "soar", "soar_lambda": 1.0, "spills": 1,
         "soar_exclude_primary": False, "quantizer": "pq4", "dims_per_block": 2,
