@@ -47,7 +47,10 @@ def _numba():
 
 def get_num_threads() -> int:
     """Threads numba kernels currently use in this thread."""
-    return _numba().get_num_threads()
+    # numba's own query costs microseconds (it checks its thread pool each time); what annlib
+    # last set in this thread is known
+    n = getattr(_numba_in_thread, "n", None)
+    return n if n is not None else _numba().get_num_threads()
 
 
 def _set_blas_threads(n: int):

@@ -67,10 +67,11 @@ def tuning_queries(index: Any, m: int, rng: np.random.Generator) -> tuple[np.nda
       with its own id left out of truth and results (``tune(..., self_ids=...)``). A vector is
       then a fresh sample searched against the others, which is exact for structures that do
       not adapt to single vectors (partitions, codes).
-    * ``"perturbed"`` (HNSW): a graph links every vector to its own near neighbours, so a
-      leave-one-out query would start next to its answer. Instead each random indexed vector is
-      moved by Gaussian noise of length :data:`PERTURBATION` times its distance to its nearest
-      other vector.
+    * otherwise (``"held_out"``, HNSW, whose self-tune holds vectors out of the build instead;
+      here the index already holds every vector): a graph links every vector to its own near
+      neighbours, so a leave-one-out query would start next to its answer. Each random indexed
+      vector is moved by Gaussian noise of length :data:`PERTURBATION` times its distance to
+      its nearest other vector — an approximation (docs/tuning.md); give real queries instead.
 
     Vectors are taken as the index stores them (normalised under cosine).
     """
