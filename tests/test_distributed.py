@@ -1,0 +1,118 @@
+"""ShardedIndex: sharded exact search equals unsharded, approximate recall close to unsharded,
+writes checked before any shard changes, save/load round trip, routing. Synthetic data only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import synthetic_set
+
+import annlib
+from annlib.distributed import SerialExecutor, ShardedIndex, ThreadExecutor
+
+
+@pytest.fixture(scope="module")
+def data():
+    X, Q, _, _, _ = synthetic_set(4000, 16, 100, seed=5)
+    return X, Q
+
+
+def recall(ids, true_ids):
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids, true_ids)]))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
+@pytest.mark.parametrize("executor", [ThreadExecutor(), SerialExecutor()])
+def test_sharded_exact_search_equals_unsharded(data, metric, executor):
+    X, Q = data
+    whole = annlib.Index.build(X, method="bruteforce", metric=metric).search(Q, 10)
+    sharded = ShardedIndex("bruteforce", 3, metric=metric, executor=executor).build(X).search(Q, 10)
+    assert sharded.ids.shape == (len(Q), 10)
+    np.testing.assert_allclose(sharded.distances, whole.distances, rtol=1e-4, atol=1e-4)
+    # ids equal where distances are not tied
+    assert recall(sharded.ids, whole.ids) >= 0.999
+
+
+def test_sharded_hnsw_recall_close_to_unsharded(data):
+    X, Q = data
+    truth = annlib.Index.build(X, method="bruteforce").search(Q, 10).ids
+    params = dict(M=12, ef_construction=64, finger=False, default_recall=None)
+    whole = annlib.Index.build(X, method="hnsw", **params).search(Q, 10, ef=32).ids
+    sharded = ShardedIndex("hnsw", 4, **params).build(X).search(Q, 10, ef=32).ids
+    # each shard searches a quarter of the data with the same ef: at least as good
+    assert recall(sharded, truth) >= recall(whole, truth) - 0.01
+
+
+def test_kmeans_partition_routes_to_nearest_shards(data):
+    X, Q = data
+    truth = annlib.Index.build(X, method="bruteforce").search(Q, 10)
+    index = ShardedIndex("bruteforce", 4, partition="kmeans").build(X)
+    full = index.search(Q, 10)
+    np.testing.assert_allclose(full.distances, truth.distances, rtol=1e-4, atol=1e-4)
+    routed = index.search(Q, 10, shards_to_search=2)
+    assert recall(routed.ids, truth.ids) >= 0.8  # clustered data: most neighbours share a shard
+    with pytest.raises(ValueError, match="partition='kmeans'"):
+        ShardedIndex("bruteforce", 2).build(X).search(Q, 10, shards_to_search=1)
+
+
+def test_ids_filter_add_delete(data):
+    X, Q = data
+    ids = np.arange(len(X)) * 3 + 7
+    index = ShardedIndex("hnsw", 3, M=8, finger=False, default_recall=None).build(X[:3000], ids=ids[:3000])
+    assert len(index) == 3000 and sum(index.shard_sizes()) == 3000
+    res = index.search(X[5], 1, ef=64)
+    assert res.ids.tolist() == [ids[5]] and res.distances[0] <= 1e-4
+    allowed = ids[:3000:2]
+    got = index.search(Q, 5, filter=allowed, ef=64).ids
+    assert np.isin(got[got >= 0], allowed).all()
+    index.add(X[3000:], ids=ids[3000:])
+    assert len(index) == 4000 and max(index.shard_sizes()) - min(index.shard_sizes()) <= 1
+    assert index.search(X[3500], 1, ef=64).ids.tolist() == [ids[3500]]
+    with pytest.raises(ValueError, match="already in the index"):
+        index.add(X[:2], ids=ids[:2])
+    with pytest.raises(ValueError, match="nothing was deleted"):
+        index.delete([ids[0], 10**9])
+    assert len(index) == 4000
+    index.delete(ids[:10])
+    assert len(index) == 3990
+    assert not np.isin(index.search(X[:10], 3, ef=64).ids, ids[:10]).any()
+
+
+def test_bad_queries_are_refused_before_the_scatter(data):
+    X, Q = data
+    calls = []
+
+    class Recording(SerialExecutor):
+        def map(self, fn, items):
+            calls.append(1)
+            return super().map(fn, items)
+
+    index = ShardedIndex("hnsw", 2, executor=Recording(), M=8, finger=False, default_recall=None).build(X)
+    calls.clear()
+    with pytest.raises(annlib.DimensionMismatchError):
+        index.search(Q[:, :5], 10)
+    with pytest.raises(ValueError, match="NaN"):
+        index.search(np.full((2, 16), np.nan, np.float32), 10)
+    with pytest.raises(ValueError):
+        index.search(Q, 0)
+    with pytest.raises(ValueError, match="unknown"):
+        index.search(Q, 10, no_such_param=3)
+    assert calls == []
+    with pytest.raises(annlib.NotBuiltError):
+        ShardedIndex("bruteforce", 2).search(Q, 10)
+    with pytest.raises(ValueError, match="at least one vector per shard"):
+        ShardedIndex("bruteforce", 5).build(X[:3])
+
+
+def test_save_load_round_trip(data, tmp_path):
+    X, Q = data
+    index = ShardedIndex("partitioned", 2, partition="kmeans", default_recall=None).build(X)
+    before = index.search(Q, 10, leaves=4, reorder=40)
+    index.save(tmp_path / "sharded")
+    back = ShardedIndex.load(tmp_path / "sharded")
+    after = back.search(Q, 10, leaves=4, reorder=40)
+    np.testing.assert_array_equal(after.ids, before.ids)
+    assert back.search(Q, 10, shards_to_search=1).ids.shape == (len(Q), 10)
+    (tmp_path / "sharded" / "sharded.json").write_text('{"format": 1, "method": "hnsw"}')
+    with pytest.raises(annlib.IndexFormatError):
+        ShardedIndex.load(tmp_path / "sharded")
