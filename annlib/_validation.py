@@ -811,3 +811,42 @@ def check_leaf_count(value: Any) -> Any:
 def unsupported_benchmark_metric(metric: Any, accepted: Iterable[str]) -> ValueError:
     """A data set metric the ann-benchmarks module does not serve (e.g. hamming, jaccard)."""
     return ValueError(f"annlib serves the ann-benchmarks metrics {', '.join(accepted)}; got {_describe(metric)}")
+
+
+# ------------------------------------------------------------------ sharded indexes
+def too_few_for_shards(n: int, shards: int) -> ValueError:
+    """``ShardedIndex.build`` with fewer vectors than shards."""
+    return ValueError(f"ShardedIndex needs at least one vector per shard: {n} vectors for {shards} shards")
+
+
+def empty_shard(partition: str) -> ValueError:
+    """A split that left a shard without vectors."""
+    return ValueError(f"the {partition} split left a shard empty; use fewer shards or partition='random'")
+
+
+def routing_needs_centres() -> ValueError:
+    """``shards_to_search`` on an index without shared centres."""
+    return ValueError("shards_to_search needs partition='kmeans' (shards with shared centres)")
+
+
+def sharded_mask_length(n: int, shape: tuple) -> ValueError:
+    """A boolean filter whose length is not the number of vectors ever added."""
+    return ValueError(f"a boolean filter needs one entry per vector ever added ({n}); got shape {shape}")
+
+
+def sharded_unknown_ids(ids: list) -> ValueError:
+    """``delete`` of ids the sharded index does not hold."""
+    return ValueError(f"ids not in the index (or already deleted): {ids}; nothing was deleted")
+
+
+def sharded_duplicate_ids() -> ValueError:
+    """``delete`` with an id given twice."""
+    return ValueError("ids contains duplicates; nothing was deleted")
+
+
+def check_workers(workers: Any) -> int | None:
+    """None or a positive int (an executor's pool size)."""
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise ValueError(f"workers must be a positive int or None; got {workers!r}")
+    return workers
+

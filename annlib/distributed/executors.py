@@ -10,6 +10,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Protocol
 
+from .. import _validation as V
+
 __all__ = ["Executor", "ThreadExecutor", "SerialExecutor"]
 
 
@@ -37,9 +39,7 @@ class ThreadExecutor:
     """
 
     def __init__(self, workers: int | None = None):
-        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
-            raise ValueError(f"workers must be a positive int or None; got {workers!r}")
-        self._workers = workers
+        self._workers = V.check_workers(workers)
         self._pool: ThreadPoolExecutor | None = None
 
     def map(self, fn, items):

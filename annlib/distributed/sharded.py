@@ -128,7 +128,7 @@ class ShardedIndex:
         X32, _ = V.as_vectors(X, "X", limit=self._metric.max_abs)
         n = X32.shape[0]
         if n < self.shards:
-            raise ValueError(f"ShardedIndex needs at least one vector per shard: {n} vectors for {self.shards} shards")
+            raise V.too_few_for_shards(n, self.shards)
         glob = np.arange(n, dtype=np.int64) if ids is None else V.check_ids(ids, n)
         rng = np.random.default_rng(self.random_state)
         with self._rw.write():
@@ -136,7 +136,7 @@ class ShardedIndex:
             where = self._assign(self._metric.prepare(X32), rng)
             rows = [np.flatnonzero(where == s) for s in range(self.shards)]
             if min(r.size for r in rows) == 0:
-                raise ValueError(f"the {self.partition} split left a shard empty; use fewer shards or partition='random'")
+                raise V.empty_shard(self.partition)
 
             seeded = "random_state" in self._family.build_defaults and "random_state" not in self.params
 
@@ -176,8 +176,7 @@ class ShardedIndex:
         arr = np.asarray(filter)
         if arr.dtype == np.bool_:
             if arr.ndim != 1 or arr.shape[0] != self._order.shape[0]:
-                raise ValueError(f"a boolean filter needs one entry per vector ever added "
-                                 f"({self._order.shape[0]}); got shape {arr.shape}")
+                raise V.sharded_mask_length(self._order.shape[0], arr.shape)
             return np.sort(self._order[arr])
         # the same type and shape checks as Index.search (positions are not needed here)
         V.check_filter(filter, self._order.shape[0], lambda ids: np.full(ids.shape, -1, np.int64))
@@ -247,7 +246,7 @@ class ShardedIndex:
             return None
         s = V.check_int("shards_to_search", shards_to_search, 1)
         if self._centres is None:
-            raise ValueError("shards_to_search needs partition='kmeans' (shards with shared centres)")
+            raise V.routing_needs_centres()
         if s >= self.shards:
             return None
         Qp = self._metric.prepare(Q)
@@ -310,9 +309,9 @@ class ShardedIndex:
             owners = self._owners()
             missing = [int(i) for i in arr if int(i) not in owners]
             if missing:
-                raise ValueError(f"ids not in the index (or already deleted): {missing[:5]}; nothing was deleted")
+                raise V.sharded_unknown_ids(missing[:5])
             if np.unique(arr).size != arr.size:
-                raise ValueError("ids contains duplicates; nothing was deleted")
+                raise V.sharded_duplicate_ids()
             groups = {}
             for i in arr:
                 groups.setdefault(owners[int(i)], []).append(int(i))
