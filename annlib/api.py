@@ -22,6 +22,7 @@ from . import config, io
 from ._locks import ReadWriteLock
 from ._state import bad_field, check_array, check_range, require, take_meta
 from ._compile_notice import notice_compilation
+from ._memory import release_free_memory
 from .errors import IndexFormatError, NotBuiltError
 from .metrics import Metric, get_metric
 
@@ -303,6 +304,7 @@ class Index:
                 from .tune.auto import build_self_tuned
 
                 build_self_tuned(self, Xp, ext, progress)
+        release_free_memory()  # the build's temporaries are freed; give their pages back
         return self
 
     def _reset_state(self, dim: int, n_positions: int, ids: np.ndarray | None) -> None:
