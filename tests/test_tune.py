@@ -280,3 +280,16 @@ def test_auto_builds_and_tunes_partitioned_above_the_threshold(data, monkeypatch
     assert index.family == "partitioned" and index.tuning["chosen_by"] == "auto"
     assert "leave-one-out" in index.tuning["sample"] and set(index.tuning["params"]) == {"leaves", "reorder"}
     assert fresh_recall(index, fresh, 10, {}) >= 0.95 - 0.02
+
+
+def test_reported_prices_are_floors_for_later_tunings():
+    from annlib.tune.scalar import _points
+
+    seen = {10: (0.8, 2.0), 20: (0.9, 3.0)}
+    reported = {}
+    first = {p.params["x"]: p.cost for p in _points("x", seen, reported)}
+    assert first == {10: 2.0, 20: 3.0}
+    seen[40] = (0.95, 2.5)  # a noisy fast timing of a larger setting pulls the fit down
+    later = {p.params["x"]: p.cost for p in _points("x", seen, reported)}
+    assert later[40] >= first[20] and later[20] >= first[20] and later[10] >= first[10]
+    assert [later[v] for v in (10, 20, 40)] == sorted(later[v] for v in (10, 20, 40))

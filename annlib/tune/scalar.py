@@ -43,6 +43,7 @@ def tune_scalar(
     rel_resolution: float = 0.05,
     progress: Callable[[int], None] | None = None,
     known: dict[Any, tuple[float, float]] | None = None,
+    reported: dict[Any, float] | None = None,
 ) -> tuple[dict[str, Any] | None, list[OperatingPoint]]:
     """Choose ``name`` from an increasing ``grid`` for a recall ``target`` or a cost ``budget``.
 
@@ -66,6 +67,10 @@ def tune_scalar(
         Evaluations made before on the same index and sample (value -> (recall, cost)); reused,
         and extended in place with the new ones, so repeated tunings of one index price a
         setting the same way (a higher target never gets a lower predicted cost).
+    reported : dict, optional
+        Prices reported before on the same index and sample (value -> seconds), kept in place:
+        a later tuning never prices a setting below one it priced earlier at a smaller value,
+        even when new timings move the fit.
 
     Returns
     -------
@@ -101,9 +106,9 @@ def tune_scalar(
                 break
             lo = value
     if target is not None and hi is None:
-        return None, _points(name, seen)
+        return None, _points(name, seen, reported)
     if budget is not None and lo is None:
-        return None, _points(name, seen)
+        return None, _points(name, seen, reported)
     if lo is not None and hi is not None:
         for _ in range(refine_steps):
             if _close(lo, hi, integer, rel_resolution):
@@ -116,14 +121,27 @@ def tune_scalar(
             else:
                 lo = mid
     chosen = hi if target is not None else lo
-    return {name: chosen}, _points(name, seen)
+    return {name: chosen}, _points(name, seen, reported)
 
 
-def _points(name: str, seen: dict[Any, tuple[float, float]]) -> list[OperatingPoint]:
+def _points(name: str, seen: dict[Any, tuple[float, float]],
+            reported: dict[Any, float] | None = None) -> list[OperatingPoint]:
     # The work a search does never shrinks as the parameter grows; a measured cost that does is
     # timing noise, so costs are made non-decreasing along the parameter before they are compared.
     ordered = sorted(seen.items(), key=lambda kv: kv[0])
     costs = monotone_fit([c for _, (_, c) in ordered]) if ordered else []
+    if reported is not None:
+        # New timings can move the fit; a price once reported for a smaller setting stays a floor.
+        floor, earlier = 0.0, sorted(reported.items())
+        j = 0
+        lifted = []
+        for (v, _), c in zip(ordered, costs):
+            while j < len(earlier) and earlier[j][0] <= v:
+                floor = max(floor, earlier[j][1])
+                j += 1
+            lifted.append(max(float(c), floor))
+        costs = lifted
+        reported.update({v: float(c) for (v, _), c in zip(ordered, costs)})
     return [OperatingPoint({name: v}, r, float(c)) for (v, (r, _)), c in zip(ordered, costs)]
 
 

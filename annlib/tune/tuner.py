@@ -212,7 +212,8 @@ def _scalar_family(name: str, grid_fn, integer: bool = True):
         grid = grid_fn(index, k)
         params, points = tune_scalar(name, grid, _measured(index, sample, k, name), target=goal,
                                      budget=budget, integer=integer, progress=report,
-                                     known=evaluations_for(index, sample, k, name))
+                                     known=evaluations_for(index, sample, k, name),
+                                     reported=evaluations_for(index, sample, k, name + ":reported"))
         if budget is not None and params is not None:
             # prices are final only after the monotone fit over every evaluation: choose the
             # most accurate setting at the prices reported
