@@ -23,8 +23,10 @@ from .._locks import ReadWriteLock
 from ..api import Index, SearchResult, get_family, load as load_index
 from ..errors import IndexFormatError, NotBuiltError
 from ..kernels.cluster import assign_nearest, kmeans
+from ..kernels.blockwise import exact_search
+from ..kernels.distances import sqnorms
 from ..kernels.topk import merge_topk
-from ..metrics import get_metric
+from ..metrics import PROXY_L2SQ, get_metric
 from .executors import ThreadExecutor
 
 __all__ = ["ShardedIndex"]
@@ -249,9 +251,9 @@ class ShardedIndex:
             raise V.routing_needs_centres()
         if s >= self.shards:
             return None
-        Qp = self._metric.prepare(Q)
-        d = (np.sum(self._centres ** 2, axis=1)[None, :] - 2.0 * Qp @ self._centres.T)
-        return np.argsort(d, axis=1, kind="stable")[:, :s]
+        # the nearest centres by the library's exact search (squared L2, as the split used)
+        _, nearest = exact_search(self._metric.prepare(Q), self._centres, sqnorms(self._centres), s, PROXY_L2SQ)
+        return nearest
 
     # ------------------------------------------------------------------ writes
     def add(self, X: Any, *, ids: Any = None) -> "ShardedIndex":
