@@ -28,7 +28,15 @@ _LAZY_FAMILIES = {"HNSW": "hnsw", "Partitioned": "partitioned", "TPUKNN": "tpukn
                   "MahalanobisSketch": "mahalanobis"}
 
 
+# Subpackages reachable as attributes (``annlib.attention.KVCache``) without importing them eagerly.
+_LAZY_SUBPACKAGES = ("attention", "distributed")
+
+
 def __getattr__(name: str):
     if name in _LAZY_FAMILIES:
         return get_family(_LAZY_FAMILIES[name])
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'annlib' has no attribute {name!r}")

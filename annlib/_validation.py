@@ -850,3 +850,101 @@ def check_workers(workers: Any) -> int | None:
         raise ValueError(f"workers must be a positive int or None; got {workers!r}")
     return workers
 
+
+
+# --- attention (annlib.attention) ----------------------------------------------------------------
+
+def as_heads(value: Any, name: str, *, allow_2d: bool = False) -> tuple[np.ndarray, bool]:
+    """Convert per-head vectors ``(heads, n, d)`` to a C-contiguous float32 array, checking them.
+
+    Parameters
+    ----------
+    value : array-like
+        Real-valued, shape (heads, n, d), or (heads, d) when ``allow_2d`` (one row per head).
+    name : str
+        Argument name used in messages.
+    allow_2d : bool, default False
+        Accept (heads, d) and return it as (heads, 1, d).
+
+    Returns
+    -------
+    (ndarray, bool)
+        The float32 array and whether the input was 2-D.
+
+    Raises
+    ------
+    TypeError
+        Non-numeric dtype.
+    ValueError
+        Wrong number of dimensions, an empty axis, NaN or inf (names the head and row), or an entry
+        so large that scores overflow float32.
+    """
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a numeric array-like; could not convert it ({exc})") from None
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must have a real numeric dtype (bool, int, uint or float); got dtype {arr.dtype}")
+    was_2d = arr.ndim == 2 and allow_2d
+    if was_2d:
+        arr = arr[:, None, :]
+    if arr.ndim != 3:
+        shapes = "(heads, n, d) or (heads, d)" if allow_2d else "(heads, n, d)"
+        raise ValueError(f"{name} must be a 3-D array of shape {shapes}; got ndim={arr.ndim} with shape {arr.shape}")
+    if 0 in arr.shape:
+        raise ValueError(f"{name} has an empty axis (shape {arr.shape}); heads, rows and dimensions must be >= 1")
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    top, bottom = float(out.max()), float(out.min())
+    if not (np.isfinite(top) and np.isfinite(bottom)):
+        head, row = (int(i) for i in np.argwhere(~np.isfinite(out).all(axis=2))[0])
+        raise ValueError(f"{name} contains NaN or inf; the first bad entry is at head {head}, row {row}")
+    bound = float(np.sqrt(np.finfo(np.float32).max / (8.0 * out.shape[2])))
+    if max(top, -bottom) > bound:
+        raise ValueError(
+            f"{name} has an entry of magnitude {max(top, -bottom):.3g}; in dimension {out.shape[2]} entries "
+            f"must be at most {bound:.3g}, or attention scores overflow float32")
+    return out, was_2d
+
+
+def check_kv_pair(keys: np.ndarray, values: np.ndarray, what: str = "values") -> None:
+    """Keys and values must have the same heads and rows."""
+    if keys.shape[:2] != values.shape[:2]:
+        raise ValueError(
+            f"keys and {what} must have the same (heads, n); got keys {keys.shape} and {what} {values.shape}")
+
+
+def check_head_shape(name: str, shape: tuple, heads: int, d: int, what: str) -> None:
+    """An appended or queried array must match the cache's KV heads and dimension."""
+    if shape[0] != heads or shape[2] != d:
+        raise DimensionMismatchError(
+            f"{name} has shape {shape} but the cache holds {heads} KV heads of {what} dimension {d}; "
+            f"expected ({heads}, t, {d})")
+
+
+def check_query_heads(query_heads: int, kv_heads: int, d_query: int, d_keys: int) -> None:
+    """Grouped-query layout: query heads a multiple of KV heads, same head dimension."""
+    if d_query != d_keys:
+        raise DimensionMismatchError(f"q has head dimension {d_query} but the cached keys have {d_keys}")
+    if query_heads % kv_heads:
+        raise ValueError(
+            f"q has {query_heads} heads, not a multiple of the cache's {kv_heads} KV heads; query head h "
+            f"reads KV head h // (query_heads // kv_heads)")
+
+
+def check_budget(budget: Any, n: int) -> int:
+    """A key budget: a count >= 1, or a fraction in (0, 1] of the ``n`` cached keys."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise TypeError(f"budget must be a key count or a fraction of the cache; got {_describe(budget)}")
+    if isinstance(budget, numbers.Integral):
+        return check_int("budget", budget, low=1)
+    frac = check_float("budget", budget, 0.0, 1.0, low_open=True)
+    return max(1, int(np.ceil(frac * n)))
+
+
+def mass_with_fixed_budget() -> ValueError:
+    return ValueError("give either budget= (a fixed number of keys) or mass= (an adaptive budget), not both; "
+                      "with mass=, cap the selection with max_budget=")
+
+
+def selector_not_built(name: str) -> RuntimeError:
+    return RuntimeError(f"the {name!r} selector has no structure yet; attend with it once, or call prepare()")
