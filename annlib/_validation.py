@@ -941,10 +941,15 @@ def check_budget(budget: Any, n: int) -> int:
     return max(1, int(np.ceil(frac * n)))
 
 
+def check_partials(shapes: list) -> None:
+    """Partial attention results to combine: at least one, all of one shape."""
+    if not shapes:
+        raise ValueError("combine needs at least one Partial")
+    if len(set(shapes)) != 1:
+        raise ValueError(f"all parts must have the same output shape; got {sorted(set(shapes))}")
+
+
 def mass_with_fixed_budget() -> ValueError:
     return ValueError("give either budget= (a fixed number of keys) or mass= (an adaptive budget), not both; "
                       "with mass=, cap the selection with max_budget=")
 
-
-def selector_not_built(name: str) -> RuntimeError:
-    return RuntimeError(f"the {name!r} selector has no structure yet; attend with it once, or call prepare()")

@@ -148,10 +148,6 @@ def combine(parts: Sequence[Partial]) -> Partial:
         No parts, or parts whose shapes differ.
     """
     parts = list(parts)
-    if not parts:
-        raise ValueError("combine needs at least one Partial")
-    shapes = {p.output.shape for p in parts}
-    if len(shapes) != 1:
-        raise ValueError(f"all parts must have the same output shape; got {sorted(shapes)}")
+    V.check_partials([p.output.shape for p in parts])
     out, mx, sm = merge_partials([p.output for p in parts], [p.max for p in parts], [p.sum for p in parts])
     return Partial(out, mx, sm)
