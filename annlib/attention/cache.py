@@ -358,6 +358,7 @@ class KVCache:
         if r <= 0:
             return np.ascontiguousarray(base)
         _, picked = sel.select(Qg, K, sink_end, win, r, structure)
+        picked = np.sort(picked, axis=1)  # memory order: the attention pass reads rows in turn
         return np.ascontiguousarray(np.concatenate([base, picked], axis=1))
 
     def _choose_by_mass(self, sel, structure, Qg, K, Vh, n, target, cap, threads):

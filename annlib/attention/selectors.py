@@ -32,9 +32,9 @@ from ..api import Index
 from ..kernels.binning import binned_topk, num_bins
 from ..kernels.blockwise import exact_search
 from ..kernels.distances import NEG_IP, rows_proxy
-from ..kernels.fastscan import PackedLeaves, Probes, rerank, scan_int8, scan_pq
+from ..kernels.fastscan import PackedLeaves, Probes, scan_int8, scan_pq
 from ..kernels.attention import page_bound_vectors
-from ..kernels.topk import merge_topk
+from ..kernels.topk import merge_topk, rescore_topk, topk_rows
 from ..kernels.quantization import (build_luts, encode_nearest, int8_encode, int8_fit, pack_codes, pad_columns,
                                     pad_dim, train_codebooks)
 
@@ -182,13 +182,19 @@ class _PageStructure(HeadStructure):
         self.bounds = np.zeros((0, 2 * d), dtype=np.float32)  # [max, min] per page
 
     def extend(self, K, stop):
-        full = (stop - self.covered) // self.page
-        if full <= 0:
+        if stop <= self.covered:
             return
-        rows = K[self.covered:self.covered + full * self.page].reshape(full, self.page, -1)
-        new = np.concatenate([rows.max(axis=1), rows.min(axis=1)], axis=1).astype(np.float32)
-        self.bounds = np.ascontiguousarray(np.concatenate([self.bounds, new]))
-        self.covered += full * self.page
+        # a partial last page has valid bounds over the tokens it holds; it is recomputed here
+        first = (self.covered - self.start) // self.page
+        rows = K[self.start + first * self.page:stop]
+        pages = -(-rows.shape[0] // self.page)
+        pad = pages * self.page - rows.shape[0]
+        hi = np.concatenate([rows, np.full((pad, rows.shape[1]), -np.inf, np.float32)])
+        lo = np.concatenate([rows, np.full((pad, rows.shape[1]), np.inf, np.float32)])
+        new = np.concatenate([hi.reshape(pages, self.page, -1).max(axis=1),
+                              lo.reshape(pages, self.page, -1).min(axis=1)], axis=1).astype(np.float32)
+        self.bounds = np.ascontiguousarray(np.concatenate([self.bounds[:first], new]))
+        self.covered = stop
 
     def page_scores(self, Q):
         """Quest's upper bound of ``<q, k>`` over each page (float32 (nq, pages))."""
@@ -197,12 +203,14 @@ class _PageStructure(HeadStructure):
     def candidates(self, Q, K, count):
         n_pages = self.bounds.shape[0]
         want = min(n_pages, max(1, math.ceil(self.overretrieve * count / self.page)))
-        _, pages = exact_search(page_bound_vectors(Q), self.bounds, _EMPTY_F32, want, NEG_IP,
-                                exact_distances=False)
+        # one matrix product scores every page for all queries (the bounds are read once)
+        neg = self.page_scores(Q)
+        np.negative(neg, out=neg)
+        _, pages = topk_rows(neg, want)
         offs = np.arange(self.page, dtype=np.int64)
         cand = (self.start + pages[:, :, None] * self.page + offs).reshape(Q.shape[0], -1)
-        cand[np.repeat(pages < 0, self.page, axis=1)] = -1
-        return rerank(Q, K, cand, count, NEG_IP)
+        cand[(np.repeat(pages < 0, self.page, axis=1)) | (cand >= self.covered)] = -1
+        return rescore_topk(Q, K, np.sort(cand, axis=1), count, NEG_IP)
 
     def nbytes(self):
         return int(self.bounds.nbytes)
@@ -292,7 +300,8 @@ class _LutStructure(HeadStructure):
         else:
             Qs = np.ascontiguousarray(Q / self.mult[None, :], dtype=np.float32)
             _, cand = scan_int8(Qs, probes, self.leaves, _NO_MASK, n_cand, self.covered)
-        return rerank(Q, K, cand, count, NEG_IP)
+        # the scan returns each position once; in memory order the re-scoring reads rows in turn
+        return rescore_topk(Q, K, np.sort(cand, axis=1), count, NEG_IP)
 
     def nbytes(self):
         extra = self.codebooks.nbytes if self.kind == "pq4" else self.mult.nbytes

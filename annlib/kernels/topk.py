@@ -19,6 +19,7 @@ __all__ = [
     "topk_rows",
     "merge_topk",
     "sort_rows_inplace",
+    "rescore_topk",
 ]
 
 
@@ -205,3 +206,72 @@ def sort_rows_inplace(dist, ids):
                 b -= 1
             d[b + 1] = dv
             i[b + 1] = iv
+
+
+@numba.njit(cache=True, nogil=True)
+def _rescore_rows(Q, X, cand_i, k, proxy, out_d, out_i, lo, hi):
+    R = cand_i.shape[1]
+    ids = np.empty(R, dtype=np.int64)
+    sc = np.empty(R, dtype=np.float32)
+    kd = np.empty(R, dtype=np.float32)
+    ki = np.empty(R, dtype=np.int64)
+    for q in range(lo, hi):
+        m = 0
+        for j in range(R):
+            p = cand_i[q, j]
+            if p >= 0:
+                ids[m] = p
+                sc[m] = proxy_pair(Q[q], X[p], proxy)
+                m += 1
+        c = 0
+        if m > k:
+            # one selection of the k-th value, then a stable sort of the k kept: cheaper than a
+            # heap push per candidate when k is a large share of the candidates
+            thr = np.partition(sc[:m], k - 1)[k - 1]
+            for j in range(m):
+                if sc[j] < thr:
+                    kd[c] = sc[j]
+                    ki[c] = ids[j]
+                    c += 1
+            for j in range(m):
+                if c == k:
+                    break
+                if sc[j] == thr:
+                    kd[c] = sc[j]
+                    ki[c] = ids[j]
+                    c += 1
+        else:
+            for j in range(m):
+                kd[c] = sc[j]
+                ki[c] = ids[j]
+                c += 1
+        order = np.argsort(kd[:c], kind="mergesort")
+        for j in range(c):
+            out_d[q, j] = kd[order[j]]
+            out_i[q, j] = ki[order[j]]
+
+
+def rescore_topk(Q: np.ndarray, X: np.ndarray, cand_i: np.ndarray, k: int, proxy: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact proxies of distinct candidate rows and the best ``k`` of them, sorted ascending.
+
+    For candidate lists without repeats (contiguous pages, a scan that already de-duplicated):
+    no de-duplication pass; pass them in ascending position order so the rows are read in memory
+    order (ties then go to the lower position).
+
+    Parameters
+    ----------
+    Q : float32 (nq, d)
+    X : float32 (n, d)
+    cand_i : int64 (nq, c)
+        Distinct candidate positions per row, -1 = none.
+    k : int
+    proxy : int
+        0 = squared L2, 1 = negative inner product.
+
+    Returns
+    -------
+    (float32 (nq, k), int64 (nq, k)), (+inf, -1) padded.
+    """
+    out_d, out_i = new_heaps(Q.shape[0], k)
+    _rescore_rows(Q, X, np.ascontiguousarray(cand_i, dtype=np.int64), k, proxy, out_d, out_i, 0, Q.shape[0])
+    return out_d, out_i
