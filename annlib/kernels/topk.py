@@ -11,6 +11,8 @@ import numba
 import numpy as np
 from numba import prange
 
+from .distances import proxy_pair
+
 __all__ = [
     "heap_push",
     "heap_sort_inplace",
