@@ -396,3 +396,31 @@ def test_jax_attend_refuses_bad_shapes():
         jax_attention.attend(np.zeros((2, 1, 8), np.float32), K, V[:, :50], budget=10)
     with pytest.raises(ValueError, match="q must be a 3-D array"):
         jax_attention.attend(np.zeros((2, 8), np.float32), K, V, budget=10)
+
+
+@pytest.mark.parametrize("n, n_cand", [(1000, 50), (1000, 600), (70, 100)])
+def test_select_all_pq_takes_the_smallest_sums(n, n_cand):
+    from annlib.kernels.fastscan import PackedLeaves, lut_accumulate, select_all_pq
+    from annlib.kernels.quantization import LookupTables, pack_codes
+
+    rng = np.random.default_rng(36)
+    M = 8
+    nb = -(-n // 32)
+    codes = np.zeros((nb * 32, M), np.uint8)
+    codes[:n] = rng.integers(0, 16, (n, M))
+    packed = pack_codes(codes)
+    pos = np.full(nb * 32, -1, np.int32)
+    pos[:n] = rng.permutation(n) + 1000  # positions are not entry numbers
+    T = rng.integers(0, 30, (2, M, 16)).astype(np.uint8)
+    leaves = PackedLeaves(np.array([0, nb]), packed, pos, np.zeros(0, np.float32), np.zeros(0, np.float32))
+    got = select_all_pq(LookupTables(T, np.ones(2, np.float32), np.zeros(2, np.float32)), leaves, n_cand)
+    for q in range(2):
+        sums, _ = lut_accumulate(T[q], packed)
+        by_pos = dict(zip(pos[:n].tolist(), sums[:n].tolist()))
+        row = got[q]
+        kept = row[row >= 0]
+        assert len(kept) == min(n, n_cand) and len(set(kept.tolist())) == len(kept)
+        assert np.all(row[len(kept):] == -1)
+        rest = set(by_pos) - set(kept.tolist())
+        if rest:
+            assert max(by_pos[p] for p in kept) <= min(by_pos[p] for p in rest)

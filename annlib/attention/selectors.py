@@ -32,7 +32,7 @@ from ..api import Index
 from ..kernels.binning import binned_topk, num_bins
 from ..kernels.blockwise import exact_search
 from ..kernels.distances import NEG_IP, rows_proxy
-from ..kernels.fastscan import PackedLeaves, Probes, scan_int8, scan_pq
+from ..kernels.fastscan import PackedLeaves, Probes, scan_int8, scan_pq, select_all_pq
 from ..kernels.attention import page_bound_vectors
 from ..kernels.topk import merge_topk, rescore_topk, topk_rows
 from ..kernels.quantization import (build_luts, encode_nearest, int8_encode, int8_fit, pack_codes, pad_columns,
@@ -42,6 +42,9 @@ __all__ = ["SELECTORS", "make_selector", "Selector", "HeadStructure"]
 
 _EMPTY_F32 = np.zeros(0, dtype=np.float32)
 _NO_MASK = np.zeros(0, dtype=np.bool_)
+# Candidates per query from which one histogram selection over all codes beats the scan's
+# running buffer (measured on 128K 64-d keys: equal near 700, the buffer 2.3x slower at 4200).
+_SELECT_ALL_FROM = 512
 
 
 def _pad_width(proxies: np.ndarray, positions: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -296,7 +299,10 @@ class _LutStructure(HeadStructure):
         probes = Probes(np.zeros((nq, 1), np.int64), np.zeros((nq, 1), np.float32))
         if self.kind == "pq4":
             tables = build_luts(pad_columns(Q, self.d_pad), self.codebooks)
-            _, cand = scan_pq(tables, probes, self.leaves, _NO_MASK, n_cand, self.covered)
+            if n_cand >= _SELECT_ALL_FROM:
+                cand = select_all_pq(tables, self.leaves, n_cand)
+            else:
+                _, cand = scan_pq(tables, probes, self.leaves, _NO_MASK, n_cand, self.covered)
         else:
             Qs = np.ascontiguousarray(Q / self.mult[None, :], dtype=np.float32)
             _, cand = scan_int8(Qs, probes, self.leaves, _NO_MASK, n_cand, self.covered)

@@ -42,6 +42,7 @@ __all__ = [
     "select_leaves",
     "block_min",
     "search_pq_few",
+    "select_all_pq",
 ]
 
 POINT_BLOCK = 32  # points per packed block (the layout of quantization.pack_codes)
@@ -680,3 +681,74 @@ def search_pq_few(Q, index: PQIndexArrays, t: int, mask, n_cand: int, k: int, pr
     out_d, out_i = new_heaps(Q.shape[0], k)
     _search_pq_few(Q, index, t, mask, n_cand, k, proxy, out_d, out_i, _slot_kind(n_cand))
     return out_d, out_i
+
+
+@numba.njit(cache=True, nogil=True)
+def _select_all_rows(T, codes, entry_positions, n_cand, out):
+    nb, n_pairs = codes.shape[0], codes.shape[1]
+    flat = codes.reshape(-1)
+    n_entries = nb * POINT_BLOCK
+    sums = np.empty(n_entries, dtype=np.uint16)
+    hist = np.empty(65536, dtype=np.int32)
+    for q in range(T.shape[0]):
+        table = T[q].reshape(-1)
+        hist[:] = 0
+        for b in range(nb):
+            a = b * POINT_BLOCK
+            lut16_block(flat, b * n_pairs * 32, table, 0, n_pairs, sums, a)
+            for p in range(a, a + POINT_BLOCK):  # counted while the block's sums are in L1
+                hist[sums[p]] += 1
+        for p in range(n_entries):  # padding entries do not count
+            if entry_positions[p] < 0:
+                hist[sums[p]] -= 1
+        # the smallest sum value at which the count reaches n_cand: everything below it is
+        # taken, and entries equal to it in entry order until n_cand are filled
+        edge = 0
+        below = 0
+        while edge < 65535 and below + hist[edge] < n_cand:
+            below += hist[edge]
+            edge += 1
+        ties = n_cand - below
+        c = 0
+        for p in range(n_entries):
+            pos = entry_positions[p]
+            if pos < 0:
+                continue
+            v = sums[p]
+            if v < edge:
+                out[q, c] = pos
+                c += 1
+            elif v == edge and ties > 0:
+                out[q, c] = pos
+                c += 1
+                ties -= 1
+        for j in range(c, n_cand):
+            out[q, j] = -1
+
+
+def select_all_pq(tables: LookupTables, leaves: PackedLeaves, n_cand: int) -> np.ndarray:
+    """Positions of the ``n_cand`` best approximate scores among every entry of the codes.
+
+    For a large candidate share (attention keeps a few percent of a cache): every 16-bit sum is
+    written once and a histogram of the 65,536 possible sums gives the selection threshold, so
+    no candidate buffer is maintained during the scan (:func:`scan_pq`'s buffer re-selects
+    each time it fills, which dominates when ``n_cand`` is thousands).
+
+    Parameters
+    ----------
+    tables : LookupTables
+        Per-query tables (:func:`annlib.kernels.quantization.build_luts`).
+    leaves : PackedLeaves
+        Packed codes; every entry is considered (leaves are ignored), padding (-1) skipped.
+    n_cand : int
+        Positions kept per query.
+
+    Returns
+    -------
+    int64 (nq, n_cand)
+        Positions, unordered, each once; -1 where fewer entries exist.
+    """
+    nq = tables.tables.shape[0]
+    out = np.empty((nq, n_cand), dtype=np.int64)
+    _select_all_rows(tables.tables, leaves.codes, leaves.entry_positions, n_cand, out)
+    return out
