@@ -424,3 +424,14 @@ def test_select_all_pq_takes_the_smallest_sums(n, n_cand):
         rest = set(by_pos) - set(kept.tolist())
         if rest:
             assert max(by_pos[p] for p in kept) <= min(by_pos[p] for p in rest)
+
+
+def test_examples_in_docs_attention_run():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "attention.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "docs/attention.md", "exec"), {})
