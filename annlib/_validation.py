@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .errors import DimensionMismatchError
+from .errors import DimensionMismatchError, ShardUnavailableError
 
 __all__ = [
     "as_vectors",
@@ -842,6 +842,85 @@ def sharded_unknown_ids(ids: list) -> ValueError:
 def sharded_duplicate_ids() -> ValueError:
     """``delete`` with an id given twice."""
     return ValueError("ids contains duplicates; nothing was deleted")
+
+
+def sharded_add_not_supported(family: str) -> ValueError:
+    """``ShardedIndex.add`` for a family whose indexes cannot add."""
+    return ValueError(f"{family} does not support add")
+
+
+def sharded_delete_not_supported(family: str) -> ValueError:
+    """``ShardedIndex.delete`` for a family whose indexes cannot delete."""
+    return ValueError(f"{family} does not support delete")
+
+
+def sharded_ids_present(ids: list) -> ValueError:
+    """``ShardedIndex.add`` with ids the index already holds (or held)."""
+    return ValueError(f"ids already in the index: {ids}")
+
+
+def _cause(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def sharded_write_failed(op: str, shards: list, cause: BaseException) -> ShardUnavailableError:
+    """A sharded write that some shard could not apply; every shard was returned to its state
+    before the call."""
+    return ShardUnavailableError(f"{op} failed on shard(s) {shards} ({_cause(cause)}); "
+                                 f"the batch was undone on every shard it reached")
+
+
+def sharded_delete_not_undone(shards: list, cause: BaseException) -> ShardUnavailableError:
+    """A sharded delete that failed on some shard after shards in this process had deleted
+    their part (an annlib index cannot undelete)."""
+    return ShardUnavailableError(f"delete failed on shard(s) {shards} ({_cause(cause)}); shards in "
+                                 f"this process that deleted their part keep it deleted")
+
+
+def shard_restart_failed(number: int, cause: BaseException) -> ShardUnavailableError:
+    """A dead shard actor whose restart from its artefact failed."""
+    return ShardUnavailableError(f"shard {number} is unavailable: its actor died and could not be "
+                                 f"restarted from its artefact ({_cause(cause)})")
+
+
+def shard_died_again(number: int, cause: BaseException) -> ShardUnavailableError:
+    """A shard actor that died again right after its restart."""
+    return ShardUnavailableError(f"shard {number} is unavailable: its actor died again after a "
+                                 f"restart ({_cause(cause)})")
+
+
+def unknown_executor(executor: Any) -> ValueError:
+    """``executor=`` that is neither a known name nor an object with ``map``."""
+    return ValueError("executor must be None, 'thread', 'serial', 'ray' or an object with "
+                      f"map(fn, items); got {_describe(executor)}")
+
+
+def ray_options_need_ray_executor() -> ValueError:
+    """``address=``/``storage=`` given with an executor other than "ray"."""
+    return ValueError("address= and storage= apply to executor='ray' only")
+
+
+def ray_not_installed(exc: BaseException) -> ImportError:
+    """The Ray executor asked for where Ray cannot be imported."""
+    return ImportError(f"the Ray executor needs Ray: pip install 'annlib[distributed]' ({_cause(exc)})")
+
+
+def storage_needs_fsspec(location: str, exc: BaseException) -> ImportError:
+    """A storage URI (other than file://) without fsspec installed."""
+    return ImportError(f"{location!r} is a URI: reading and writing it needs fsspec "
+                       f"(pip install 'annlib[distributed]') ({_cause(exc)})")
+
+
+def ray_storage_required(nodes: int) -> ValueError:
+    """A multi-node Ray cluster and no ``storage=`` every node can read."""
+    return ValueError(f"the Ray cluster has {nodes} nodes: pass storage= (a path or URI every node "
+                      f"can read) for the shard artefacts")
+
+
+def ray_not_enough_cpus(actors: int, per_actor: float, free: float) -> ValueError:
+    """Shard actors that would wait for CPUs the cluster does not have free."""
+    return ValueError(f"{actors} shard actors with num_cpus={per_actor:g} need {actors * per_actor:g} CPUs; "
+                      f"the Ray cluster has {free:g} free; pass a smaller num_cpus (0 reserves none)")
 
 
 def check_workers(workers: Any) -> int | None:

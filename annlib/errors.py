@@ -11,6 +11,7 @@ __all__ = [
     "IndexFormatError",
     "DimensionMismatchError",
     "NotBuiltError",
+    "ShardUnavailableError",
     "CompilationNotice",
 ]
 
@@ -29,6 +30,11 @@ class DimensionMismatchError(AnnlibError, ValueError):
 
 class NotBuiltError(AnnlibError, RuntimeError):
     """``search``/``add``/``save`` called on an index object before ``build``."""
+
+
+class ShardUnavailableError(AnnlibError, RuntimeError):
+    """A shard of a :class:`~annlib.distributed.ShardedIndex` could not answer, even after one
+    restart from its saved artefact (or a write could not reach every shard and was undone)."""
 
 
 class CompilationNotice(UserWarning):

