@@ -229,6 +229,7 @@ class RayShard:
         self.restarts = 0
         self.last_recovery_seconds: float | None = None
         self._folder = folder
+        self._spare = None  # a live actor without a shard (its open failed), used by the next restart
         folder.acquire()
 
     @property
@@ -274,15 +275,20 @@ class RayShard:
                     self._executor._ray.kill(old)
                 except Exception:  # already gone
                     pass
-            actor = self._executor._new_actor()
+            # an actor whose last open failed is alive and empty: use it rather than start a process
+            actor, self._spare = (self._spare, None) if self._spare is not None else (self._executor._new_actor(), None)
             try:
                 stats = self._get(actor.open.remote(self.base, self._executor.mmap, None, None, "", "", {},
                                                     False, list(self._log), self._executor._threads))
             except Exception as exc:
-                try:
-                    self._executor._ray.kill(actor)
-                except Exception:
-                    pass
+                if isinstance(exc, (self._executor._ray.exceptions.RayActorError,
+                                    self._executor._ray.exceptions.GetTimeoutError)):
+                    try:
+                        self._executor._ray.kill(actor)
+                    except Exception:
+                        pass
+                else:  # the open raised inside a live actor (an unreadable artefact): keep it
+                    self._spare = actor
                 self._generation += 1
                 raise V.shard_restart_failed(self.number, exc) from exc
             self.actor, self._stats = actor, stats
@@ -294,7 +300,10 @@ class RayShard:
     # ------------------------------------------------------------ the handle protocol
     def search(self, queries, k, rows, allowed, params):
         """See :class:`~annlib.distributed.shards.ShardHandle`."""
-        return self._call("search", queries, k, rows, allowed, params)
+        d, i, wall, cpu = self._call("search", queries, k, rows, allowed, params)
+        # arrays read from the object store are read-only: hand the caller (and the merge
+        # kernel, which would compile a read-only variant) ordinary arrays
+        return np.array(d), np.array(i), wall, cpu
 
     def check_search_params(self, params):
         """See :class:`~annlib.distributed.shards.ShardHandle`."""
@@ -315,6 +324,8 @@ class RayShard:
         """See :class:`~annlib.distributed.shards.ShardHandle`: the actor reloads its last
         committed state; if it cannot, it is ended and the next call restarts it."""
         self._pending.pop(version, None)
+        if self.actor is None:  # no actor holds the batch: the next call restarts at the committed state
+            return np.zeros(0, np.int64)
         try:
             self._stats = self._call("reset", self.base, self._executor.mmap, list(self._log))
         except Exception:
@@ -343,12 +354,13 @@ class RayShard:
     def close(self):
         """End the actor; the last handle of a build removes the working folder."""
         with self._lock:
-            actor, self.actor = self.actor, None
-        if actor is not None:
-            try:
-                self._executor._ray.kill(actor)
-            except Exception:
-                pass
+            actors, self.actor, self._spare = (self.actor, self._spare), None, None
+        for actor in actors:
+            if actor is not None:
+                try:
+                    self._executor._ray.kill(actor)
+                except Exception:
+                    pass
         folder, self._folder = self._folder, None
         if folder is not None:
             folder.release()

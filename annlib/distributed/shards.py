@@ -122,6 +122,8 @@ def _search_index(index: Index, queries: np.ndarray, k: int, rows: np.ndarray | 
     """One shard's search: the rows asked for, the allowed ids it holds, at most its size."""
     wall, cpu = time.perf_counter(), time.thread_time()
     Q = queries if rows is None else queries[rows]
+    if not Q.flags.writeable:  # read from Ray's object store: numba would compile a read-only variant
+        Q = Q.copy()
     n = len(index)
     sub = None
     if allowed is not None:
