@@ -877,6 +877,14 @@ def sharded_delete_not_undone(shards: list, cause: BaseException) -> ShardUnavai
                                  f"this process that deleted their part keep it deleted")
 
 
+def sharded_add_not_undone(shards: list, kept: list, family: str, cause: BaseException) -> ShardUnavailableError:
+    """A sharded add that failed on some shard after shards in this process, of a family
+    without delete, had taken their part (they cannot give it back)."""
+    return ShardUnavailableError(f"add failed on shard(s) {shards} ({_cause(cause)}); shard(s) {kept} in this "
+                                 f"process kept their part ({family} cannot delete): rebuild the index, or use "
+                                 f"the Ray executor, which undoes a failed add on every shard")
+
+
 def shard_restart_failed(number: int, cause: BaseException) -> ShardUnavailableError:
     """A dead shard actor whose restart from its artefact failed."""
     return ShardUnavailableError(f"shard {number} is unavailable: its actor died and could not be "

@@ -116,3 +116,42 @@ def test_save_load_round_trip(data, tmp_path):
     (tmp_path / "sharded" / "sharded.json").write_text('{"format": 1, "method": "hnsw"}')
     with pytest.raises(annlib.IndexFormatError):
         ShardedIndex.load(tmp_path / "sharded")
+
+
+def test_a_failed_add_on_one_local_shard_is_undone_on_the_others(data):
+    X, Q = data
+    from annlib.distributed import ShardUnavailableError
+
+    index = ShardedIndex("hnsw", 3, M=8, finger=False, default_recall=None).build(X[:3000])
+    before = index.search(Q, 10, ef=64)
+    broken = index.handles[2]
+    real_add = broken.index.add
+
+    def failing_add(*args, **kwargs):
+        raise MemoryError("no room")
+
+    broken.index.add = failing_add
+    with pytest.raises(ShardUnavailableError, match=r"add failed on shard\(s\) \[2\] \(MemoryError: no room\)"):
+        index.add(X[3000:3300])
+    broken.index.add = real_add
+    assert len(index) == 3000  # shards 0 and 1 deleted their part again
+    after = index.search(Q, 10, ef=64)
+    np.testing.assert_array_equal(after.ids, before.ids)
+    assert not np.isin(index.search(X[3000:3300], 1, ef=64).ids, np.arange(3000, 3300)).any()
+    index.add(X[3300:3400])  # the undone ids stay taken (an annlib index never reuses one)
+    assert len(index) == 3100 and index.search(X[3350], 1, ef=64).ids.min() >= 3300
+    flat = ShardedIndex("bruteforce", 2).build(X[:3000])  # a family without delete cannot undo
+    flat.handles[1].index.add = failing_add
+    with pytest.raises(ShardUnavailableError, match=r"shard\(s\) \[0\] in this process kept their part"):
+        flat.add(X[3000:3100])
+
+
+def test_executor_names_and_allow_partial_locally(data):
+    X, Q = data
+    assert isinstance(ShardedIndex("bruteforce", 2, executor="serial").executor, SerialExecutor)
+    with pytest.raises(ValueError, match="executor must be"):
+        ShardedIndex("bruteforce", 2, executor="dask")
+    with pytest.raises(ValueError, match="apply to executor='ray' only"):
+        ShardedIndex("bruteforce", 2, storage="somewhere")
+    res = ShardedIndex("bruteforce", 2).build(X).search(Q, 5, allow_partial=True)
+    assert not res.partial and res.missing_shards == () and len(res.shard_seconds) == 2

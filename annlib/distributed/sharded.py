@@ -446,8 +446,11 @@ class ShardedIndex:
         undone = self.executor.map(_catching(undo), targets)
         self._params_ok.clear()
         shards, first = [s for s, _ in failed], failed[0][1]
-        if any(u is None for u in undone):
+        kept_by = [s for s, u in zip(targets, undone) if u is None]
+        if kept_by and op == "delete":
             raise V.sharded_delete_not_undone(shards, first) from first
+        if kept_by:
+            raise V.sharded_add_not_undone(shards, kept_by, self._family.__name__, first) from first
         kept = [u for u in undone if not isinstance(u, _Failed) and len(u)]
         if kept:  # local shards keep the undone ids as deleted ones: they stay taken
             self._order = np.concatenate([self._order, np.unique(np.concatenate(kept))])

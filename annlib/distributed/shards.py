@@ -162,7 +162,8 @@ class LocalShard:
     """A shard held in this process: an annlib index and nothing else.
 
     Writes apply at once; a rollback of an add deletes the batch's ids again (an annlib index
-    never reuses an id, so those ids stay taken); a delete cannot be undone.
+    never reuses an id, so those ids stay taken) where the family can delete; a delete, and an
+    add to a family without delete, cannot be undone.
 
     Parameters
     ----------
@@ -221,6 +222,8 @@ class LocalShard:
         if op != "add":
             return None  # a delete cannot be undone
         taken = ids[np.isin(ids, self.all_ids())]
+        if taken.size and not self.index.supports_delete:
+            return None  # this family cannot take vectors out again
         held = taken[self.holds(taken)]
         if held.size:
             self.index.delete(held)
