@@ -119,6 +119,7 @@ def run_cell(keys, values, q, *, selectors, budgets, rounds=5, window=256, sink=
         for s in selectors:
             qual = cache.attend(q, budget=b, selector=s, selector_params=selector_params.get(s), quality=True)
             summ = qual.quality.summary()
+            sparse = qual.quality.topk_mass >= 0.95  # where exact top-k at this budget holds 95 %
             rows.append({
                 "selector": s, "budget": b, "keys_attended": int(qual.counts.max()),
                 "ms": times[s] * 1e3,
@@ -127,6 +128,9 @@ def run_cell(keys, values, q, *, selectors, budgets, rounds=5, window=256, sink=
                 "bytes_per_token": cache.bytes_per_token(s, selector_params.get(s)),
                 "build_s": builds[s],
                 **summ,
+                "sparse_share": float(sparse.mean()),
+                "sparse_error_mean": float(qual.quality.error[sparse].mean()) if sparse.any() else None,
+                "sparse_error_max": float(qual.quality.error[sparse].max()) if sparse.any() else None,
                 "topk_mass_per_head": [float(x) for x in qual.quality.topk_mass.mean(axis=1)],
                 "topk_error_per_head": [float(x) for x in qual.quality.topk_error.mean(axis=1)],
             })
@@ -157,14 +161,17 @@ def _adaptive(keys, values, q, masses, window, sink, selector):
 
 def _table(cell: dict) -> str:
     lines = ["| selector | budget | keys | ms / attend | × numpy full | × JAX full | mass recall | key recall "
-             "| error vs full | error vs exact top-k | exact top-k error | bytes/token |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| error vs full | error vs exact top-k | exact top-k error | sparse queries: share, max error "
+             "| bytes/token |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in cell["rows"]:
         jx = "–" if r["speedup_vs_jax_full"] is None else f"{r['speedup_vs_jax_full']:.1f}"
         lines.append(
             f"| {r['selector']} | {r['budget']:.0%} | {r['keys_attended']} | {r['ms']:.2f} | "
             f"{r['speedup_vs_numpy_full']:.1f} | {jx} | {r['mass_recall']:.3f} | {r['key_recall']:.3f} | "
-            f"{r['error']:.3f} | {r['error_vs_topk']:.3f} | {r['topk_error']:.3f} | {r['bytes_per_token']:.1f} |")
+            f"{r['error']:.3f} | {r['error_vs_topk']:.3f} | {r['topk_error']:.3f} | "
+            f"{r['sparse_share']:.2f}, {'–' if r['sparse_error_max'] is None else format(r['sparse_error_max'], '.3f')} | "
+            f"{r['bytes_per_token']:.1f} |")
     refs = ", ".join(f"{k} {v:.2f} ms" for k, v in cell["reference_ms"].items())
     return "\n".join(lines) + f"\n\nReferences: {refs}; float keys {cell['float_bytes_per_token']} bytes/token.\n"
 
@@ -182,7 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default="0.01,0.02,0.05")
     ap.add_argument("--selectors", default=",".join(SELECTORS))
     ap.add_argument("--masses", default="0.9,0.95", help="adaptive-budget targets ('' to skip)")
-    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--window", type=int, default=0,
+                    help="recent tokens always kept (0: the budget is all retrieved but the sink)")
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-jax", action="store_true")
@@ -203,9 +211,11 @@ def main(argv=None) -> int:
     md = []
     for d in [int(x) for x in args.dim.split(",")]:
         for n in [int(x) for x in args.n.split(",")]:
+            # 16 decoding queries are captured (one cache file per length); the first m are used:
+            # the first is the token right after the cache
             keys, values, q_all, what = _load(args.source, n, d, args.kv_heads, args.query_heads,
-                                              max(args.queries, 1), args.layer, args.seed)
-            q = np.ascontiguousarray(q_all[:, -args.queries:])
+                                              max(args.queries, 16), args.layer, args.seed)
+            q = np.ascontiguousarray(q_all[:, :args.queries])
             t0 = time.perf_counter()
             cell = run_cell(keys, values, q, selectors=selectors, budgets=budgets, rounds=args.rounds,
                             window=args.window, sink=args.sink, jax_too=not args.no_jax)

@@ -265,10 +265,11 @@ class KVCache:
         selector_params : dict, optional
             The selector's parameters (see :mod:`annlib.attention.selectors`).
         mass : float in (0, 1), optional
-            Adaptive budget instead of ``budget``: starting from 0.5 % of the retrievable keys,
-            the selection doubles until the estimated share of the softmax mass it carries
-            reaches ``mass`` or ``max_budget`` is hit. The share outside the selection is
-            estimated from exact scores of a fixed random sample of unselected keys.
+            Adaptive budget instead of ``budget``: 0.5 % of the retrievable keys are selected
+            first; where the estimated share of the softmax mass they carry is below ``mass``,
+            one selection at ``max_budget`` is made and its shortest best-first prefix that
+            reaches ``mass`` is attended (all of it when none does). The share outside a
+            selection is estimated from exact scores of a fixed random sample of the other keys.
         max_budget : int or float, optional
             Cap of the adaptive budget (default 10 % of the cache plus sink and window).
         details : bool, default False
@@ -362,56 +363,71 @@ class KVCache:
         return np.ascontiguousarray(np.concatenate([base, picked], axis=1))
 
     def _choose_by_mass(self, sel, structure, Qg, K, Vh, n, target, cap, threads):
+        """Adaptive selection: a small budget first; rows that miss the target get one selection
+        at the cap, of which the shortest best-first prefix reaching the target is attended."""
         sink_end, win = self._regions(n)
-        kept = self._kept(n).shape[0]
+        kept_pos = self._kept(n)
+        kept = kept_pos.shape[0]
         region = win - sink_end
         nq = Qg.shape[0]
-        budget = min(cap, kept + max(32, math.ceil(0.005 * region)))
         rng = np.random.default_rng([self.random_state, n])
         sample = np.sort(rng.choice(region, min(256, region), replace=False)) + sink_end if region else \
             np.zeros(0, np.int64)
         sample_scores = (Qg @ K[sample].T).astype(np.float64) * self.scale if sample.size else \
             np.zeros((nq, 0))
-        final = [None] * nq
-        pending = np.arange(nq)
-        est_all = np.ones(nq)
-        out_all = np.empty((nq, Vh.shape[1]), np.float32)
-        mx_all = np.empty(nq)
-        sm_all = np.empty(nq)
-        while pending.size:
-            Qp = np.ascontiguousarray(Qg[pending])
-            chosen = self._choose(sel, structure, Qp, K, n, budget)
-            o, mx, sm = attend_selected(Qp, K, Vh, chosen, self.scale, threads=threads)
-            est = _estimated_mass(chosen, mx, sm, sample, sample_scores[pending], sink_end, win)
-            done = (est >= target) | (budget >= cap) | (chosen.shape[1] >= n)
-            for j, row in enumerate(pending):
-                if done[j]:
-                    final[row] = chosen[j]
-                    est_all[row] = est[j]
-                    out_all[row], mx_all[row], sm_all[row] = o[j], mx[j], sm[j]
-            pending = pending[~done]
-            budget = min(cap, 2 * budget)
-        width = max(c.shape[0] for c in final)
-        chosen = np.full((nq, width), -1, dtype=np.int64)
-        for j, c in enumerate(final):
-            chosen[j, :c.shape[0]] = c
-        return chosen, out_all, mx_all, sm_all, est_all
+        first = min(cap, kept + max(32, math.ceil(0.005 * region)))
+        chosen = self._choose(sel, structure, Qg, K, n, first)
+        out, mx, sm = attend_selected(Qg, K, Vh, chosen, self.scale, threads=threads)
+        est = _estimated_mass(chosen, mx, sm, sample, sample_scores, sink_end, win, n)
+        pending = np.flatnonzero((est < target) & (first < cap) & (chosen.shape[1] < n))
+        if pending.size == 0:
+            return chosen, out, mx, sm, est
+        Qp = np.ascontiguousarray(Qg[pending])
+        r_cap = min(region, cap - kept)
+        proxies, picked = sel.select(Qp, K, sink_end, win, r_cap, structure)  # best first
+        scores = np.where(picked >= 0, -proxies.astype(np.float64) * self.scale, -np.inf)
+        kept_scores = (Qp @ K[kept_pos].T).astype(np.float64) * self.scale if kept else np.zeros((Qp.shape[0], 0))
+        top = np.maximum(scores[:, 0], kept_scores.max(axis=1, initial=-np.inf))
+        prefix = np.exp(kept_scores - top[:, None]).sum(axis=1)[:, None] + np.cumsum(np.exp(scores - top[:, None]), axis=1)
+        # the mass beyond the cap selection, estimated from the sample as above
+        beyond = _estimated_mass(np.concatenate([np.broadcast_to(kept_pos, (Qp.shape[0], kept)), picked], axis=1),
+                                 top, prefix[:, -1], sample, sample_scores[pending], sink_end, win, n)
+        rest = prefix[:, -1] * (1.0 / np.maximum(beyond, 1e-300) - 1.0)
+        share = prefix / (prefix[:, -1:] + rest[:, None])
+        reach = share >= target
+        take = np.where(reach.any(axis=1), reach.argmax(axis=1) + 1, r_cap)
+        width = kept + int(take.max())
+        grown = np.full((Qp.shape[0], width), -1, dtype=np.int64)
+        grown[:, :kept] = kept_pos
+        for j, t in enumerate(take):
+            grown[j, kept:kept + t] = np.sort(picked[j, :t])
+        o2, mx2, sm2 = attend_selected(Qp, K, Vh, grown, self.scale, threads=threads)
+        width = max(chosen.shape[1], width)
+        merged = np.full((nq, width), -1, dtype=np.int64)
+        merged[:, :chosen.shape[1]] = chosen
+        merged[pending] = -1
+        merged[pending, :grown.shape[1]] = grown
+        out[pending], mx[pending], sm[pending] = o2, mx2, sm2
+        est[pending] = share[np.arange(Qp.shape[0]), take - 1]
+        return merged, out, mx, sm, est
 
 
-def _estimated_mass(chosen, mx, sm, sample, sample_scores, sink_end, win):
-    """Share of the softmax mass inside each row's selection, the rest estimated from a sample."""
-    region = win - sink_end
+def _estimated_mass(chosen, mx, sm, sample, sample_scores, sink_end, win, n):
+    """Share of the softmax mass inside each row's selection, the rest estimated from a sample.
+
+    The unselected part of the retrievable rows holds ``unselected * mean(exp(s - max))`` over
+    the sampled rows that are not selected (exact scores of a uniform sample: unbiased).
+    """
     nq = chosen.shape[0]
-    est = np.ones(nq)
     if sample.size == 0:
-        return est
-    for j in range(nq):
-        row = chosen[j]
-        in_region = row[(row >= sink_end) & (row < win)]
-        outside = ~np.isin(sample, in_region, assume_unique=True)
-        unselected = region - in_region.shape[0]
-        if unselected <= 0 or not outside.any():
-            continue
-        rest = unselected * np.exp(sample_scores[j, outside] - mx[j]).mean()
-        est[j] = sm[j] / (sm[j] + rest)
-    return est
+        return np.ones(nq)
+    member = np.zeros((nq, n), dtype=bool)
+    ok = chosen >= 0
+    member[np.nonzero(ok)[0], chosen[ok]] = True
+    in_sel = member[:, sample]
+    unselected = (win - sink_end) - ((chosen >= sink_end) & (chosen < win)).sum(axis=1)
+    weights = np.exp(sample_scores - mx[:, None])
+    weights[in_sel] = 0.0
+    outside = (~in_sel).sum(axis=1)
+    rest = unselected * weights.sum(axis=1) / np.maximum(outside, 1)
+    return np.where((unselected > 0) & (outside > 0), sm / (sm + rest), 1.0)
