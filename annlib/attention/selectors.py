@@ -34,7 +34,7 @@ from ..kernels.blockwise import exact_search
 from ..kernels.distances import NEG_IP, rows_proxy
 from ..kernels.fastscan import PackedLeaves, Probes, scan_int8, scan_pq, select_all_pq
 from ..kernels.attention import page_bound_vectors
-from ..kernels.topk import merge_topk, rescore_topk, topk_rows
+from ..kernels.topk import merge_topk, rescore_union_ip, topk_rows
 from ..kernels.quantization import (build_luts, encode_nearest, int8_encode, int8_fit, pack_codes, pad_columns,
                                     pad_dim, train_codebooks)
 
@@ -213,7 +213,7 @@ class _PageStructure(HeadStructure):
         offs = np.arange(self.page, dtype=np.int64)
         cand = (self.start + pages[:, :, None] * self.page + offs).reshape(Q.shape[0], -1)
         cand[(np.repeat(pages < 0, self.page, axis=1)) | (cand >= self.covered)] = -1
-        return rescore_topk(Q, K, np.sort(cand, axis=1), count, NEG_IP)
+        return rescore_union_ip(Q, K, cand, count)
 
     def nbytes(self):
         return int(self.bounds.nbytes)
@@ -307,8 +307,8 @@ class _LutStructure(HeadStructure):
         else:
             Qs = np.ascontiguousarray(Q / self.mult[None, :], dtype=np.float32)
             _, cand = scan_int8(Qs, probes, self.leaves, _NO_MASK, n_cand, self.covered)
-        # the scan returns each position once; in memory order the re-scoring reads rows in turn
-        return rescore_topk(Q, K, np.sort(cand, axis=1), count, NEG_IP)
+        # the group's queries re-score the union of their candidates: each row read once
+        return rescore_union_ip(Q, K, cand, count)
 
     def nbytes(self):
         extra = self.codebooks.nbytes if self.kind == "pq4" else self.mult.nbytes

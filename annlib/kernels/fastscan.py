@@ -686,27 +686,33 @@ def search_pq_few(Q, index: PQIndexArrays, t: int, mask, n_cand: int, k: int, pr
 @numba.njit(cache=True, nogil=True)
 def _select_all_rows(T, codes, entry_positions, n_cand, out):
     nb, n_pairs = codes.shape[0], codes.shape[1]
+    nq = T.shape[0]
     flat = codes.reshape(-1)
     n_entries = nb * POINT_BLOCK
-    sums = np.empty(n_entries, dtype=np.uint16)
-    hist = np.empty(65536, dtype=np.int32)
-    for q in range(T.shape[0]):
-        table = T[q].reshape(-1)
-        hist[:] = 0
-        for b in range(nb):
-            a = b * POINT_BLOCK
-            lut16_block(flat, b * n_pairs * 32, table, 0, n_pairs, sums, a)
+    sums = np.empty((nq, n_entries), dtype=np.uint16)
+    hist = np.zeros((nq, 65536), dtype=np.int32)
+    tables = T.reshape(nq, -1)
+    # blocks outside, queries inside: a block of codes is read from memory once for all queries
+    for b in range(nb):
+        a = b * POINT_BLOCK
+        for q in range(nq):
+            row = sums[q]
+            lut16_block(flat, b * n_pairs * 32, tables[q], 0, n_pairs, row, a)
+            h = hist[q]
             for p in range(a, a + POINT_BLOCK):  # counted while the block's sums are in L1
-                hist[sums[p]] += 1
+                h[row[p]] += 1
+    for q in range(nq):
+        row = sums[q]
+        h = hist[q]
         for p in range(n_entries):  # padding entries do not count
             if entry_positions[p] < 0:
-                hist[sums[p]] -= 1
+                h[row[p]] -= 1
         # the smallest sum value at which the count reaches n_cand: everything below it is
         # taken, and entries equal to it in entry order until n_cand are filled
         edge = 0
         below = 0
-        while edge < 65535 and below + hist[edge] < n_cand:
-            below += hist[edge]
+        while edge < 65535 and below + h[edge] < n_cand:
+            below += h[edge]
             edge += 1
         ties = n_cand - below
         c = 0

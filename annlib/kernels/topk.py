@@ -21,7 +21,7 @@ __all__ = [
     "topk_rows",
     "merge_topk",
     "sort_rows_inplace",
-    "rescore_topk",
+    "rescore_union_ip",
 ]
 
 
@@ -210,70 +210,42 @@ def sort_rows_inplace(dist, ids):
             i[b + 1] = iv
 
 
-@numba.njit(cache=True, nogil=True)
-def _rescore_rows(Q, X, cand_i, k, proxy, out_d, out_i, lo, hi):
-    R = cand_i.shape[1]
-    ids = np.empty(R, dtype=np.int64)
-    sc = np.empty(R, dtype=np.float32)
-    kd = np.empty(R, dtype=np.float32)
-    ki = np.empty(R, dtype=np.int64)
-    for q in range(lo, hi):
-        m = 0
-        for j in range(R):
-            p = cand_i[q, j]
-            if p >= 0:
-                ids[m] = p
-                sc[m] = proxy_pair(Q[q], X[p], proxy)
-                m += 1
-        c = 0
-        if m > k:
-            # one selection of the k-th value, then a stable sort of the k kept: cheaper than a
-            # heap push per candidate when k is a large share of the candidates
-            thr = np.partition(sc[:m], k - 1)[k - 1]
-            for j in range(m):
-                if sc[j] < thr:
-                    kd[c] = sc[j]
-                    ki[c] = ids[j]
-                    c += 1
-            for j in range(m):
-                if c == k:
-                    break
-                if sc[j] == thr:
-                    kd[c] = sc[j]
-                    ki[c] = ids[j]
-                    c += 1
-        else:
-            for j in range(m):
-                kd[c] = sc[j]
-                ki[c] = ids[j]
-                c += 1
-        order = np.argsort(kd[:c], kind="mergesort")
-        for j in range(c):
-            out_d[q, j] = kd[order[j]]
-            out_i[q, j] = ki[order[j]]
+def rescore_union_ip(Q: np.ndarray, X: np.ndarray, cand_i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of every query with the union of all rows' candidates; each query
+    keeps its best ``k`` of that union (proxy ``-<q, x>``, ascending).
 
-
-def rescore_topk(Q: np.ndarray, X: np.ndarray, cand_i: np.ndarray, k: int, proxy: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact proxies of distinct candidate rows and the best ``k`` of them, sorted ascending.
-
-    For candidate lists without repeats (contiguous pages, a scan that already de-duplicated):
-    no de-duplication pass; pass them in ascending position order so the rows are read in memory
-    order (ties then go to the lower position).
+    For queries that search the same rows (the query heads of one KV head in attention): each row
+    is read once, the scores are one matrix product, and every query chooses from all the
+    group's candidates, which can only raise its recall over its own list.
 
     Parameters
     ----------
     Q : float32 (nq, d)
     X : float32 (n, d)
     cand_i : int64 (nq, c)
-        Distinct candidate positions per row, -1 = none.
+        Candidate positions, -1 = none; repeats allowed.
     k : int
-    proxy : int
-        0 = squared L2, 1 = negative inner product.
 
     Returns
     -------
     (float32 (nq, k), int64 (nq, k)), (+inf, -1) padded.
     """
-    out_d, out_i = new_heaps(Q.shape[0], k)
-    _rescore_rows(Q, X, np.ascontiguousarray(cand_i, dtype=np.int64), k, proxy, out_d, out_i, 0, Q.shape[0])
+    nq = Q.shape[0]
+    out_d, out_i = new_heaps(nq, k)
+    mark = np.zeros(X.shape[0], dtype=np.bool_)
+    mark[cand_i[cand_i >= 0]] = True
+    union = np.flatnonzero(mark)
+    if union.shape[0] == 0:
+        return out_d, out_i
+    D = Q @ X[union].T  # one gather, one matrix product
+    np.negative(D, out=D)
+    take = min(k, union.shape[0])
+    if take < union.shape[0]:
+        part = np.argpartition(D, take - 1, axis=1)[:, :take]
+    else:
+        part = np.broadcast_to(np.arange(take), (nq, take))
+    d = np.take_along_axis(D, part, axis=1)
+    order = np.argsort(d, axis=1, kind="stable")
+    out_d[:, :take] = np.take_along_axis(d, order, axis=1)
+    out_i[:, :take] = union[np.take_along_axis(part, order, axis=1)]
     return out_d, out_i
