@@ -11,8 +11,6 @@ import numba
 import numpy as np
 from numba import prange
 
-from .distances import proxy_pair
-
 __all__ = [
     "heap_push",
     "heap_sort_inplace",
