@@ -24,7 +24,10 @@ class ReadWriteLock:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # The condition's own lock guards every field; the per-call paths take it directly
+        # (``with mutex`` is one C call; ``with cond`` goes through Python code).
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._readers = 0
         self._writer: int | None = None  # thread id of the writer holding the lock
         self._writer_depth = 0
@@ -33,6 +36,28 @@ class ReadWriteLock:
     def read(self) -> "_ReadHold":
         """Context manager holding the lock for reading (shared with other readers)."""
         return _ReadHold(self)
+
+    def try_read(self) -> bool:
+        """Take the lock for reading if that needs no wait; False (nothing taken) otherwise.
+
+        The one-query search path: no holder object, one lock round trip. When a writer holds
+        the lock or waits for it, the caller goes the ordinary way (:meth:`read`), which waits;
+        so a stream of searches still cannot starve a writer. A True must be paired with
+        :meth:`release_read`.
+        """
+        with self._mutex:
+            if self._writer is None and not self._writers_waiting:
+                self._readers += 1
+                return True
+        return False
+
+    def release_read(self) -> None:
+        """Release a read taken by :meth:`try_read`."""
+        with self._mutex:
+            self._readers -= 1
+            # only a writer waits for the readers to leave: wake one only when one waits
+            if self._readers == 0 and self._writers_waiting:
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
@@ -73,7 +98,7 @@ class _ReadHold:
     def __enter__(self) -> None:
         lock = self._lock
         me = threading.get_ident()
-        with lock._cond:
+        with lock._mutex:
             if lock._writer == me:  # a writer reading its own index
                 lock._writer_depth += 1
                 self._nested = True
@@ -84,7 +109,7 @@ class _ReadHold:
 
     def __exit__(self, *exc) -> None:
         lock = self._lock
-        with lock._cond:
+        with lock._mutex:
             if self._nested:
                 lock._writer_depth -= 1
             else:

@@ -14,7 +14,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import IndexFormatError
+from .kernels.blockwise import ONE_QUERY_SERIAL_WORK, one_query_table, search_one
 from .kernels.distances import sqnorms as _sqnorms
+
+_NO_MASK = np.zeros(0, dtype=np.bool_)
 
 __all__ = [
     "bad_field",
@@ -140,6 +143,32 @@ class PreparedVectors:
     def of(cls, X: np.ndarray):
         """The state holding ``X`` (kept, not copied: the caller hands over an owned array)."""
         return cls(X, _sqnorms(X))
+
+    def search_one(self, q: np.ndarray, k: Any, threads: int | None, proxy: int, terms: tuple,
+                   ids: np.ndarray, num_threads) -> tuple[np.ndarray, np.ndarray] | None:
+        """The exact one-query search of :meth:`annlib.Index.search`'s short path, or None.
+
+        ``q`` is the raw query, ``terms`` :meth:`annlib.Index._one_query_terms`, ``ids`` the
+        external ids (or empty), ``num_threads()`` the thread setting (asked only for a long
+        scan, which the ordinary path splits over the threads: then None, as for a bad ``k``
+        or query). The kernel's array table is made on the first call and kept with the state
+        (a state is replaced, never modified, by every change).
+        """
+        one = self.__dict__.get("_one_query")
+        if one is None:
+            n, d = self.vectors.shape
+            one = self.__dict__["_one_query"] = (one_query_table(self.vectors).words, n,
+                                                 n * d > ONE_QUERY_SERIAL_WORK)
+        words, n, long_scan = one
+        if type(k) is not int or not 0 < k <= n:
+            return None
+        if long_scan and (threads or num_threads()) > 1:
+            return None
+        out_d = np.empty(k, np.float32)
+        out_i = np.empty(k, np.int64)
+        if search_one(q, words, k, proxy, terms[2], terms[0], terms[1], _NO_MASK, ids, out_d, out_i):
+            return None
+        return out_i, out_d
 
     def appended(self, X: np.ndarray):
         """A new state with the rows of ``X`` appended (this one is left as it is)."""

@@ -30,6 +30,9 @@ __all__ = ["Index", "SearchResult", "load", "families", "get_family", "register_
 
 __version__ = "0.1.0"
 
+_F32 = np.dtype(np.float32)
+_NO_IDS = np.zeros(0, dtype=np.int64)
+
 
 class SearchResult(NamedTuple):
     """Result of :meth:`Index.search`; unpacks like ``ids, distances = result``.
@@ -45,6 +48,11 @@ class SearchResult(NamedTuple):
 
     ids: np.ndarray
     distances: np.ndarray
+
+
+def _new_result(pair: tuple) -> SearchResult:
+    # SearchResult(ids, distances) without the generated __new__'s Python frame (per-call path)
+    return tuple.__new__(SearchResult, pair)
 
 
 # name -> "module:Class"; imported on first use so `import annlib` stays light (no jax).
@@ -174,6 +182,37 @@ class Index:
     def _search(self, Q: np.ndarray, k: int, mask: np.ndarray | None, **params: Any):
         """Return (proxy distances float32 (q, k) ascending, positions int64 (q, k), -1 padded)."""
         raise NotImplementedError
+
+    # The one-query path of :meth:`search` (None: the family has none). Called under the read
+    # lock as ``_search_one(q, k, params, threads)`` with ``q`` a float32 C-contiguous (d,) query
+    # as the caller gave it (not yet checked for NaN/inf/range, not prepared for the metric),
+    # ``k`` as given (not checked), ``params`` the validated search parameters and ``threads``
+    # None or a positive int. Returns ``(ids int64 (k,), distances float32 (k,))`` exactly as
+    # :meth:`search` would (external ids, public distances, -1/+inf padding), or None whenever
+    # anything is not its case (a bad k or query value, a policy that needs another path), and
+    # then the ordinary path answers or raises. It must apply the family's filter policy
+    # (deletions) as :meth:`_search_under_policy` does.
+    _search_one: Callable[..., Any] | None = None
+
+    def _ids_array(self) -> np.ndarray:
+        """External ids by position, or an empty array when ids are positions (for kernels)."""
+        return _NO_IDS if self._ids is None else self._ids
+
+    def _one_query_terms(self) -> tuple[float, bool, int]:
+        """``(bound, normalize, out_metric)`` of the one-query kernels (:mod:`annlib.kernels.query`):
+        the largest magnitude a query entry may have (:func:`annlib._validation.as_vectors`'s
+        limit; the largest float32 when the metric has none, so only NaN and inf fail), whether
+        the metric normalises queries, and the public-distance code."""
+        terms = self.__dict__.get("_one_terms")
+        if terms is None:  # once per build (the dimension may change)
+            from .kernels.query import OUT_COSINE, OUT_IP, OUT_L2
+
+            bound = self._metric.max_abs(self._dim)
+            if not np.isfinite(bound):
+                bound = float(np.finfo(np.float32).max)
+            code = {"l2": OUT_L2, "cosine": OUT_COSINE, "ip": OUT_IP}[self._metric.name]
+            terms = self.__dict__["_one_terms"] = (bound, self._metric.normalize, code)
+        return terms
 
     def _relabel_positions(self, new_of_old: np.ndarray) -> None:
         """Renumber every position ``p`` to ``new_of_old[p]`` (a permutation), vectors unchanged.
@@ -416,6 +455,36 @@ class Index:
             Bad queries, dimension mismatch, bad ``k``, unknown or out-of-range parameters,
             bad filter.
         """
+        # One query per call is a common way to search (the ann-benchmarks harness's default),
+        # so the common case takes a short path: one valid float32 query (C-contiguous, aligned,
+        # writeable; shape (d,) or (1, d)), no filter, default or already validated parameters.
+        # The family's one-query kernel checks the query's values (NaN, inf, the float32 range)
+        # itself and says when anything is wrong or not its case: the ordinary path below then
+        # runs and raises, or answers, exactly as it always does.
+        if (filter is None and type(Q) is np.ndarray and Q.dtype is _F32 and Q.flags.carray
+                and (threads is None or (type(threads) is int and threads > 0))):
+            one = self._search_one
+            if one is not None:
+                ndim = Q.ndim
+                if ndim == 1 or (ndim == 2 and len(Q) == 1):
+                    q = Q if ndim == 1 else Q[0]
+                    if len(q) == self._dim:
+                        if not params:
+                            sp = self._cached_defaults()
+                        else:
+                            try:
+                                sp = self.__dict__["_search_param_cache"].get(tuple(params.items()))
+                            except (KeyError, TypeError):
+                                sp = None
+                        if sp is not None and self._rw.try_read():
+                            try:
+                                found = one(q, k, sp, threads)
+                            finally:
+                                self._rw.release_read()
+                            if found is not None:
+                                if ndim == 2:
+                                    return _new_result((found[0].reshape(1, -1), found[1].reshape(1, -1)))
+                                return _new_result(found)
         # This path runs once per query in one-at-a-time use, so it avoids work it can skip.
         self._require_built()
         Q32, was_1d = V.as_vectors(Q, "Q", allow_1d=True, limit=self._metric.max_abs)
@@ -492,6 +561,7 @@ class Index:
         # Search-parameter checks may depend on the index's size; redo them after it changes.
         self.__dict__.pop("_search_param_cache", None)
         self.__dict__.pop("_cached_search_defaults", None)
+        self.__dict__.pop("_one_terms", None)
 
     def _validated_search_params(self, params: dict[str, Any]) -> dict[str, Any]:
         # One-query-at-a-time callers repeat the same settings; validating them once per distinct
@@ -509,6 +579,10 @@ class Index:
         if key is not None and len(cache) < 256:
             cache[key] = checked
         return checked
+
+    def _cached_defaults(self) -> dict[str, Any] | None:
+        # the validated defaults, or None before the first search validated them
+        return self.__dict__.get("_cached_search_defaults")
 
     def _default_search_params(self) -> dict[str, Any]:
         cached = self.__dict__.get("_cached_search_defaults")

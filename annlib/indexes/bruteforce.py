@@ -74,6 +74,10 @@ class BruteForce(Index):
         return exact_search(Q, st.vectors, st.sqnorms, k, self._metric.proxy, mask,
                             workers=get_num_threads())
 
+    def _search_one(self, q, k, params, threads):
+        return self._st.search_one(q, k, threads, self._metric.proxy, self._one_query_terms(), self._ids_array(),
+                                   get_num_threads)
+
     def _vectors_at(self, positions: np.ndarray) -> np.ndarray:
         return self._st.vectors[positions]
 

@@ -27,8 +27,9 @@ from .._state import bad_field, check_array, check_finite, check_range, require,
 from ..api import Index
 from ..kernels.finger import (FingerArrays, cos_table, edge_payload, pair_statistics, payload_width,
                               sample_residuals)
-from ..kernels.graph import (GraphArrays, bfs_order, insert_batch, link_reverse, relabel_rows,
-                             repair_deleted, search_queries, search_serial)
+from ..kernels.graph import (ONE_QUERY_SCRATCH, GraphArrays, bfs_order, insert_batch, link_reverse,
+                             one_query_table, relabel_rows, repair_deleted, search_one, search_queries,
+                             search_serial)
 
 __all__ = ["HNSW", "HNSWGraph", "FingerPayload"]
 
@@ -487,6 +488,14 @@ class _SearchView(NamedTuple):
     finger: tuple
     deleted: np.ndarray  # node tombstones, or empty when nothing is deleted
     has_finger: bool
+    # the one-query path (HNSW._search_one): the graph as one array table, live nodes, and the
+    # pool of (visited, scratch) pairs its searches take one at a time; every pair ever made for
+    # this view is also in `counted` (their counters feed search_stats)
+    one: Any
+    n_live: int
+    n_nodes: int
+    one_pool: list
+    counted: list
 
 
 # ====================================================================================== family
@@ -619,13 +628,28 @@ class HNSW(Index):
         """Make ``graph`` the index's state (the last step of every successful change)."""
         graph.refresh()
         n = graph.n
+        kgraph = graph.kernel_graph(self._metric.proxy)
+        kfinger = graph.kernel_finger()
+        deleted = graph.deleted[:n] if graph.n_deleted else self._NO_MASK
+        positions = graph.positions_padded if graph.positions_padded is not None else _NO_POSITIONS
+        self._fold_one_query_counts()
         self._view = _SearchView(
-            graph=tuple(graph.kernel_graph(self._metric.proxy)),
-            finger=tuple(graph.kernel_finger()),
-            deleted=graph.deleted[:n] if graph.n_deleted else self._NO_MASK,
-            has_finger=graph.finger is not None)
+            graph=tuple(kgraph), finger=tuple(kfinger), deleted=deleted,
+            has_finger=graph.finger is not None,
+            one=one_query_table(kgraph, kfinger, deleted, positions), n_live=n - graph.n_deleted,
+            n_nodes=n, one_pool=[], counted=[])
         self._graph = graph
         self._pool = {}  # visited sets are sized by n
+
+    def _fold_one_query_counts(self) -> None:
+        # the one-query searches' counters of the view being replaced, into the totals (writers
+        # only: no search is in flight)
+        view = self._view
+        if view is not None and view.counted:
+            totals = np.sum([s[1:] for _, s in view.counted], axis=0)
+            with self._stats_lock:
+                for j in range(3):
+                    self._stats[j] += int(totals[j])
 
     # ------------------------------------------------------------------ build / add
     def _build(self, X, progress):
@@ -640,7 +664,7 @@ class HNSW(Index):
             self._fit_finger(graph, rng)
         self._commit(graph)
         with self._stats_lock:
-            self._stats = [0, 0, 0]
+            self._stats = [0, 0, 0]  # the searches of the previous graph (folded by _commit) too
 
     def _add(self, X, progress):
         old = self._graph
@@ -921,6 +945,30 @@ class HNSW(Index):
             out_i = g.positions_padded[out_i]
         return out_d, out_i
 
+    def _search_one(self, q, k, params, threads):
+        view = self._view
+        if type(k) is not int or not 0 < k <= view.n_live:
+            return None
+        ef = params["ef"]
+        if view.n_live < view.n_nodes and self._scan_is_cheaper(view.n_live, k, params):
+            return None  # many deletions: the ordinary path scans the live vectors
+        pool = view.one_pool
+        try:
+            visited, scratch = pool.pop()
+        except IndexError:
+            visited = np.zeros((1, view.n_nodes), np.uint16)
+            scratch = np.zeros(ONE_QUERY_SCRATCH, np.int64)
+            view.counted.append((visited, scratch))
+        bound, normalize, out_metric = self._one_query_terms()
+        out_d = np.empty(k, np.float32)
+        out_i = np.empty(k, np.int64)
+        try:
+            status = search_one(q, view.one.words, k, ef, params["finger"], bound, normalize, out_metric,
+                                self._NO_MASK, self._ids_array(), visited, scratch, out_d, out_i)
+        finally:
+            pool.append((visited, scratch))
+        return None if status else (out_i, out_d)
+
     def search_stats(self) -> dict[str, float]:
         """Distance work of the searches since build (or :meth:`reset_search_stats`).
 
@@ -933,6 +981,8 @@ class HNSW(Index):
         """
         with self._rw.read(), self._stats_lock:
             q, ex, est = self._stats
+            for _, scratch in list(self._view.counted) if self._view is not None else ():
+                q, ex, est = q + int(scratch[1]), ex + int(scratch[2]), est + int(scratch[3])
         return {"queries": q, "exact_per_query": ex / q if q else 0.0,
                 "estimated_per_query": est / q if q else 0.0}
 
@@ -940,6 +990,8 @@ class HNSW(Index):
         """Zero the counters of :meth:`search_stats` (after the searches in flight finish)."""
         with self._rw.write(), self._stats_lock:
             self._stats = [0, 0, 0]
+            for _, scratch in self._view.counted if self._view is not None else ():
+                scratch[1:] = 0
 
     # ------------------------------------------------------------------ persistence
     def _state(self):
@@ -950,6 +1002,9 @@ class HNSW(Index):
                                     self._n_positions)
         graph.validate(self._dim, self._n_positions, self._metric.max_abs(self._dim))
         self._commit(graph)
+
+
+_NO_POSITIONS = np.zeros(0, np.int64)
 
 
 def _ranks(counts: np.ndarray) -> np.ndarray:

@@ -26,15 +26,18 @@ from .._state import (
 from ..api import Index
 from ..kernels.jl import MAX_SKETCH, choose_copies, gaussian_columns, query_keys, sketch_size
 from ..kernels.sketch import (
-    Sketches, gram_update, matvec64, median_estimate, median_search, outer_update, quadform_rows,
-    quadratic_forms, rank_update, row_combinations, sketch_points, sqnorm_update,
+    Sketches, gram_update, matvec64, median_estimate, median_search, median_search_one, one_query_table,
+    outer_update, quadform_rows, quadratic_forms, rank_update, row_combinations, sketch_points,
+    sqnorm_update,
 )
+from ..kernels.blockwise import ONE_QUERY_SERIAL_WORK
 from ..kernels.topk import topk_rows
 from ..metrics import ALIASES, METRICS
 
 __all__ = ["MahalanobisSketch", "SketchState", "QUADFORM_LIMIT", "SKETCH_SCALE"]
 
 _SUPPORTED = ["mahalanobis", "l2", "euclidean"]
+_NO_MASK = np.zeros(0, dtype=np.bool_)
 _EIG_RANK_TOL = 1e-10  # eigenvalues below this fraction of the largest are dropped from the factor
 
 # Largest ``x^T M x`` (squared Mahalanobis norm) of a stored point or a query, ~4.3e37: the bound
@@ -133,6 +136,13 @@ class SketchState:
         """The arrays the scoring kernels read (made once per state object, not per query)."""
         return Sketches(self.maps, self.sketches, self.sketch_sqnorms,
                         self.pending_columns[:, :, :self.pending])
+
+    @functools.cached_property
+    def one_query(self):
+        """The array table of the one-query kernel (made once per state object)."""
+        return one_query_table(self.kernel_view, self.vectors, self.quadforms,
+                               None if self.identity else self.matrix,
+                               self.deleted if self.deleted_count else None)
 
     @functools.cached_property
     def live(self) -> np.ndarray | None:
@@ -382,6 +392,7 @@ class MahalanobisSketch(Index):
         self._st: SketchState | None = None
         # The copy choice is keyed by the seed; derive the key once, not per query.
         self._query_key = query_keys(self.params["random_state"])
+        self._query_words = tuple(np.frombuffer(self._query_key[:16], dtype=np.uint64))  # as the kernels take it
 
     # ----------------------------------------------------------------- parameters
     def _check_build_params(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -521,6 +532,27 @@ class MahalanobisSketch(Index):
         _, cand = median_search(Q, st.kernel_view, self._select(Q), c, self._allowed(mask, st))
         exact = quadform_rows(MQ, qmq, st.vectors, st.quadforms, cand).astype(np.float32)
         return topk_rows(exact, k, cand)
+
+    def _search_one(self, q, k, params, threads):
+        st = self._st
+        n_live = self._n_positions - st.deleted_count
+        if type(k) is not int or not 0 < k <= n_live:
+            return None
+        reorder = params["reorder"]
+        if st.deleted_count and self._scan_is_cheaper(n_live, k, params):
+            return None  # the ordinary path scores the few live points exactly
+        p = self.params
+        work = p["votes"] * st.sketches.shape[1] * self._n_positions
+        if work > ONE_QUERY_SERIAL_WORK and threads != 1 and (threads or config.get_num_threads()) > 1:
+            return None  # a long pass: the ordinary path's products use the threads
+        bound = self._one_query_terms()[0]
+        out_d = np.empty(k, np.float32)
+        out_i = np.empty(k, np.int64)
+        key0, key1 = self._query_words
+        if median_search_one(q, st.one_query.words, key0, key1, p["votes"], min(max(reorder, k), self._n_positions),
+                             k, QUADFORM_LIMIT, bound, _NO_MASK, self._ids_array(), out_d, out_i):
+            return None
+        return out_i, out_d
 
     def _scan_is_cheaper(self, n_allowed: int, k: int, params: dict[str, Any]) -> bool:
         # When every allowed point fits in the candidate list the sketch pass would only hand

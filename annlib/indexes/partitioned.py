@@ -126,6 +126,8 @@ class PartitionedState:
     centre_sqnorms: np.ndarray | None = field(default=None, repr=False, compare=False)
     packed: Any = field(default=None, repr=False, compare=False)
     pq_arrays: Any = field(default=None, repr=False, compare=False)
+    # the one-query kernel's array table, made on its first search of this state
+    one_query: Any = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ shape
     @property
@@ -156,6 +158,7 @@ class PartitionedState:
         self.packed = fastscan.PackedLeaves(self.leaf_block_offsets, self.codes, self.entry_positions,
                                             self.point_terms, fastscan.block_min(self.point_terms))
         self.pq_arrays = None
+        self.one_query = None
         if self.codebooks is not None:
             self.pq_arrays = fastscan.PQIndexArrays.of(self.centres, self.centre_sqnorms, self.codebooks,
                                                        self.packed, self.vectors)
@@ -722,6 +725,30 @@ class Partitioned(Index):
 
     def _vectors_at(self, positions):
         return self._st.vectors[positions]
+
+    def _search_one(self, q, k, params, threads):
+        st = self._st
+        plan = st.one_query
+        if plan is None:
+            if st.pq_arrays is None:
+                return None  # int8 codes: the ordinary path
+            plan = st.one_query = fastscan.pq_one_query_table(st.pq_arrays, st.exact_positions)
+        n = st.num_vectors
+        if type(k) is not int or not 0 < k <= n:
+            return None
+        leaves = params["leaves"]
+        L = st.num_leaves
+        t = min(L, leaves if leaves is not None else _default_probes(L))
+        n_cand = min(max(params["reorder"], k), n)
+        if n_cand >= fastscan.ONE_QUERY_MAX_CANDIDATES:
+            return None
+        bound, normalize, out_metric = self._one_query_terms()
+        out_d = np.empty(k, np.float32)
+        out_i = np.empty(k, np.int64)
+        if fastscan.search_pq_one(q, plan.words, t, n_cand, k, self._metric.proxy, bound, normalize, out_metric,
+                                  _NO_MASK, self._ids_array(), out_d, out_i):
+            return None
+        return out_i, out_d
 
     def _search(self, Q, k, mask, leaves=None, reorder=100):
         st = self._st

@@ -170,17 +170,37 @@ class TPUKNN(Index):
             return host + ids + (self._db.nbytes() if self._db is not None else 0)
 
     # ----------------------------------------------------------------- search
+    def _on_cpu(self) -> bool:
+        """Whether JAX's default backend is the CPU (asked once per index: asking costs microseconds)."""
+        on_cpu = self.__dict__.get("_backend_is_cpu")
+        if on_cpu is None:
+            from ..accel.sharding import backend_platform
+
+            on_cpu = self.__dict__["_backend_is_cpu"] = backend_platform() == "cpu"
+        return on_cpu
+
+    def _search_one(self, q, k, params, threads):
+        # One query on the CPU backend is answered exactly by BruteForce's one-query kernel:
+        # faster than a JAX dispatch at every size measured (docs/tpuknn.md), and exact results
+        # meet any recall target.
+        if not self._on_cpu():
+            return None
+        return self._st.search_one(q, k, threads, self._metric.proxy, self._one_query_terms(), self._ids_array(),
+                                   get_num_threads)
+
     def _search(self, Q: np.ndarray, k: int, mask: np.ndarray | None, recall_target: float):
         from ..accel import tpuknn as accel
-        from ..accel.sharding import backend_platform
 
         st = self._st
+        proxy = self._metric.proxy
+        if Q.shape[0] == 1 and self._on_cpu():
+            # a single query on the CPU: the exact numba path (see _search_one), filters included
+            return exact_search(Q, st.vectors, st.sqnorms, k, proxy, mask, workers=get_num_threads())
         allowed = st.vectors.shape[0] if mask is None else int(np.count_nonzero(mask))
         if allowed == 0:
             return np.full((Q.shape[0], k), np.inf, np.float32), np.full((Q.shape[0], k), -1, np.int64)
         mode = accel.choose_mode(allowed, k, recall_target)
-        proxy = self._metric.proxy
-        if mode == "exact" and backend_platform() == "cpu":
+        if mode == "exact" and self._on_cpu():
             # The CPU's exact path is BruteForce's kernel: same results, faster than XLA's sort.
             return exact_search(Q, st.vectors, st.sqnorms, k, proxy, mask)
         db = self._device_db()

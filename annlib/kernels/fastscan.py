@@ -24,9 +24,12 @@ import numpy as np
 from numba import prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
+from .beam import exact_proxy
 from .distances import proxy_pair
 from .quantization import LookupTables, _build_luts_rows
 from .lut16 import lut16_block, lut16_block_generic, lut16_block_mask
+from .query import BAD_QUERY, finish_one, prepare_query
+from .table import f32_1d, f32_2d, f32_3d, i32_1d, i64_1d, make_table, u8_3d
 from .topk import heap_push, heap_sort_inplace, new_heaps
 
 __all__ = [
@@ -43,6 +46,9 @@ __all__ = [
     "block_min",
     "search_pq_few",
     "select_all_pq",
+    "search_pq_one",
+    "pq_one_query_table",
+    "ONE_QUERY_MAX_CANDIDATES",
 ]
 
 POINT_BLOCK = 32  # points per packed block (the layout of quantization.pack_codes)
@@ -758,3 +764,86 @@ def select_all_pq(tables: LookupTables, leaves: PackedLeaves, n_cand: int) -> np
     out = np.empty((nq, n_cand), dtype=np.int64)
     _select_all_rows(tables.tables, leaves.codes, leaves.entry_positions, n_cand, out)
     return out
+
+
+# ------------------------------------------------------------------------------------ one query
+# search_pq_one is compiled for 16-bit buffer slots only (one specialization, shared with
+# search_pq_few's usual one); more candidates take search_pq_few.
+ONE_QUERY_MAX_CANDIDATES = (65535 - POINT_BLOCK) // 2
+
+
+def pq_one_query_table(index: PQIndexArrays, exact_positions: np.ndarray):
+    """The :class:`~.table.ArrayTable` :func:`search_pq_one` reads: the fields of ``index`` in
+    order, then the positions compared exactly with every query (int32, vectors without entries)."""
+    return make_table(*index, exact_positions)
+
+
+@numba.njit(cache=True, nogil=True)
+def search_pq_one(q, table, t, n_cand, k, proxy, bound, normalize, out_metric, mask, ids, out_d, out_i):
+    """The whole 4-bit PQ search of one query, from the raw query to the returned ids and
+    distances: :func:`search_pq_few` (the same code) with the query checked and prepared first
+    (:func:`.query.prepare_query`), the probed leaves doubled while they hold fewer than ``k``
+    allowed entries, the vectors without entries compared exactly, and the result converted
+    last (:func:`.query.finish_one`).
+
+    Parameters
+    ----------
+    q : float32 (d,)
+        The query as the caller gave it.
+    table : int64
+        :func:`pq_one_query_table` of the index.
+    t, n_cand, k, proxy
+        As :func:`search_pq_few` takes them (``1 <= t <= L``; ``n_cand`` below
+        :data:`ONE_QUERY_MAX_CANDIDATES`, so the candidate buffer's slots fit 16 bits).
+    bound, normalize, out_metric
+        As :func:`.query.prepare_query` and :func:`.query.finish_one` take them.
+    mask : bool (n,) or (0,)
+        Allowed positions; empty means all.
+    ids : int64 (n,) or (0,)
+        External id per position; empty: ids are positions.
+    out_d, out_i : float32 / int64 (k,)
+        Receive the distances and ids, best first (+inf / -1 padded).
+
+    Returns
+    -------
+    int
+        0, or :data:`.query.BAD_QUERY` (nothing searched).
+    """
+    index = PQIndexArrays(f32_2d(table, 0), f32_1d(table, 4), f32_3d(table, 8), i64_1d(table, 12),
+                          u8_3d(table, 16), i32_1d(table, 20), f32_1d(table, 24), f32_1d(table, 28),
+                          f32_2d(table, 32))
+    exact = i32_1d(table, 36)
+    d = q.shape[0]
+    Qp = np.empty((1, d), dtype=np.float32)
+    if prepare_query(q, bound, normalize, Qp[0]):
+        return BAD_QUERY
+    L = index.centres.shape[0]
+    best_d = np.empty((1, k), dtype=np.float32)
+    best_i = np.empty((1, k), dtype=np.int64)
+    while True:
+        best_d[:] = np.inf
+        best_i[:] = -1
+        _search_pq_few(Qp, index, t, mask, n_cand, k, proxy, best_d, best_i, _SLOTS_U16)
+        # short of k allowed entries in the probed leaves: probe twice as many (as the batch path)
+        if t >= L or best_i[0, k - 1] >= 0:
+            break
+        t = min(L, 2 * t)
+    hd = best_d[0]
+    hi = best_i[0]
+    use_mask = mask.shape[0] > 0
+    X = index.vectors
+    for j in range(exact.shape[0]):
+        p = np.int64(exact[j])
+        if use_mask and not mask[p]:
+            continue
+        v = exact_proxy(Qp[0], X[p], proxy)
+        if v < hd[k - 1]:  # insert into the sorted list
+            a = k - 1
+            while a > 0 and hd[a - 1] > v:
+                hd[a] = hd[a - 1]
+                hi[a] = hi[a - 1]
+                a -= 1
+            hd[a] = v
+            hi[a] = p
+    finish_one(hd, hi, k, out_metric, ids, out_d, out_i)
+    return 0

@@ -38,6 +38,8 @@ from .beam import (FASTMATH, _allowed, cand_pop, cand_push, exact_proxy, new_bea
                    prefetch_row, row_lines, score_collected)
 from .distances import proxy_pair
 from .finger import FingerArrays, _finger_layer0
+from .query import BAD_QUERY, finish_one, prepare_query
+from .table import bool_1d, f32_1d, f32_2d, i32_1d, i32_2d, i64_1d, int_at, make_table, u64_2d
 from .topk import heap_push, heap_sort_inplace
 
 __all__ = [
@@ -52,6 +54,9 @@ __all__ = [
     "repair_deleted",
     "search_queries",
     "search_serial",
+    "search_one",
+    "one_query_table",
+    "ONE_QUERY_SCRATCH",
     "bfs_order",
     "relabel_rows",
 ]
@@ -558,6 +563,94 @@ def search_serial(Q, graph, finger, params, visited, tags, out):
         ev, est = _query(Q[r], graph, finger, params, visited[0], tag, beam, out_d[r], out_i[r])
         counts[r, 0] = ev
         counts[r, 1] = est
+
+
+# ------------------------------------------------------------------------------------ one query
+# int64 scratch of one-query searches: the visited set's tag, then the searches, exact distance
+# evaluations and FINGER estimates counted with this scratch.
+ONE_QUERY_SCRATCH = 4
+
+
+def one_query_table(graph: GraphArrays, finger: FingerArrays, deleted: np.ndarray,
+                    node_positions: np.ndarray):
+    """The :class:`~.table.ArrayTable` :func:`search_one` reads.
+
+    Parameters
+    ----------
+    graph : GraphArrays
+    finger : FingerArrays
+        Rank 0 (empty basis) without FINGER.
+    deleted : bool (n,) or (0,)
+        Node tombstones (empty: none).
+    node_positions : int64 (n + 1,) or (0,)
+        Position of each node followed by -1 (empty: nodes are positions).
+    """
+    return make_table(graph.vectors, graph.links_layer0, graph.links_upper, graph.upper_start,
+                      graph.levels, finger.basis, finger.codes, finger.payload, finger.table, deleted,
+                      node_positions, int(graph.entry), int(graph.max_level), int(graph.proxy))
+
+
+@numba.njit(cache=True, nogil=True)
+def search_one(q, table, k, ef, use_finger, bound, normalize, out_metric, mask, ids, visited, scratch,
+               out_d, out_i):
+    """One query, from the raw query to the returned ids and distances: the walk of
+    :func:`search_serial` (the same code) with the query checked and prepared first
+    (:func:`.query.prepare_query`) and the result converted last (:func:`.query.finish_one`).
+
+    Parameters
+    ----------
+    q : float32 (d,)
+        The query as the caller gave it.
+    table : int64
+        :func:`one_query_table` of the graph.
+    k, ef : int
+        Results (``1 <= k``) and beam width (``max(ef, k)`` is used).
+    use_finger : bool
+        Filter layer 0 by FINGER when the graph has a basis.
+    bound, normalize, out_metric
+        As :func:`.query.prepare_query` and :func:`.query.finish_one` take them.
+    mask : bool (n,) or (0,)
+        Allowed nodes (node order); empty means all.
+    ids : int64 (n_positions,) or (0,)
+        External id of each position; empty: ids are positions.
+    visited : uint16 (1, >= n); scratch : int64 (ONE_QUERY_SCRATCH,)
+        A visited set and its scratch (tag and counters), used by one search at a time.
+    out_d, out_i : float32 / int64 (k,)
+        Receive the distances and ids, best first (+inf / -1 padded).
+
+    Returns
+    -------
+    int
+        0, or :data:`.query.BAD_QUERY` (nothing searched).
+    """
+    graph = GraphArrays(f32_2d(table, 0), i32_2d(table, 4), i32_2d(table, 8), i64_1d(table, 12),
+                        i32_1d(table, 16), int_at(table, 44), int_at(table, 45), int_at(table, 46))
+    finger = FingerArrays(f32_2d(table, 20), u64_2d(table, 24), f32_2d(table, 28), f32_1d(table, 32))
+    deleted = bool_1d(table, 36)
+    positions = i64_1d(table, 40)
+    qp = np.empty(q.shape[0], dtype=np.float32)
+    if prepare_query(q, bound, normalize, qp):
+        return BAD_QUERY
+    rank = finger.basis.shape[0]
+    best_d = np.empty(k, dtype=np.float32)
+    best_i = np.empty(k, dtype=np.int64)
+    if graph.entry < 0:
+        best_i[:] = -1
+    else:
+        ef = max(ef, k)
+        params = SearchParams(ef, k, mask, deleted, use_finger and rank > 0)
+        width = graph.links_layer0.shape[1]
+        beam = new_beam(ef, 4 * ef + 2 * width + 64, width, rank)
+        tag = next_tag(visited, scratch, 0)
+        ev, est = _query(qp, graph, finger, params, visited[0], tag, beam, best_d, best_i)
+        scratch[1] += 1
+        scratch[2] += ev
+        scratch[3] += est
+        if positions.shape[0] > 0:
+            for j in range(k):
+                best_i[j] = positions[best_i[j]]  # -1 maps to the trailing -1
+    finish_one(best_d, best_i, k, out_metric, ids, out_d, out_i)
+    return 0
 
 
 # ------------------------------------------------------------------------------------ layout

@@ -31,7 +31,10 @@ import numpy as np
 from numba import prange
 
 from .distances import sqnorms
-from .topk import heap_push, new_heaps, sort_heaps
+from .query import BAD_QUERY, prepare_query
+from .siphash import keyed_choices, siphash24_rows
+from .table import bool_1d, f32_2d, f32_3d, f64_1d, f64_2d, make_table
+from .topk import heap_push, heap_sort_inplace, new_heaps, sort_heaps
 
 __all__ = [
     "Sketches",
@@ -48,6 +51,9 @@ __all__ = [
     "quadform_rows",
     "median_estimate",
     "median_search",
+    "median_search_one",
+    "one_query_table",
+    "BAD_QUADFORM",
     "ROWS_PER_COPY",
     "DB_BLOCK",
 ]
@@ -557,3 +563,179 @@ def median_search(
         fold_median_block(*block, sk.sqnorms, x0, mask_arr, heap_d, heap_i, q0)
     sort_heaps(heap_d, heap_i)
     return heap_d, heap_i
+
+
+# ----------------------------------------------------------------------------- one query
+BAD_QUADFORM = 2  # status of median_search_one: the query's q^T M q is above the limit
+
+
+def one_query_table(sk: Sketches, vectors: np.ndarray, quadforms: np.ndarray, matrix: np.ndarray | None,
+                    deleted: np.ndarray | None):
+    """The :class:`~.table.ArrayTable` :func:`median_search_one` reads.
+
+    Parameters
+    ----------
+    sk : Sketches
+    vectors : float32 (n, d)
+    quadforms : float64 (n,)
+        ``x^T M x``.
+    matrix : float64 (d, d) or None
+        ``M`` (None: the identity).
+    deleted : bool (n,) or None
+        Deleted points (None: none).
+    """
+    return make_table(sk.maps, sk.sketches, sk.sqnorms, np.ascontiguousarray(sk.pending), vectors, quadforms,
+                      np.zeros((0, 0)) if matrix is None else matrix,
+                      np.zeros(0, np.bool_) if deleted is None else deleted)
+
+
+@numba.njit(cache=True, nogil=True)
+def median_search_one(q, table, key0, key1, votes, c, k, limit, bound, mask, ids, out_d, out_i):
+    """One query of a Mahalanobis sketch index, from the raw query to the returned ids and
+    distances: the copy choice of :func:`annlib.kernels.jl.choose_copies`, the median-of-copies
+    estimates of :func:`median_search` (their ``c`` best), the exact re-ranking of
+    :func:`quadform_rows` and the distances (square roots), in one call.
+
+    Parameters
+    ----------
+    q : float32 (d,)
+        The query as the caller gave it (checked here: NaN, inf, entries above ``bound``).
+    table : int64
+        :func:`one_query_table`.
+    key0, key1 : uint64
+        The copy-choice key (the first 16 bytes of :func:`annlib.kernels.jl.query_keys`).
+    votes : int
+        Copies per query.
+    c : int
+        Candidates re-ranked exactly (``k <= c <= n``).
+    k : int
+    limit : float
+        Largest ``q^T M q`` allowed.
+    bound : float
+        Largest magnitude of a query entry.
+    mask : bool (n,) or (0,)
+        Allowed points; empty means all.
+    ids : int64 (n,) or (0,)
+        External id per position; empty: ids are positions.
+    out_d, out_i : float32 / int64 (k,)
+        Receive the distances and ids, best first (+inf / -1 padded).
+
+    Returns
+    -------
+    int
+        0, :data:`.query.BAD_QUERY` or :data:`BAD_QUADFORM` (nothing searched).
+
+    Notes
+    -----
+    Serial: one pass over the chosen copies' sketches (``votes * (m + r) * n`` multiply-adds)
+    plus ``c * d`` for the re-ranking.
+    """
+    P = f32_3d(table, 0)
+    S = f32_3d(table, 4)
+    sn = f32_2d(table, 8)
+    pend = f32_3d(table, 12)
+    X = f32_2d(table, 16)
+    xmx = f64_1d(table, 20)
+    M = f64_2d(table, 24)
+    deleted = bool_1d(table, 28)
+    L, m, d = P.shape
+    r = pend.shape[2]
+    n = S.shape[2]
+    qp = np.empty(d, dtype=np.float32)
+    if prepare_query(q, bound, False, qp):
+        return BAD_QUERY
+    # exact query form, as the batch path computes it (float64)
+    q64 = qp.astype(np.float64)
+    if M.shape[0] > 0:
+        mq = np.zeros(d, dtype=np.float64)
+        for a in range(d):
+            qa = q64[a]
+            for b in range(d):
+                mq[b] += qa * M[a, b]
+    else:
+        mq = q64
+    qmq = 0.0
+    for a in range(d):
+        qmq += mq[a] * q64[a]
+    if not qmq <= limit:
+        return BAD_QUADFORM
+    # the copies this query uses: SipHash-2-4 of its bytes, as choose_copies
+    nbytes = d * 4
+    words = np.zeros((1, nbytes // 8 + 1), dtype=np.uint64)
+    wbytes = words[0].view(np.uint8)
+    qbytes = qp.view(np.uint8)
+    for a in range(nbytes):
+        wbytes[a] = qbytes[a]
+    sel = keyed_choices(siphash24_rows(words, nbytes, key0, key1), L, votes)[0]
+    # sketched query rows (extended by their products with the pending update columns) and
+    # their products with every stored sketch of the chosen copies
+    G = np.zeros((votes, n), dtype=np.float32)
+    zn = np.empty(votes, dtype=np.float32)
+    zx = np.empty(m + r, dtype=np.float32)
+    for s in range(votes):
+        j = sel[s]
+        acc2 = np.float32(0.0)
+        for a in range(m):
+            acc = np.float32(0.0)
+            for b in range(d):
+                acc += P[j, a, b] * qp[b]
+            zx[a] = acc
+            acc2 += acc * acc
+        zn[s] = acc2
+        for u in range(r):
+            acc = np.float32(0.0)
+            for a in range(m):
+                acc += zx[a] * pend[j, a, u]
+            zx[m + u] = acc
+        _axpy_rows(zx, S[j], G[s])
+    # median over the copies, the c best allowed points
+    use_mask = mask.shape[0] > 0
+    use_deleted = deleted.shape[0] > 0
+    hd = np.full(c, np.inf, dtype=np.float32)
+    hi = np.full(c, -1, dtype=np.int64)
+    est = np.empty(n, dtype=np.float32)
+    tmp = np.empty(votes, dtype=np.float32)
+    t_row = np.arange(votes)
+    _median_row(G, t_row, sel, zn, sn, 0, est, tmp)
+    for i in range(n):
+        v = est[i]
+        if v < hd[0]:
+            if (use_mask and not mask[i]) or (use_deleted and deleted[i]):
+                continue
+            heap_push(hd, hi, v, i)
+    heap_sort_inplace(hd, hi)
+    # exact squared distances of the candidates (float64), the k best
+    bd = np.full(k, np.inf, dtype=np.float32)
+    bi = np.full(k, -1, dtype=np.int64)
+    for j in range(c):
+        p = hi[j]
+        if p < 0:
+            continue
+        acc64 = 0.0
+        for t in range(d):
+            acc64 += mq[t] * X[p, t]
+        v64 = qmq - 2.0 * acc64 + xmx[p]
+        v = np.float32(v64 if v64 > 0.0 else 0.0)
+        if v < bd[0]:
+            heap_push(bd, bi, v, p)
+    heap_sort_inplace(bd, bi)
+    for j in range(k):
+        p = bi[j]
+        if p < 0:
+            out_i[j] = -1
+            out_d[j] = np.inf
+        else:
+            out_i[j] = ids[p] if ids.shape[0] > 0 else p
+            out_d[j] = np.sqrt(bd[j])
+    return 0
+
+
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def _axpy_rows(z, S, out):
+    """``out += sum_a z[a] * S[a]`` over the first ``len(z)`` rows of ``S`` (a row at a time:
+    each row of a copy's sketches is contiguous over the points)."""
+    n = out.shape[0]
+    for a in range(z.shape[0]):
+        za = z[a]
+        for i in range(n):
+            out[i] += za * S[a, i]
