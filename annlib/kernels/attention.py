@@ -19,7 +19,13 @@ from numba import prange
 __all__ = ["attend_selected", "merge_partials", "page_bound_vectors"]
 
 
-@numba.njit(cache=True, nogil=True)
+# Reassociation lets the float64 dot products vectorise (float64 keeps them exact to far below
+# float32 rounding); without it each score is a chain of d dependent additions. Only the flags
+# that reorder arithmetic: padding scores are -inf, so "no infinities" must not be assumed.
+_REORDER = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_REORDER)
 def _attend_rows(Q, K, V, sel, scale, out, row_max, row_sum, lo, hi):
     width = sel.shape[1]
     d = Q.shape[1]
@@ -60,7 +66,7 @@ def _attend_rows(Q, K, V, sel, scale, out, row_max, row_sum, lo, hi):
         row_sum[r] = total
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_REORDER)
 def _attend_parallel(Q, K, V, sel, scale, out, row_max, row_sum, chunks):
     n = Q.shape[0]
     step = (n + chunks - 1) // chunks
