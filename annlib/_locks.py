@@ -9,10 +9,14 @@ write, never half of it.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from typing import Iterator
 
 __all__ = ["ReadWriteLock"]
+
+# call_read's lock-free entry relies on the global interpreter lock (see there)
+_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 class ReadWriteLock:
@@ -32,32 +36,58 @@ class ReadWriteLock:
         self._writer: int | None = None  # thread id of the writer holding the lock
         self._writer_depth = 0
         self._writers_waiting = 0
+        self._quick: list = []  # one entry per reader inside call_read (see there)
 
     def read(self) -> "_ReadHold":
         """Context manager holding the lock for reading (shared with other readers)."""
         return _ReadHold(self)
 
-    def try_read(self) -> bool:
-        """Take the lock for reading if that needs no wait; False (nothing taken) otherwise.
+    def call_read(self, fn, *args):
+        """``fn(*args)`` holding the lock for reading, if taking it needs no wait; else None
+        (``fn`` not called).
 
-        The one-query search path: no holder object, one lock round trip. When a writer holds
-        the lock or waits for it, the caller goes the ordinary way (:meth:`read`), which waits;
-        so a stream of searches still cannot starve a writer. A True must be paired with
-        :meth:`release_read`.
+        The one-query search path: no holder object and, under the global interpreter lock, no
+        mutex either. The reader announces itself by appending to ``_quick`` (one atomic list
+        operation), then looks for a writer; a writer announces itself (``_writers_waiting``,
+        ``_writer``), then waits until ``_quick`` is empty. Each side acts first and looks
+        second, and the interpreter lock orders every such step, so at least one of the two sees
+        the other: either the reader backs off (None: the caller goes the ordinary way,
+        :meth:`read`, which waits, so a stream of searches cannot starve a writer) or the writer
+        waits for it. A reader leaving wakes a writer only when one waits.
         """
-        with self._mutex:
-            if self._writer is None and not self._writers_waiting:
-                self._readers += 1
-                return True
-        return False
+        if not _GIL:
+            return self._call_read_locked(fn, args)
+        quick = self._quick
+        quick.append(None)
+        if self._writer is not None or self._writers_waiting:
+            quick.pop()
+            self._wake_writer()
+            return None
+        try:
+            return fn(*args)
+        finally:
+            quick.pop()
+            if self._writers_waiting:
+                self._wake_writer()
 
-    def release_read(self) -> None:
-        """Release a read taken by :meth:`try_read`."""
+    def _wake_writer(self) -> None:
         with self._mutex:
-            self._readers -= 1
-            # only a writer waits for the readers to leave: wake one only when one waits
-            if self._readers == 0 and self._writers_waiting:
-                self._cond.notify_all()
+            self._cond.notify_all()
+
+    def _call_read_locked(self, fn, args):
+        # call_read without the interpreter lock: the reader count under the mutex
+        mutex = self._mutex
+        with mutex:
+            if self._writer is not None or self._writers_waiting:
+                return None
+            self._readers += 1
+        try:
+            return fn(*args)
+        finally:
+            with mutex:
+                self._readers -= 1
+                if self._readers == 0 and self._writers_waiting:
+                    self._cond.notify_all()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
@@ -69,7 +99,7 @@ class ReadWriteLock:
             else:
                 self._writers_waiting += 1
                 try:
-                    while self._writer is not None or self._readers:
+                    while self._writer is not None or self._readers or self._quick:
                         cond.wait()
                 finally:
                     self._writers_waiting -= 1

@@ -18,6 +18,7 @@ from .kernels.blockwise import ONE_QUERY_SERIAL_WORK, one_query_table, search_on
 from .kernels.distances import sqnorms as _sqnorms
 
 _NO_MASK = np.zeros(0, dtype=np.bool_)
+_NO_IDS = np.zeros(0, dtype=np.int64)
 
 __all__ = [
     "bad_field",
@@ -144,29 +145,32 @@ class PreparedVectors:
         """The state holding ``X`` (kept, not copied: the caller hands over an owned array)."""
         return cls(X, _sqnorms(X))
 
-    def search_one(self, q: np.ndarray, k: Any, threads: int | None, proxy: int, terms: tuple,
-                   ids: np.ndarray, num_threads) -> tuple[np.ndarray, np.ndarray] | None:
+    def one_query_plan(self, ids: np.ndarray | None, proxy: int, terms: tuple) -> tuple:
+        """What the exact one-query kernel needs of this state, for :meth:`search_one`:
+        ``(self, ids, table, table words, n, long scan)``. ``ids`` are the index's external ids
+        (None: positions), ``terms`` :meth:`annlib.Index._one_query_terms`. The plan holds this
+        state and the ids, so a family keeps it until either is replaced."""
+        n, d = self.vectors.shape
+        table = one_query_table(self.vectors, _NO_IDS if ids is None else ids, proxy, terms)
+        return (self, ids, table, table.words, n, n * d > ONE_QUERY_SERIAL_WORK)
+
+    @staticmethod
+    def search_one(plan: tuple, q: np.ndarray, k: Any, threads: int | None,
+                   num_threads) -> tuple[np.ndarray, np.ndarray] | None:
         """The exact one-query search of :meth:`annlib.Index.search`'s short path, or None.
 
-        ``q`` is the raw query, ``terms`` :meth:`annlib.Index._one_query_terms`, ``ids`` the
-        external ids (or empty), ``num_threads()`` the thread setting (asked only for a long
-        scan, which the ordinary path splits over the threads: then None, as for a bad ``k``
-        or query). The kernel's array table is made on the first call and kept with the state
-        (a state is replaced, never modified, by every change).
+        ``plan`` is :meth:`one_query_plan`, ``q`` the raw query; ``num_threads()`` the thread
+        setting, asked only for a long scan, which the ordinary path splits over the threads
+        (then None, as for a bad ``k`` or query).
         """
-        one = self.__dict__.get("_one_query")
-        if one is None:
-            n, d = self.vectors.shape
-            one = self.__dict__["_one_query"] = (one_query_table(self.vectors).words, n,
-                                                 n * d > ONE_QUERY_SERIAL_WORK)
-        words, n, long_scan = one
+        words, n, long_scan = plan[3], plan[4], plan[5]
         if type(k) is not int or not 0 < k <= n:
             return None
         if long_scan and (threads or num_threads()) > 1:
             return None
         out_d = np.empty(k, np.float32)
         out_i = np.empty(k, np.int64)
-        if search_one(q, words, k, proxy, terms[2], terms[0], terms[1], _NO_MASK, ids, out_d, out_i):
+        if search_one(q, words, k, _NO_MASK, out_d, out_i):
             return None
         return out_i, out_d
 

@@ -464,27 +464,22 @@ class Index:
         if (filter is None and type(Q) is np.ndarray and Q.dtype is _F32 and Q.flags.carray
                 and (threads is None or (type(threads) is int and threads > 0))):
             one = self._search_one
-            if one is not None:
-                ndim = Q.ndim
-                if ndim == 1 or (ndim == 2 and len(Q) == 1):
-                    q = Q if ndim == 1 else Q[0]
-                    if len(q) == self._dim:
-                        if not params:
-                            sp = self._cached_defaults()
-                        else:
-                            try:
-                                sp = self.__dict__["_search_param_cache"].get(tuple(params.items()))
-                            except (KeyError, TypeError):
-                                sp = None
-                        if sp is not None and self._rw.try_read():
-                            try:
-                                found = one(q, k, sp, threads)
-                            finally:
-                                self._rw.release_read()
-                            if found is not None:
-                                if ndim == 2:
-                                    return _new_result((found[0].reshape(1, -1), found[1].reshape(1, -1)))
-                                return _new_result(found)
+            ndim = Q.ndim
+            q = Q if ndim == 1 else (Q[0] if ndim == 2 and len(Q) == 1 else None)
+            if one is not None and q is not None and len(q) == self._dim:
+                if params:
+                    try:
+                        sp = self.__dict__["_search_param_cache"].get(tuple(params.items()))
+                    except (KeyError, TypeError):  # nothing validated yet, or unhashable values
+                        sp = None
+                else:
+                    sp = self.__dict__.get("_cached_search_defaults")
+                if sp is not None:
+                    found = self._rw.call_read(one, q, k, sp, threads)
+                    if found is not None:
+                        if ndim == 2:
+                            return _new_result((found[0].reshape(1, -1), found[1].reshape(1, -1)))
+                        return _new_result(found)
         # This path runs once per query in one-at-a-time use, so it avoids work it can skip.
         self._require_built()
         Q32, was_1d = V.as_vectors(Q, "Q", allow_1d=True, limit=self._metric.max_abs)
@@ -579,10 +574,6 @@ class Index:
         if key is not None and len(cache) < 256:
             cache[key] = checked
         return checked
-
-    def _cached_defaults(self) -> dict[str, Any] | None:
-        # the validated defaults, or None before the first search validated them
-        return self.__dict__.get("_cached_search_defaults")
 
     def _default_search_params(self) -> dict[str, Any]:
         cached = self.__dict__.get("_cached_search_defaults")

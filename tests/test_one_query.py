@@ -323,3 +323,42 @@ def test_one_query_searches_while_another_thread_adds(family):
         checked += 1
     th.join()
     assert not errors, errors
+
+
+def test_the_read_lock_of_the_short_path():
+    """call_read: a writer waits for the readers inside it; while a writer holds the lock or waits
+    for it, call_read does not run its function (the caller takes the waiting path)."""
+    from annlib._locks import ReadWriteLock
+
+    rw = ReadWriteLock()
+    inside, release = threading.Event(), threading.Event()
+    order = []
+
+    def reader():
+        rw.call_read(lambda: (inside.set(), release.wait(10), order.append("read done")))
+
+    def writer():
+        with rw.write():
+            order.append("write")
+
+    r = threading.Thread(target=reader)
+    r.start()
+    assert inside.wait(10)
+    w = threading.Thread(target=writer)
+    w.start()
+    for _ in range(200):  # the writer announces itself and waits for the reader
+        if rw._writers_waiting:
+            break
+        threading.Event().wait(0.005)
+    assert rw._writers_waiting == 1 and order == []
+    assert rw.call_read(lambda: "ran") is None  # a waiting writer holds new readers back
+    release.set()
+    r.join(10)
+    w.join(10)
+    assert order == ["read done", "write"]
+    assert rw.call_read(lambda: "ran") == "ran"
+    with rw.write():
+        assert rw.call_read(lambda: "ran") is None  # the writer's own thread: the nested way
+        with rw.read():
+            pass
+    assert rw._quick == [] and rw._readers == 0

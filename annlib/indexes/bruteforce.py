@@ -55,6 +55,7 @@ class BruteForce(Index):
     def __init__(self, metric: str = "l2", **params: Any):
         super().__init__(metric=metric, **params)
         self._st: BruteForceState | None = None
+        self._one_plan: tuple = (None, None)  # BruteForceState.one_query_plan of the current state
 
     def _build(self, X: np.ndarray, progress: Any) -> None:
         with progress_reporter(progress, X.shape[0], desc="BruteForce build", unit="vec") as report:
@@ -75,8 +76,10 @@ class BruteForce(Index):
                             workers=get_num_threads())
 
     def _search_one(self, q, k, params, threads):
-        return self._st.search_one(q, k, threads, self._metric.proxy, self._one_query_terms(), self._ids_array(),
-                                   get_num_threads)
+        plan = self._one_plan
+        if plan[0] is not self._st or plan[1] is not self._ids:  # made again after every change
+            plan = self._one_plan = self._st.one_query_plan(self._ids, self._metric.proxy, self._one_query_terms())
+        return BruteForceState.search_one(plan, q, k, threads, get_num_threads)
 
     def _vectors_at(self, positions: np.ndarray) -> np.ndarray:
         return self._st.vectors[positions]

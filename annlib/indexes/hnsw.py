@@ -27,9 +27,9 @@ from .._state import bad_field, check_array, check_finite, check_range, require,
 from ..api import Index
 from ..kernels.finger import (FingerArrays, cos_table, edge_payload, pair_statistics, payload_width,
                               sample_residuals)
-from ..kernels.graph import (ONE_QUERY_SCRATCH, GraphArrays, bfs_order, insert_batch, link_reverse,
-                             one_query_table, relabel_rows, repair_deleted, search_one, search_queries,
-                             search_serial)
+from ..kernels.graph import (GraphArrays, bfs_order, insert_batch, link_reverse, new_one_query_scratch,
+                             one_query_table, relabel_rows, repair_deleted, scratch_counts, search_one,
+                             search_queries, search_serial)
 
 __all__ = ["HNSW", "HNSWGraph", "FingerPayload"]
 
@@ -488,10 +488,10 @@ class _SearchView(NamedTuple):
     finger: tuple
     deleted: np.ndarray  # node tombstones, or empty when nothing is deleted
     has_finger: bool
-    # the one-query path (HNSW._search_one): the graph as one array table, live nodes, and the
-    # pool of (visited, scratch) pairs its searches take one at a time; every pair ever made for
+    # the one-query path (HNSW._search_one): the parts of the table it reads, live nodes, and
+    # the pool of scratch arrays its searches take one at a time; every scratch ever made for
     # this view is also in `counted` (their counters feed search_stats)
-    one: Any
+    one_parts: tuple
     n_live: int
     n_nodes: int
     one_pool: list
@@ -601,6 +601,7 @@ class HNSW(Index):
         self._pool: dict[int, list] = {}
         self._stats_lock = threading.Lock()
         self._stats = [0, 0, 0]  # queries, exact evaluations, estimates
+        self._one_plan: tuple = (None, None)  # (view, ids, table, words) of the one-query path
 
     # ------------------------------------------------------------------ parameters
     def _check_build_params(self, params):
@@ -635,9 +636,8 @@ class HNSW(Index):
         self._fold_one_query_counts()
         self._view = _SearchView(
             graph=tuple(kgraph), finger=tuple(kfinger), deleted=deleted,
-            has_finger=graph.finger is not None,
-            one=one_query_table(kgraph, kfinger, deleted, positions), n_live=n - graph.n_deleted,
-            n_nodes=n, one_pool=[], counted=[])
+            has_finger=graph.finger is not None, one_parts=(kgraph, kfinger, deleted, positions),
+            n_live=n - graph.n_deleted, n_nodes=n, one_pool=[], counted=[])
         self._graph = graph
         self._pool = {}  # visited sets are sized by n
 
@@ -646,7 +646,7 @@ class HNSW(Index):
         # only: no search is in flight)
         view = self._view
         if view is not None and view.counted:
-            totals = np.sum([s[1:] for _, s in view.counted], axis=0)
+            totals = np.sum([scratch_counts(s) for s in view.counted], axis=0)
             with self._stats_lock:
                 for j in range(3):
                     self._stats[j] += int(totals[j])
@@ -947,26 +947,26 @@ class HNSW(Index):
 
     def _search_one(self, q, k, params, threads):
         view = self._view
+        plan = self._one_plan
+        if plan[0] is not view or plan[1] is not self._ids:  # made again after every change
+            table = one_query_table(*view.one_parts, self._ids_array(), self._one_query_terms())
+            plan = self._one_plan = (view, self._ids, table, table.words)
         if type(k) is not int or not 0 < k <= view.n_live:
             return None
-        ef = params["ef"]
         if view.n_live < view.n_nodes and self._scan_is_cheaper(view.n_live, k, params):
             return None  # many deletions: the ordinary path scans the live vectors
         pool = view.one_pool
         try:
-            visited, scratch = pool.pop()
+            scratch = pool.pop()
         except IndexError:
-            visited = np.zeros((1, view.n_nodes), np.uint16)
-            scratch = np.zeros(ONE_QUERY_SCRATCH, np.int64)
-            view.counted.append((visited, scratch))
-        bound, normalize, out_metric = self._one_query_terms()
+            scratch = new_one_query_scratch(view.n_nodes)
+            view.counted.append(scratch)
         out_d = np.empty(k, np.float32)
         out_i = np.empty(k, np.int64)
         try:
-            status = search_one(q, view.one.words, k, ef, params["finger"], bound, normalize, out_metric,
-                                self._NO_MASK, self._ids_array(), visited, scratch, out_d, out_i)
+            status = search_one(q, plan[3], k, params["ef"], params["finger"], self._NO_MASK, scratch, out_d, out_i)
         finally:
-            pool.append((visited, scratch))
+            pool.append(scratch)
         return None if status else (out_i, out_d)
 
     def search_stats(self) -> dict[str, float]:
@@ -981,8 +981,9 @@ class HNSW(Index):
         """
         with self._rw.read(), self._stats_lock:
             q, ex, est = self._stats
-            for _, scratch in list(self._view.counted) if self._view is not None else ():
-                q, ex, est = q + int(scratch[1]), ex + int(scratch[2]), est + int(scratch[3])
+            for scratch in list(self._view.counted) if self._view is not None else ():
+                c = scratch_counts(scratch)
+                q, ex, est = q + int(c[0]), ex + int(c[1]), est + int(c[2])
         return {"queries": q, "exact_per_query": ex / q if q else 0.0,
                 "estimated_per_query": est / q if q else 0.0}
 
@@ -990,8 +991,8 @@ class HNSW(Index):
         """Zero the counters of :meth:`search_stats` (after the searches in flight finish)."""
         with self._rw.write(), self._stats_lock:
             self._stats = [0, 0, 0]
-            for _, scratch in self._view.counted if self._view is not None else ():
-                scratch[1:] = 0
+            for scratch in self._view.counted if self._view is not None else ():
+                scratch_counts(scratch)[:] = 0
 
     # ------------------------------------------------------------------ persistence
     def _state(self):

@@ -138,13 +138,6 @@ class SketchState:
                         self.pending_columns[:, :, :self.pending])
 
     @functools.cached_property
-    def one_query(self):
-        """The array table of the one-query kernel (made once per state object)."""
-        return one_query_table(self.kernel_view, self.vectors, self.quadforms,
-                               None if self.identity else self.matrix,
-                               self.deleted if self.deleted_count else None)
-
-    @functools.cached_property
     def live(self) -> np.ndarray | None:
         """Boolean mask of live positions, or None when nothing is deleted."""
         return ~self.deleted if self.deleted_count else None
@@ -392,7 +385,7 @@ class MahalanobisSketch(Index):
         self._st: SketchState | None = None
         # The copy choice is keyed by the seed; derive the key once, not per query.
         self._query_key = query_keys(self.params["random_state"])
-        self._query_words = tuple(np.frombuffer(self._query_key[:16], dtype=np.uint64))  # as the kernels take it
+        self._one_plan: tuple = (None, None)  # what the one-query kernel reads of the current state
 
     # ----------------------------------------------------------------- parameters
     def _check_build_params(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -534,23 +527,25 @@ class MahalanobisSketch(Index):
         return topk_rows(exact, k, cand)
 
     def _search_one(self, q, k, params, threads):
+        plan = self._one_plan
         st = self._st
-        n_live = self._n_positions - st.deleted_count
+        if plan[0] is not st or plan[1] is not self._ids:  # made again after every change
+            table = one_query_table(st.kernel_view, st.vectors, st.quadforms, None if st.identity else st.matrix,
+                                    st.deleted if st.deleted_count else None, self._ids_array(), self._query_key,
+                                    self.params["votes"], QUADFORM_LIMIT, self._one_query_terms()[0])
+            n = self._n_positions
+            plan = self._one_plan = (st, self._ids, table, table.words, n, n - st.deleted_count,
+                                     self.params["votes"] * st.sketches.shape[1] * n > ONE_QUERY_SERIAL_WORK)
+        n, n_live = plan[4], plan[5]
         if type(k) is not int or not 0 < k <= n_live:
             return None
-        reorder = params["reorder"]
-        if st.deleted_count and self._scan_is_cheaper(n_live, k, params):
+        if n_live < n and self._scan_is_cheaper(n_live, k, params):
             return None  # the ordinary path scores the few live points exactly
-        p = self.params
-        work = p["votes"] * st.sketches.shape[1] * self._n_positions
-        if work > ONE_QUERY_SERIAL_WORK and threads != 1 and (threads or config.get_num_threads()) > 1:
+        if plan[6] and (threads or config.get_num_threads()) > 1:
             return None  # a long pass: the ordinary path's products use the threads
-        bound = self._one_query_terms()[0]
         out_d = np.empty(k, np.float32)
         out_i = np.empty(k, np.int64)
-        key0, key1 = self._query_words
-        if median_search_one(q, st.one_query.words, key0, key1, p["votes"], min(max(reorder, k), self._n_positions),
-                             k, QUADFORM_LIMIT, bound, _NO_MASK, self._ids_array(), out_d, out_i):
+        if median_search_one(q, plan[3], min(max(params["reorder"], k), n), k, _NO_MASK, out_d, out_i):
             return None
         return out_i, out_d
 

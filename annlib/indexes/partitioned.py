@@ -126,8 +126,6 @@ class PartitionedState:
     centre_sqnorms: np.ndarray | None = field(default=None, repr=False, compare=False)
     packed: Any = field(default=None, repr=False, compare=False)
     pq_arrays: Any = field(default=None, repr=False, compare=False)
-    # the one-query kernel's array table, made on its first search of this state
-    one_query: Any = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ shape
     @property
@@ -158,7 +156,6 @@ class PartitionedState:
         self.packed = fastscan.PackedLeaves(self.leaf_block_offsets, self.codes, self.entry_positions,
                                             self.point_terms, fastscan.block_min(self.point_terms))
         self.pq_arrays = None
-        self.one_query = None
         if self.codebooks is not None:
             self.pq_arrays = fastscan.PQIndexArrays.of(self.centres, self.centre_sqnorms, self.codebooks,
                                                        self.packed, self.vectors)
@@ -518,6 +515,7 @@ class Partitioned(Index):
     def __init__(self, metric: str = "l2", **params: Any):
         super().__init__(metric=metric, **params)
         self._st: PartitionedState | None = None
+        self._one_plan: tuple = (None, None)  # what the one-query kernel reads of the current state
 
     # ----------------------------------------------------------------- parameters
     def _check_build_params(self, p):
@@ -727,26 +725,26 @@ class Partitioned(Index):
         return self._st.vectors[positions]
 
     def _search_one(self, q, k, params, threads):
+        plan = self._one_plan
         st = self._st
-        plan = st.one_query
-        if plan is None:
+        if plan[0] is not st or plan[1] is not self._ids:  # made again after every change
             if st.pq_arrays is None:
                 return None  # int8 codes: the ordinary path
-            plan = st.one_query = fastscan.pq_one_query_table(st.pq_arrays, st.exact_positions)
-        n = st.num_vectors
+            table = fastscan.pq_one_query_table(st.pq_arrays, st.exact_positions, self._ids_array(),
+                                                self._metric.proxy, self._one_query_terms())
+            L = st.num_leaves
+            plan = self._one_plan = (st, self._ids, table, table.words, st.num_vectors, L, _default_probes(L))
+        n = plan[4]
         if type(k) is not int or not 0 < k <= n:
             return None
         leaves = params["leaves"]
-        L = st.num_leaves
-        t = min(L, leaves if leaves is not None else _default_probes(L))
+        t = plan[6] if leaves is None else min(plan[5], leaves)
         n_cand = min(max(params["reorder"], k), n)
         if n_cand >= fastscan.ONE_QUERY_MAX_CANDIDATES:
             return None
-        bound, normalize, out_metric = self._one_query_terms()
         out_d = np.empty(k, np.float32)
         out_i = np.empty(k, np.int64)
-        if fastscan.search_pq_one(q, plan.words, t, n_cand, k, self._metric.proxy, bound, normalize, out_metric,
-                                  _NO_MASK, self._ids_array(), out_d, out_i):
+        if fastscan.search_pq_one(q, plan[3], t, n_cand, k, _NO_MASK, out_d, out_i):
             return None
         return out_i, out_d
 

@@ -103,6 +103,7 @@ class TPUKNN(Index):
         self._st: TPUKNNState | None = None
         self._db = None  # annlib.accel.sharding.DeviceDatabase of self._st, made on first need
         self._db_lock = threading.Lock()  # searches (readers) may race to make it after a load
+        self._one_plan: tuple = (None, None)  # TPUKNNState.one_query_plan (CPU backend only)
 
     # ----------------------------------------------------------------- parameters
     def _check_build_params(self, params):
@@ -183,10 +184,12 @@ class TPUKNN(Index):
         # One query on the CPU backend is answered exactly by BruteForce's one-query kernel:
         # faster than a JAX dispatch at every size measured (docs/tpuknn.md), and exact results
         # meet any recall target.
-        if not self._on_cpu():
-            return None
-        return self._st.search_one(q, k, threads, self._metric.proxy, self._one_query_terms(), self._ids_array(),
-                                   get_num_threads)
+        plan = self._one_plan
+        if plan[0] is not self._st or plan[1] is not self._ids:  # made again after every change
+            if not self._on_cpu():
+                return None
+            plan = self._one_plan = self._st.one_query_plan(self._ids, self._metric.proxy, self._one_query_terms())
+        return TPUKNNState.search_one(plan, q, k, threads, get_num_threads)
 
     def _search(self, Q: np.ndarray, k: int, mask: np.ndarray | None, recall_target: float):
         from ..accel import tpuknn as accel

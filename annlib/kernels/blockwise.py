@@ -15,7 +15,7 @@ from numba import prange
 
 from .distances import L2SQ, _rows_proxy_row, rows_proxy
 from .query import BAD_QUERY, finish_one, prepare_query
-from .table import f32_2d, make_table
+from .table import f32_2d, f64_at, i64_1d, int_at, make_table
 from .threads import blas_limit, worker_pool
 from .topk import heap_push, heap_sort_inplace, merge_topk, new_heaps, sort_rows_inplace
 
@@ -261,9 +261,21 @@ def exact_search(
 ONE_QUERY_SERIAL_WORK = 1 << 21
 
 
-def one_query_table(X: np.ndarray):
-    """The :class:`~.table.ArrayTable` :func:`search_one` reads: the vectors (n, d)."""
-    return make_table(X)
+def one_query_table(X: np.ndarray, ids: np.ndarray, proxy: int, terms: tuple):
+    """The :class:`~.table.ArrayTable` :func:`search_one` reads.
+
+    Parameters
+    ----------
+    X : float32 (n, d)
+        The stored (prepared) vectors.
+    ids : int64 (n,) or (0,)
+        External id per row; empty: ids are rows.
+    proxy : int
+        0 = squared L2, 1 = negative inner product.
+    terms : (bound, normalize, out_metric)
+        As :func:`.query.prepare_query` and :func:`.query.finish_one` take them.
+    """
+    return make_table(X, ids, proxy, *terms)
 
 
 @numba.njit(fastmath=True, cache=True, nogil=True)
@@ -331,26 +343,19 @@ def _scan_one(q, X, proxy, mask, hd, hi):
 
 
 @numba.njit(cache=True, nogil=True)
-def search_one(q, table, k, proxy, out_metric, bound, normalize, mask, ids, out_d, out_i):
+def search_one(q, table, k, mask, out_d, out_i):
     """The exact search of one query, from the raw query to the returned ids and distances.
 
     Parameters
     ----------
     q : float32 (d,)
-        The query as the caller gave it; checked and prepared here (:func:`.query.prepare_query`
-        with ``bound`` and ``normalize``).
+        The query as the caller gave it; checked and prepared here (:func:`.query.prepare_query`).
     table : int64
-        :func:`one_query_table` of the stored (prepared) vectors.
+        :func:`one_query_table` of the stored vectors.
     k : int
         ``1 <= k <= n``.
-    proxy : int
-        0 = squared L2, 1 = negative inner product.
-    out_metric : int
-        Public-distance code (:mod:`.query`).
     mask : bool (n,) or (0,)
         Allowed rows; empty means all.
-    ids : int64 (n,) or (0,)
-        External id per row; empty: ids are rows.
     out_d, out_i : float32 / int64 (k,)
         Receive the distances and ids, best first (+inf / -1 padded).
 
@@ -365,13 +370,15 @@ def search_one(q, table, k, proxy, out_metric, bound, normalize, mask, ids, out_
     without fast-math, ties by lower row), in one call and one pass over the vectors.
     """
     X = f32_2d(table, 0)
+    ids = i64_1d(table, 4)
+    proxy = int_at(table, 8)
     qp = np.empty(q.shape[0], dtype=np.float32)
-    if prepare_query(q, bound, normalize, qp):
+    if prepare_query(q, f64_at(table, 9), int_at(table, 10) != 0, qp):
         return BAD_QUERY
     hd = np.full((1, k), np.inf, dtype=np.float32)
     hi = np.full((1, k), -1, dtype=np.int64)
     _scan_one(qp, X, proxy, mask, hd[0], hi[0])
     _rows_proxy_row(qp, X, hi[0], hd[0], proxy)
     sort_rows_inplace(hd, hi)
-    finish_one(hd[0], hi[0], k, out_metric, ids, out_d, out_i)
+    finish_one(hd[0], hi[0], k, int_at(table, 11), ids, out_d, out_i)
     return 0

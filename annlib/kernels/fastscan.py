@@ -29,7 +29,7 @@ from .distances import proxy_pair
 from .quantization import LookupTables, _build_luts_rows
 from .lut16 import lut16_block, lut16_block_generic, lut16_block_mask
 from .query import BAD_QUERY, finish_one, prepare_query
-from .table import f32_1d, f32_2d, f32_3d, i32_1d, i64_1d, make_table, u8_3d
+from .table import f32_1d, f32_2d, f32_3d, f64_at, i32_1d, i64_1d, int_at, make_table, u8_3d
 from .topk import heap_push, heap_sort_inplace, new_heaps
 
 __all__ = [
@@ -772,14 +772,27 @@ def select_all_pq(tables: LookupTables, leaves: PackedLeaves, n_cand: int) -> np
 ONE_QUERY_MAX_CANDIDATES = (65535 - POINT_BLOCK) // 2
 
 
-def pq_one_query_table(index: PQIndexArrays, exact_positions: np.ndarray):
-    """The :class:`~.table.ArrayTable` :func:`search_pq_one` reads: the fields of ``index`` in
-    order, then the positions compared exactly with every query (int32, vectors without entries)."""
-    return make_table(*index, exact_positions)
+def pq_one_query_table(index: PQIndexArrays, exact_positions: np.ndarray, ids: np.ndarray, proxy: int,
+                       terms: tuple):
+    """The :class:`~.table.ArrayTable` :func:`search_pq_one` reads.
+
+    Parameters
+    ----------
+    index : PQIndexArrays
+    exact_positions : int32 (e,)
+        Positions compared exactly with every query (vectors without entries).
+    ids : int64 (n,) or (0,)
+        External id per position; empty: ids are positions.
+    proxy : int
+        0 = squared L2, 1 = negative inner product (of the re-ranking).
+    terms : (bound, normalize, out_metric)
+        As :func:`.query.prepare_query` and :func:`.query.finish_one` take them.
+    """
+    return make_table(*index, exact_positions, ids, proxy, *terms)
 
 
 @numba.njit(cache=True, nogil=True)
-def search_pq_one(q, table, t, n_cand, k, proxy, bound, normalize, out_metric, mask, ids, out_d, out_i):
+def search_pq_one(q, table, t, n_cand, k, mask, out_d, out_i):
     """The whole 4-bit PQ search of one query, from the raw query to the returned ids and
     distances: :func:`search_pq_few` (the same code) with the query checked and prepared first
     (:func:`.query.prepare_query`), the probed leaves doubled while they hold fewer than ``k``
@@ -792,15 +805,11 @@ def search_pq_one(q, table, t, n_cand, k, proxy, bound, normalize, out_metric, m
         The query as the caller gave it.
     table : int64
         :func:`pq_one_query_table` of the index.
-    t, n_cand, k, proxy
+    t, n_cand, k
         As :func:`search_pq_few` takes them (``1 <= t <= L``; ``n_cand`` below
         :data:`ONE_QUERY_MAX_CANDIDATES`, so the candidate buffer's slots fit 16 bits).
-    bound, normalize, out_metric
-        As :func:`.query.prepare_query` and :func:`.query.finish_one` take them.
     mask : bool (n,) or (0,)
         Allowed positions; empty means all.
-    ids : int64 (n,) or (0,)
-        External id per position; empty: ids are positions.
     out_d, out_i : float32 / int64 (k,)
         Receive the distances and ids, best first (+inf / -1 padded).
 
@@ -813,9 +822,11 @@ def search_pq_one(q, table, t, n_cand, k, proxy, bound, normalize, out_metric, m
                           u8_3d(table, 16), i32_1d(table, 20), f32_1d(table, 24), f32_1d(table, 28),
                           f32_2d(table, 32))
     exact = i32_1d(table, 36)
+    ids = i64_1d(table, 40)
+    proxy = int_at(table, 44)
     d = q.shape[0]
     Qp = np.empty((1, d), dtype=np.float32)
-    if prepare_query(q, bound, normalize, Qp[0]):
+    if prepare_query(q, f64_at(table, 45), int_at(table, 46) != 0, Qp[0]):
         return BAD_QUERY
     L = index.centres.shape[0]
     best_d = np.empty((1, k), dtype=np.float32)
@@ -845,5 +856,5 @@ def search_pq_one(q, table, t, n_cand, k, proxy, bound, normalize, out_metric, m
                 a -= 1
             hd[a] = v
             hi[a] = p
-    finish_one(hd, hi, k, out_metric, ids, out_d, out_i)
+    finish_one(hd, hi, k, int_at(table, 47), ids, out_d, out_i)
     return 0

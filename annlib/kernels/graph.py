@@ -34,12 +34,12 @@ import numba
 import numpy as np
 from numba import prange
 
-from .beam import (FASTMATH, _allowed, cand_pop, cand_push, exact_proxy, new_beam, next_tag,
+from .beam import (FASTMATH, Beam, _allowed, cand_pop, cand_push, exact_proxy, new_beam, next_tag,
                    prefetch_row, row_lines, score_collected)
 from .distances import proxy_pair
 from .finger import FingerArrays, _finger_layer0
 from .query import BAD_QUERY, finish_one, prepare_query
-from .table import bool_1d, f32_1d, f32_2d, i32_1d, i32_2d, i64_1d, int_at, make_table, u64_2d
+from .table import bool_1d, f32_1d, f32_2d, f64_at, i32_1d, i32_2d, i64_1d, int_at, make_table, u64_2d
 from .topk import heap_push, heap_sort_inplace
 
 __all__ = [
@@ -56,7 +56,9 @@ __all__ = [
     "search_serial",
     "search_one",
     "one_query_table",
-    "ONE_QUERY_SCRATCH",
+    "new_one_query_scratch",
+    "scratch_counts",
+    "ONE_QUERY_HEADER",
     "bfs_order",
     "relabel_rows",
 ]
@@ -566,13 +568,24 @@ def search_serial(Q, graph, finger, params, visited, tags, out):
 
 
 # ------------------------------------------------------------------------------------ one query
-# int64 scratch of one-query searches: the visited set's tag, then the searches, exact distance
-# evaluations and FINGER estimates counted with this scratch.
-ONE_QUERY_SCRATCH = 4
+# A one-query search's scratch is one uint16 array: ONE_QUERY_HEADER entries that hold four int64
+# (the visited set's tag, then the searches, exact distance evaluations and FINGER estimates
+# counted with this scratch), then the visited set (one entry per node).
+ONE_QUERY_HEADER = 16
+
+
+def new_one_query_scratch(n: int) -> np.ndarray:
+    """A zeroed scratch of :func:`search_one` for a graph of ``n`` nodes."""
+    return np.zeros(ONE_QUERY_HEADER + n, dtype=np.uint16)
+
+
+def scratch_counts(scratch: np.ndarray) -> np.ndarray:
+    """The (searches, exact evaluations, estimates) counters of a scratch, as a writable view."""
+    return scratch[:ONE_QUERY_HEADER].view(np.int64)[1:]
 
 
 def one_query_table(graph: GraphArrays, finger: FingerArrays, deleted: np.ndarray,
-                    node_positions: np.ndarray):
+                    node_positions: np.ndarray, ids: np.ndarray, terms: tuple):
     """The :class:`~.table.ArrayTable` :func:`search_one` reads.
 
     Parameters
@@ -584,15 +597,18 @@ def one_query_table(graph: GraphArrays, finger: FingerArrays, deleted: np.ndarra
         Node tombstones (empty: none).
     node_positions : int64 (n + 1,) or (0,)
         Position of each node followed by -1 (empty: nodes are positions).
+    ids : int64 (n_positions,) or (0,)
+        External id of each position (empty: ids are positions).
+    terms : (bound, normalize, out_metric)
+        As :func:`.query.prepare_query` and :func:`.query.finish_one` take them.
     """
     return make_table(graph.vectors, graph.links_layer0, graph.links_upper, graph.upper_start,
                       graph.levels, finger.basis, finger.codes, finger.payload, finger.table, deleted,
-                      node_positions, int(graph.entry), int(graph.max_level), int(graph.proxy))
+                      node_positions, ids, int(graph.entry), int(graph.max_level), int(graph.proxy), *terms)
 
 
 @numba.njit(cache=True, nogil=True)
-def search_one(q, table, k, ef, use_finger, bound, normalize, out_metric, mask, ids, visited, scratch,
-               out_d, out_i):
+def search_one(q, table, k, ef, use_finger, mask, scratch, out_d, out_i):
     """One query, from the raw query to the returned ids and distances: the walk of
     :func:`search_serial` (the same code) with the query checked and prepared first
     (:func:`.query.prepare_query`) and the result converted last (:func:`.query.finish_one`).
@@ -607,14 +623,10 @@ def search_one(q, table, k, ef, use_finger, bound, normalize, out_metric, mask, 
         Results (``1 <= k``) and beam width (``max(ef, k)`` is used).
     use_finger : bool
         Filter layer 0 by FINGER when the graph has a basis.
-    bound, normalize, out_metric
-        As :func:`.query.prepare_query` and :func:`.query.finish_one` take them.
     mask : bool (n,) or (0,)
         Allowed nodes (node order); empty means all.
-    ids : int64 (n_positions,) or (0,)
-        External id of each position; empty: ids are positions.
-    visited : uint16 (1, >= n); scratch : int64 (ONE_QUERY_SCRATCH,)
-        A visited set and its scratch (tag and counters), used by one search at a time.
+    scratch : uint16 (ONE_QUERY_HEADER + n,)
+        :func:`new_one_query_scratch`, used by one search at a time.
     out_d, out_i : float32 / int64 (k,)
         Receive the distances and ids, best first (+inf / -1 padded).
 
@@ -624,32 +636,45 @@ def search_one(q, table, k, ef, use_finger, bound, normalize, out_metric, mask, 
         0, or :data:`.query.BAD_QUERY` (nothing searched).
     """
     graph = GraphArrays(f32_2d(table, 0), i32_2d(table, 4), i32_2d(table, 8), i64_1d(table, 12),
-                        i32_1d(table, 16), int_at(table, 44), int_at(table, 45), int_at(table, 46))
+                        i32_1d(table, 16), int_at(table, 48), int_at(table, 49), int_at(table, 50))
     finger = FingerArrays(f32_2d(table, 20), u64_2d(table, 24), f32_2d(table, 28), f32_1d(table, 32))
     deleted = bool_1d(table, 36)
     positions = i64_1d(table, 40)
-    qp = np.empty(q.shape[0], dtype=np.float32)
-    if prepare_query(q, bound, normalize, qp):
-        return BAD_QUERY
+    ids = i64_1d(table, 44)
+    # every array of the search carved from one allocation (one allocation costs about as much
+    # as the walk's first dozen distances on a small graph)
+    d = q.shape[0]
     rank = finger.basis.shape[0]
-    best_d = np.empty(k, dtype=np.float32)
-    best_i = np.empty(k, dtype=np.int64)
+    width = graph.links_layer0.shape[1]
+    ef = max(ef, k)
+    cap = 4 * ef + 2 * width + 64
+    n_i64 = cap + ef + width + k
+    n_f32 = cap + ef + rank + d + k
+    buf = np.empty(n_i64 + (n_f32 + 1) // 2, dtype=np.int64)
+    f32 = buf[n_i64:].view(np.float32)
+    qp = f32[cap + ef + rank:cap + ef + rank + d]
+    if prepare_query(q, f64_at(table, 51), int_at(table, 52) != 0, qp):
+        return BAD_QUERY
+    best_d = f32[cap + ef + rank + d:cap + ef + rank + d + k]
+    best_i = buf[cap + ef + width:n_i64]
     if graph.entry < 0:
         best_i[:] = -1
     else:
-        ef = max(ef, k)
         params = SearchParams(ef, k, mask, deleted, use_finger and rank > 0)
-        width = graph.links_layer0.shape[1]
-        beam = new_beam(ef, 4 * ef + 2 * width + 64, width, rank)
-        tag = next_tag(visited, scratch, 0)
+        beam = Beam(f32[:cap], buf[:cap], f32[cap:cap + ef], buf[cap:cap + ef], buf[cap + ef:cap + ef + width],
+                    f32[cap + ef:cap + ef + rank])
+        head = scratch[:ONE_QUERY_HEADER].view(np.int64)
+        n = scratch.shape[0] - ONE_QUERY_HEADER
+        visited = scratch[ONE_QUERY_HEADER:].reshape(1, n)
+        tag = next_tag(visited, head, 0)
         ev, est = _query(qp, graph, finger, params, visited[0], tag, beam, best_d, best_i)
-        scratch[1] += 1
-        scratch[2] += ev
-        scratch[3] += est
+        head[1] += 1
+        head[2] += ev
+        head[3] += est
         if positions.shape[0] > 0:
             for j in range(k):
                 best_i[j] = positions[best_i[j]]  # -1 maps to the trailing -1
-    finish_one(best_d, best_i, k, out_metric, ids, out_d, out_i)
+    finish_one(best_d, best_i, k, int_at(table, 53), ids, out_d, out_i)
     return 0
 
 

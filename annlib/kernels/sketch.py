@@ -33,7 +33,7 @@ from numba import prange
 from .distances import sqnorms
 from .query import BAD_QUERY, prepare_query
 from .siphash import keyed_choices, siphash24_rows
-from .table import bool_1d, f32_2d, f32_3d, f64_1d, f64_2d, make_table
+from .table import bool_1d, f32_2d, f32_3d, f64_1d, f64_2d, f64_at, i64_1d, int_at, make_table
 from .topk import heap_push, heap_sort_inplace, new_heaps, sort_heaps
 
 __all__ = [
@@ -570,7 +570,8 @@ BAD_QUADFORM = 2  # status of median_search_one: the query's q^T M q is above th
 
 
 def one_query_table(sk: Sketches, vectors: np.ndarray, quadforms: np.ndarray, matrix: np.ndarray | None,
-                    deleted: np.ndarray | None):
+                    deleted: np.ndarray | None, ids: np.ndarray, key: bytes, votes: int, limit: float,
+                    bound: float):
     """The :class:`~.table.ArrayTable` :func:`median_search_one` reads.
 
     Parameters
@@ -583,14 +584,26 @@ def one_query_table(sk: Sketches, vectors: np.ndarray, quadforms: np.ndarray, ma
         ``M`` (None: the identity).
     deleted : bool (n,) or None
         Deleted points (None: none).
+    ids : int64 (n,) or (0,)
+        External id per position; empty: ids are positions.
+    key : bytes
+        The copy-choice key (:func:`annlib.kernels.jl.query_keys`; its first 16 bytes are used).
+    votes : int
+        Copies per query.
+    limit : float
+        Largest ``q^T M q`` allowed.
+    bound : float
+        Largest magnitude of a query entry.
     """
+    k0, k1 = (int(w) for w in np.frombuffer(key[:16], dtype=np.int64))  # uint64 words, as bits
     return make_table(sk.maps, sk.sketches, sk.sqnorms, np.ascontiguousarray(sk.pending), vectors, quadforms,
                       np.zeros((0, 0)) if matrix is None else matrix,
-                      np.zeros(0, np.bool_) if deleted is None else deleted)
+                      np.zeros(0, np.bool_) if deleted is None else deleted, ids, k0, k1, int(votes),
+                      float(limit), float(bound))
 
 
 @numba.njit(cache=True, nogil=True)
-def median_search_one(q, table, key0, key1, votes, c, k, limit, bound, mask, ids, out_d, out_i):
+def median_search_one(q, table, c, k, mask, out_d, out_i):
     """One query of a Mahalanobis sketch index, from the raw query to the returned ids and
     distances: the copy choice of :func:`annlib.kernels.jl.choose_copies`, the median-of-copies
     estimates of :func:`median_search` (their ``c`` best), the exact re-ranking of
@@ -599,24 +612,14 @@ def median_search_one(q, table, key0, key1, votes, c, k, limit, bound, mask, ids
     Parameters
     ----------
     q : float32 (d,)
-        The query as the caller gave it (checked here: NaN, inf, entries above ``bound``).
+        The query as the caller gave it (checked here: NaN, inf, entries above the bound).
     table : int64
         :func:`one_query_table`.
-    key0, key1 : uint64
-        The copy-choice key (the first 16 bytes of :func:`annlib.kernels.jl.query_keys`).
-    votes : int
-        Copies per query.
     c : int
         Candidates re-ranked exactly (``k <= c <= n``).
     k : int
-    limit : float
-        Largest ``q^T M q`` allowed.
-    bound : float
-        Largest magnitude of a query entry.
     mask : bool (n,) or (0,)
         Allowed points; empty means all.
-    ids : int64 (n,) or (0,)
-        External id per position; empty: ids are positions.
     out_d, out_i : float32 / int64 (k,)
         Receive the distances and ids, best first (+inf / -1 padded).
 
@@ -638,6 +641,12 @@ def median_search_one(q, table, key0, key1, votes, c, k, limit, bound, mask, ids
     xmx = f64_1d(table, 20)
     M = f64_2d(table, 24)
     deleted = bool_1d(table, 28)
+    ids = i64_1d(table, 32)
+    key0 = np.uint64(int_at(table, 36))
+    key1 = np.uint64(int_at(table, 37))
+    votes = int_at(table, 38)
+    limit = f64_at(table, 39)
+    bound = f64_at(table, 40)
     L, m, d = P.shape
     r = pend.shape[2]
     n = S.shape[2]
