@@ -47,7 +47,7 @@ norms and every statistic here are unchanged by it.
 
 The capture is cached as an ``.npz`` under ``annlib.datasets.cache_dir() / "attention"``.
 
-    python -m annlib.bench.attention_data --n 131072 --layer 15      # capture + statistics table
+    python -m annlib.bench.attention_data --n 131072 --layer 15      # capture, then real vs synthetic table
 """
 
 from __future__ import annotations
@@ -896,7 +896,8 @@ def synthetic_kv(
     heads are sparse and others diffuse. Values follow the same token types and context with
     their own offset. Parameters (``SYNTHETIC_DEFAULTS``) are calibrated against SmolLM2-135M
     keys at d=64; other ``d`` keep the same shares (offset pairs, outlier channels scale with
-    ``d``), an assumption no small open model with ``d=128`` lets us check here.
+    ``d``) and scale the query gains by ``(d/64)**0.38``, which keeps the d=64 softmax sparsity
+    at d=128 — an assumption no small open model with ``d=128`` lets us check here.
 
     Parameters
     ----------
@@ -959,7 +960,8 @@ def synthetic_kv(
     keys = np.empty((kv_heads, n, d), np.float32)
     values = np.empty((kv_heads, n, d), np.float32)
     queries = np.empty((query_heads, n_queries, d), np.float32)
-    lo, hi = (float(g) for g in p["query_gain"])
+    # gains are calibrated at d=64; (d/64)**0.38 keeps that softmax sparsity at other d
+    lo, hi = (float(g) * (d / 64) ** 0.38 for g in p["query_gain"])
     shares = np.array([p["cluster_share"], p["context_share"], p["topic_share"]], dtype=np.float64)
     noise_share = max(0.0, 1.0 - shares.sum())
     for h in range(kv_heads):
@@ -1055,7 +1057,7 @@ _TABLE_ROWS = [
     ("centred_norm_kurtosis", "centred key norm excess kurtosis"),
     ("outlier_share", "energy share of the d/32 strongest channels"),
     ("channel_max_median", "strongest / median channel energy"),
-    ("mean_share", "common offset share |E k|^2 / E|k|^2"),
+    ("mean_share", "common offset share (squared norm of the mean key / mean squared norm)"),
     ("effective_dim", "effective dimension (participation ratio)"),
     ("kmeans16_explained", "variance explained by 16 k-means centroids"),
     ("adjacent_cos", "cosine of neighbouring centred keys"),
@@ -1120,7 +1122,7 @@ def main(argv=None) -> int:
         cap = capture_kv(args.n, layer=args.layer, n_queries=args.queries, text=args.text, window=args.window,
                          overlap=args.overlap, positions=args.positions, progress=not args.quiet)
         when = f"captured in {cap.seconds:.0f} s" if cap.seconds else "read from the cache"
-        print(f"real: {cap.source}; layer {cap.layer}, {cap.n_tokens} keys, {when} ({cap.path})")
+        print(f"real: {cap.source}; layer {cap.layer}, {cap.n_tokens} keys, {when} ({cap.path.name})")
         columns[f"real d={cap.head_dim}"] = kv_statistics(cap.keys, cap.queries, values=cap.values)
     for d in [int(x) for x in args.dims.split(",") if x.strip()]:
         t0 = time.perf_counter()
