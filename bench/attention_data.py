@@ -19,7 +19,7 @@ domain text, both installed from the package index and read offline:
   file read with the standard library): all 66 books in canonical order, each headed by its
   long name, verse numbers removed, one paragraph per record, about 1 M tokens of one
   continuous English text. ``"python-reference"`` is a fallback with no extra package: the
-  topic texts of the running Python's reference manual (``pydoc_data.topics``, about 250 K
+  topic texts of the running Python's reference manual (``pydoc_data.topics``, about 113 K
   tokens; it differs between Python versions, so the provenance records the version).
 
 **Long caches from successive windows.** The model's trained context is 8192 tokens; a cache of
@@ -481,7 +481,7 @@ def capture_kv(
     ----------
     n_tokens : int
         Number of cached keys (>= 1); the text must hold ``n_tokens + n_queries`` tokens
-        (``"kjv"`` about 1 M, ``"python-reference"`` about 110 K).
+        (``"kjv"`` about 1 M, ``"python-reference"`` about 113 K).
     layer : int, default 15
         Layer (0-based; SmolLM2-135M has 30) whose keys, values and queries are captured.
     model : str, default "smollm2-135m"
