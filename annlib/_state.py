@@ -32,6 +32,9 @@ __all__ = [
     "PreparedVectors",
 ]
 
+_F32 = np.dtype(np.float32)  # dtype objects: np.empty takes them without a lookup
+_I64 = np.dtype(np.int64)
+
 
 def bad_field(field: str, problem: str) -> IndexFormatError:
     """The error for one field of a state that breaks an invariant (returned, to be raised)."""
@@ -168,8 +171,8 @@ class PreparedVectors:
             return None
         if long_scan and (threads or num_threads()) > 1:
             return None
-        out_d = np.empty(k, np.float32)
-        out_i = np.empty(k, np.int64)
+        out_d = np.empty(k, _F32)
+        out_i = np.empty(k, _I64)
         if search_one(q, words, k, _NO_MASK, out_d, out_i):
             return None
         return out_i, out_d

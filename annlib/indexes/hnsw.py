@@ -33,6 +33,9 @@ from ..kernels.graph import (GraphArrays, bfs_order, insert_batch, link_reverse,
 
 __all__ = ["HNSW", "HNSWGraph", "FingerPayload"]
 
+_F32 = np.dtype(np.float32)  # dtype objects: np.empty takes them without a lookup
+_I64 = np.dtype(np.int64)
+
 _MAX_LEVEL = 30
 _FINGER_SAMPLES = 50_000
 
@@ -961,8 +964,8 @@ class HNSW(Index):
         except IndexError:
             scratch = new_one_query_scratch(view.n_nodes)
             view.counted.append(scratch)
-        out_d = np.empty(k, np.float32)
-        out_i = np.empty(k, np.int64)
+        out_d = np.empty(k, _F32)
+        out_i = np.empty(k, _I64)
         try:
             status = search_one(q, plan[3], k, params["ef"], params["finger"], self._NO_MASK, scratch, out_d, out_i)
         finally:

@@ -36,6 +36,9 @@ from ..metrics import ALIASES, METRICS
 
 __all__ = ["MahalanobisSketch", "SketchState", "QUADFORM_LIMIT", "SKETCH_SCALE"]
 
+_F32 = np.dtype(np.float32)  # dtype objects: np.empty takes them without a lookup
+_I64 = np.dtype(np.int64)
+
 _SUPPORTED = ["mahalanobis", "l2", "euclidean"]
 _NO_MASK = np.zeros(0, dtype=np.bool_)
 _EIG_RANK_TOL = 1e-10  # eigenvalues below this fraction of the largest are dropped from the factor
@@ -543,8 +546,8 @@ class MahalanobisSketch(Index):
             return None  # the ordinary path scores the few live points exactly
         if plan[6] and (threads or config.get_num_threads()) > 1:
             return None  # a long pass: the ordinary path's products use the threads
-        out_d = np.empty(k, np.float32)
-        out_i = np.empty(k, np.int64)
+        out_d = np.empty(k, _F32)
+        out_i = np.empty(k, _I64)
         if median_search_one(q, plan[3], min(max(params["reorder"], k), n), k, _NO_MASK, out_d, out_i):
             return None
         return out_i, out_d

@@ -44,6 +44,9 @@ from ..metrics import PROXY_L2SQ
 
 __all__ = ["Partitioned", "PartitionedState"]
 
+_F32 = np.dtype(np.float32)  # dtype objects: np.empty takes them without a lookup
+_I64 = np.dtype(np.int64)
+
 SPILL_MODES = ("soar", "nearest", "none")
 QUANTIZERS = ("pq4", "int8")
 ENCODE_CHUNK = 65536  # entries encoded per step (bounds the residual buffer)
@@ -742,8 +745,8 @@ class Partitioned(Index):
         n_cand = min(max(params["reorder"], k), n)
         if n_cand >= fastscan.ONE_QUERY_MAX_CANDIDATES:
             return None
-        out_d = np.empty(k, np.float32)
-        out_i = np.empty(k, np.int64)
+        out_d = np.empty(k, _F32)
+        out_i = np.empty(k, _I64)
         if fastscan.search_pq_one(q, plan[3], t, n_cand, k, _NO_MASK, out_d, out_i):
             return None
         return out_i, out_d

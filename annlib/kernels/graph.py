@@ -39,7 +39,8 @@ from .beam import (FASTMATH, Beam, _allowed, cand_pop, cand_push, exact_proxy, n
 from .distances import proxy_pair
 from .finger import FingerArrays, _finger_layer0
 from .query import BAD_QUERY, finish_one, prepare_query
-from .table import bool_1d, f32_1d, f32_2d, f64_at, i32_1d, i32_2d, i64_1d, int_at, make_table, u64_2d
+from .table import (bool_1d, bool_view, f32_1d, f32_2d, f32_view, f64_at, i32_1d, i32_2d, i64_1d, i64_view, int_at, make_table,
+                    u16_view_2d, u64_2d)
 from .topk import heap_push, heap_sort_inplace
 
 __all__ = [
@@ -651,21 +652,27 @@ def search_one(q, table, k, ef, use_finger, mask, scratch, out_d, out_i):
     n_i64 = cap + ef + width + k
     n_f32 = cap + ef + rank + d + k
     buf = np.empty(n_i64 + (n_f32 + 1) // 2, dtype=np.int64)
-    f32 = buf[n_i64:].view(np.float32)
-    qp = f32[cap + ef + rank:cap + ef + rank + d]
+    # Views without a reference count: the walk hands its arrays to many small functions, and
+    # each hand-over of a counted array is an atomic increment and decrement. ``buf`` and
+    # ``scratch`` outlive them (``buf`` is read again at the end).
+    at = buf.ctypes.data
+    f32_at = at + 8 * n_i64
+    qp = f32_view(f32_at + 4 * (cap + ef + rank), d)
     if prepare_query(q, f64_at(table, 51), int_at(table, 52) != 0, qp):
         return BAD_QUERY
-    best_d = f32[cap + ef + rank + d:cap + ef + rank + d + k]
-    best_i = buf[cap + ef + width:n_i64]
+    best_d = f32_view(f32_at + 4 * (cap + ef + rank + d), k)
+    best_i = i64_view(at + 8 * (cap + ef + width), k)
     if graph.entry < 0:
         best_i[:] = -1
     else:
+        mask = bool_view(mask.ctypes.data, mask.shape[0])  # the caller keeps it alive
         params = SearchParams(ef, k, mask, deleted, use_finger and rank > 0)
-        beam = Beam(f32[:cap], buf[:cap], f32[cap:cap + ef], buf[cap:cap + ef], buf[cap + ef:cap + ef + width],
-                    f32[cap + ef:cap + ef + rank])
-        head = scratch[:ONE_QUERY_HEADER].view(np.int64)
+        beam = Beam(f32_view(f32_at, cap), i64_view(at, cap), f32_view(f32_at + 4 * cap, ef),
+                    i64_view(at + 8 * cap, ef), i64_view(at + 8 * (cap + ef), width),
+                    f32_view(f32_at + 4 * (cap + ef), rank))
+        head = i64_view(scratch.ctypes.data, ONE_QUERY_HEADER // 4)
         n = scratch.shape[0] - ONE_QUERY_HEADER
-        visited = scratch[ONE_QUERY_HEADER:].reshape(1, n)
+        visited = u16_view_2d(scratch.ctypes.data + 2 * ONE_QUERY_HEADER, 1, n)
         tag = next_tag(visited, head, 0)
         ev, est = _query(qp, graph, finger, params, visited[0], tag, beam, best_d, best_i)
         head[1] += 1
@@ -675,7 +682,7 @@ def search_one(q, table, k, ef, use_finger, mask, scratch, out_d, out_i):
             for j in range(k):
                 best_i[j] = positions[best_i[j]]  # -1 maps to the trailing -1
     finish_one(best_d, best_i, k, int_at(table, 53), ids, out_d, out_i)
-    return 0
+    return buf[0] * 0  # 0; the read keeps buf alive to here
 
 
 # ------------------------------------------------------------------------------------ layout

@@ -28,7 +28,8 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 __all__ = ["ArrayTable", "make_table", "f32_1d", "f32_2d", "f32_3d", "f64_1d", "f64_2d", "i32_1d",
-           "i32_2d", "i64_1d", "u8_3d", "u64_2d", "bool_1d", "int_at", "f64_at"]
+           "i32_2d", "i64_1d", "u8_3d", "u64_2d", "bool_1d", "int_at", "f64_at", "f32_view", "i64_view",
+           "u16_view_2d", "bool_view"]
 
 ARRAY_WORDS = 4
 
@@ -160,3 +161,24 @@ def u64_2d(tab, s):
 @numba.njit(inline="always", cache=True, nogil=True)
 def bool_1d(tab, s):
     return numba.carray(_address(tab[s]), (tab[s + 1],), np.bool_)
+
+
+# Views of memory the caller keeps alive, by address (no reference count; see the module notes).
+@numba.njit(inline="always", cache=True, nogil=True)
+def f32_view(address, n):
+    return numba.carray(_address(address), (n,), np.float32)
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
+def i64_view(address, n):
+    return numba.carray(_address(address), (n,), np.int64)
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
+def u16_view_2d(address, rows, cols):
+    return numba.carray(_address(address), (rows, cols), np.uint16)
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
+def bool_view(address, n):
+    return numba.carray(_address(address), (n,), np.bool_)
