@@ -176,6 +176,22 @@ def _table(cell: dict) -> str:
     return "\n".join(lines) + f"\n\nReferences: {refs}; float keys {cell['float_bytes_per_token']} bytes/token.\n"
 
 
+def per_head_table(report: dict) -> str:
+    """Markdown: the softmax mass exact top-k carries per query head, per cache length and budget."""
+    lines = []
+    for cell in report["cells"]:
+        rows = [r for r in cell["rows"] if r["selector"] == cell["rows"][0]["selector"]]
+        heads = len(rows[0]["topk_mass_per_head"])
+        lines.append(f"n = {cell['n']:,}, d = {cell['d']} ({cell['data']}): mass of the exact top keys per query head")
+        lines.append("")
+        lines.append("| budget | " + " | ".join(f"h{h}" for h in range(heads)) + " |")
+        lines.append("|---|" + "---|" * heads)
+        for r in rows:
+            lines.append(f"| {r['budget']:.0%} | " + " | ".join(f"{m:.2f}" for m in r["topk_mass_per_head"]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     """Command-line entry point (see the module docstring)."""
     ap = argparse.ArgumentParser(prog="python -m annlib.bench.attention_bench", description=__doc__.splitlines()[0])
@@ -196,7 +212,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-jax", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/attention")
+    ap.add_argument("--summarize", metavar="JSON", help="print the per-head mass tables of a finished run and exit")
     args = ap.parse_args(argv)
+    if args.summarize:
+        print(per_head_table(json.loads(Path(args.summarize).read_text())))
+        return 0
 
     import annlib
 
