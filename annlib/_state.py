@@ -158,6 +158,15 @@ class PreparedVectors:
         return (self, ids, table, table.words, n, n * d > ONE_QUERY_SERIAL_WORK)
 
     @staticmethod
+    def search_raw(plan: tuple, q: np.ndarray, k: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """One prepared query (d,) through the one-query kernel for the ordinary path: ``plan`` made
+        with ids None and :data:`annlib.kernels.query.RAW_TERMS`; (proxies, rows), each (1, k)."""
+        out_d = np.empty((1, k), _F32)
+        out_i = np.empty((1, k), _I64)
+        search_one(q, plan[3], k, _NO_MASK if mask is None else mask, out_d[0], out_i[0])
+        return out_d, out_i
+
+    @staticmethod
     def search_one(plan: tuple, q: np.ndarray, k: Any, threads: int | None,
                    num_threads) -> tuple[np.ndarray, np.ndarray] | None:
         """The exact one-query search of :meth:`annlib.Index.search`'s short path, or None.

@@ -14,6 +14,7 @@ from .._state import PreparedVectors
 from ..api import Index
 from ..config import get_num_threads
 from ..kernels.blockwise import exact_search
+from ..kernels.query import RAW_TERMS
 
 __all__ = ["BruteForce", "BruteForceState"]
 
@@ -56,6 +57,7 @@ class BruteForce(Index):
         super().__init__(metric=metric, **params)
         self._st: BruteForceState | None = None
         self._one_plan: tuple = (None, None)  # BruteForceState.one_query_plan of the current state
+        self._raw_plan: tuple = (None, None)  # the same for the ordinary path's single queries
 
     def _build(self, X: np.ndarray, progress: Any) -> None:
         with progress_reporter(progress, X.shape[0], desc="BruteForce build", unit="vec") as report:
@@ -72,6 +74,12 @@ class BruteForce(Index):
 
     def _search(self, Q: np.ndarray, k: int, mask: np.ndarray | None, **params: Any):
         st = self._st
+        if Q.shape[0] == 1:  # the one-query kernel, unless a long scan can use the threads
+            plan = self._raw_plan
+            if plan[0] is not st:
+                plan = self._raw_plan = st.one_query_plan(None, self._metric.proxy, RAW_TERMS)
+            if not plan[5] or get_num_threads() == 1:
+                return BruteForceState.search_raw(plan, Q[0], k, mask)
         return exact_search(Q, st.vectors, st.sqnorms, k, self._metric.proxy, mask,
                             workers=get_num_threads())
 

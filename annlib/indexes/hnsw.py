@@ -30,6 +30,7 @@ from ..kernels.finger import (FingerArrays, cos_table, edge_payload, pair_statis
 from ..kernels.graph import (GraphArrays, bfs_order, insert_batch, link_reverse, new_one_query_scratch,
                              one_query_table, relabel_rows, repair_deleted, scratch_counts, search_one,
                              search_queries, search_serial)
+from ..kernels.query import RAW_TERMS
 
 __all__ = ["HNSW", "HNSWGraph", "FingerPayload"]
 
@@ -605,6 +606,7 @@ class HNSW(Index):
         self._stats_lock = threading.Lock()
         self._stats = [0, 0, 0]  # queries, exact evaluations, estimates
         self._one_plan: tuple = (None, None)  # (view, ids, table, words) of the one-query path
+        self._raw_plan: tuple = (None,)  # (view, table, words) for the ordinary path's single queries
 
     # ------------------------------------------------------------------ parameters
     def _check_build_params(self, params):
@@ -927,9 +929,22 @@ class HNSW(Index):
             mask = self._NO_MASK
         elif g.node_positions is not None:
             mask = mask[g.node_positions]  # positions -> node numbers
+        if nq == 1:  # the one-query kernel (see _search_one), on the prepared query
+            plan = self._raw_plan
+            if plan[0] is not view:
+                table = one_query_table(*view.one_parts, _NO_IDS, RAW_TERMS)
+                plan = self._raw_plan = (view, table, table.words)
+            out_d = np.empty((1, k), _F32)
+            out_i = np.empty((1, k), _I64)
+            pool = view.one_pool
+            scratch = self._one_scratch(view)
+            try:
+                search_one(Q[0], plan[2], k, ef, finger, mask, scratch, out_d[0], out_i[0])
+            finally:
+                pool.append(scratch)
+            return out_d, out_i
         params = (max(ef, k), k, mask, view.deleted, bool(finger and view.has_finger))
-        # one query never needs the thread count (asking numba for it costs ~5 us per call)
-        chunks = 1 if nq == 1 else min(numba.get_num_threads(), nq)
+        chunks = min(numba.get_num_threads(), nq)
         out_d = np.empty((nq, k), np.float32)
         out_i = np.empty((nq, k), np.int64)
         counts = np.empty((nq, 2), np.int64)
@@ -948,6 +963,17 @@ class HNSW(Index):
             out_i = g.positions_padded[out_i]
         return out_d, out_i
 
+    @staticmethod
+    def _one_scratch(view: _SearchView) -> np.ndarray:
+        # a scratch of the view's pool (put back by the caller), or a new one; list.pop and
+        # list.append are atomic, so concurrent searches each take their own
+        try:
+            return view.one_pool.pop()
+        except IndexError:
+            scratch = new_one_query_scratch(view.n_nodes)
+            view.counted.append(scratch)
+            return scratch
+
     def _search_one(self, q, k, params, threads):
         view = self._view
         plan = self._one_plan
@@ -959,11 +985,7 @@ class HNSW(Index):
         if view.n_live < view.n_nodes and self._scan_is_cheaper(view.n_live, k, params):
             return None  # many deletions: the ordinary path scans the live vectors
         pool = view.one_pool
-        try:
-            scratch = pool.pop()
-        except IndexError:
-            scratch = new_one_query_scratch(view.n_nodes)
-            view.counted.append(scratch)
+        scratch = self._one_scratch(view)
         out_d = np.empty(k, _F32)
         out_i = np.empty(k, _I64)
         try:
@@ -1009,6 +1031,7 @@ class HNSW(Index):
 
 
 _NO_POSITIONS = np.zeros(0, np.int64)
+_NO_IDS = _NO_POSITIONS  # results by position
 
 
 def _ranks(counts: np.ndarray) -> np.ndarray:

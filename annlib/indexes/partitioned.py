@@ -34,6 +34,7 @@ from ..config import get_num_threads
 from ..kernels import fastscan
 from ..kernels.cluster import assign_nearest, kmeans
 from ..kernels.distances import sqnorms
+from ..kernels.query import RAW_TERMS
 from ..kernels.quantization import (
     CODEWORDS, build_luts, encode_anisotropic, encode_nearest, int8_encode, int8_fit, pack_codes,
     pad_columns, pad_dim, parallel_cost_multiplier, train_codebooks, unpack_codes, unpack_decode,
@@ -64,6 +65,7 @@ OUTLIER_QUANTILE = 0.99
 MAX_POSITIONS = np.iinfo(np.int32).max  # entries address vectors with int32 positions
 _POINT_TERM_MAX = float(np.finfo(np.float32).max) / 8
 _NO_MASK = np.zeros(0, dtype=np.bool_)
+_NO_IDS = np.zeros(0, dtype=np.int64)  # the one-query kernel's results by position
 _EMPTY_F32 = np.zeros(0, dtype=np.float32)
 
 
@@ -519,6 +521,7 @@ class Partitioned(Index):
         super().__init__(metric=metric, **params)
         self._st: PartitionedState | None = None
         self._one_plan: tuple = (None, None)  # what the one-query kernel reads of the current state
+        self._raw_plan: tuple = (None,)  # the same for the ordinary path's single queries
 
     # ----------------------------------------------------------------- parameters
     def _check_build_params(self, p):
@@ -758,6 +761,17 @@ class Partitioned(Index):
         # more candidates than vectors cannot exist (and would only size the buffers)
         n_cand = min(max(reorder, k), st.num_vectors)
         mask_arr = _NO_MASK if mask is None else mask
+        if Q.shape[0] == 1 and st.pq_arrays is not None and n_cand < fastscan.ONE_QUERY_MAX_CANDIDATES:
+            # the one-query kernel (see _search_one), on the prepared query
+            plan = self._raw_plan
+            if plan[0] is not st:
+                table = fastscan.pq_one_query_table(st.pq_arrays, st.exact_positions, _NO_IDS, self._metric.proxy,
+                                                    RAW_TERMS)
+                plan = self._raw_plan = (st, table, table.words)
+            out_d = np.empty((1, k), _F32)
+            out_i = np.empty((1, k), _I64)
+            fastscan.search_pq_one(Q[0], plan[2], t, n_cand, k, mask_arr, out_d[0], out_i[0])
+            return out_d, out_i
         d, i = self._search_probed(Q, k, mask_arr, t, n_cand, st)
         # A row is short only when its probed leaves hold fewer than k allowed vectors: probe
         # twice as many leaves for those rows until they are full or every leaf is probed.

@@ -19,6 +19,7 @@ from ..api import Index
 from ..config import get_num_threads
 from ..kernels.blockwise import exact_search
 from ..kernels.distances import rows_proxy
+from ..kernels.query import RAW_TERMS
 from ..metrics import PROXY_L2SQ
 
 __all__ = ["TPUKNN", "TPUKNNState"]
@@ -104,6 +105,7 @@ class TPUKNN(Index):
         self._db = None  # annlib.accel.sharding.DeviceDatabase of self._st, made on first need
         self._db_lock = threading.Lock()  # searches (readers) may race to make it after a load
         self._one_plan: tuple = (None, None)  # TPUKNNState.one_query_plan (CPU backend only)
+        self._raw_plan: tuple = (None, None)  # the same for the ordinary path's single queries
 
     # ----------------------------------------------------------------- parameters
     def _check_build_params(self, params):
@@ -198,6 +200,11 @@ class TPUKNN(Index):
         proxy = self._metric.proxy
         if Q.shape[0] == 1 and self._on_cpu():
             # a single query on the CPU: the exact numba path (see _search_one), filters included
+            plan = self._raw_plan
+            if plan[0] is not st:
+                plan = self._raw_plan = st.one_query_plan(None, proxy, RAW_TERMS)
+            if not plan[5] or get_num_threads() == 1:
+                return TPUKNNState.search_raw(plan, Q[0], k, mask)
             return exact_search(Q, st.vectors, st.sqnorms, k, proxy, mask, workers=get_num_threads())
         allowed = st.vectors.shape[0] if mask is None else int(np.count_nonzero(mask))
         if allowed == 0:

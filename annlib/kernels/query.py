@@ -17,12 +17,16 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["OUT_L2", "OUT_COSINE", "OUT_IP", "BAD_QUERY", "prepare_query", "finish_one"]
+__all__ = ["OUT_L2", "OUT_COSINE", "OUT_IP", "BAD_QUERY", "RAW_TERMS", "prepare_query", "finish_one"]
 
 OUT_L2 = 0
 OUT_COSINE = 1
 OUT_IP = 2
 BAD_QUERY = 1  # status: NaN, inf or an entry above the bound
+# (bound, normalize, out_metric) for a query already checked and prepared, whose results are
+# wanted as proxies and positions (the ordinary path's single queries): no bound beyond finite
+# values, no normalisation, the proxy as it is (ip's public distance is the proxy), no ids
+RAW_TERMS = (float(np.finfo(np.float32).max), False, OUT_IP)
 
 
 @numba.njit(cache=True, nogil=True)
