@@ -1,0 +1,319 @@
+"""Fixed cost of one ``search`` call: one query per call, every family against hnswlib and faiss.
+
+One query per call is how the ann-benchmarks harness (and many services) search, so what a call
+costs beyond the search itself decides the result on small indexes. For each index size (1,000 ×
+32 and 100,000 × 50, Gaussian vectors) every method answers one query per call, ``k = 10``, at
+its cheapest setting (HNSW ``ef = 10`` like hnswlib's and faiss's, Partitioned one leaf and ten
+re-ranked candidates, a small sketch for MahalanobisSketch), single-threaded.
+
+Timing on a shared machine moves by ±25 % from one moment to the next, so methods are never timed
+one after the other in blocks: every round times a batch of calls of every method, in a new random
+order, and the figures are medians over many rounds (with the quartiles). With ``--before COMMIT``
+a second worker process runs the same methods on the library as it was at that commit (extracted
+with ``git archive``), and the two workers take turns round by round, so before and after are
+measured at the same moments. Each worker also times the baselines, so their ratios to hnswlib
+compare within one process.
+
+Extra rows (this code only) show where the time goes: ``_search_one`` called directly (the
+family's kernel, without the boundary's checks and lock) and every family on an index of 16
+vectors with ``k = 1`` (the cost of a call with next to no search in it).
+
+    taskset -c 1 python -m annlib.bench.per_call [--before COMMIT] [--sizes small,large]
+        [--rounds 40] [--out per_call.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+SIZES = {"small": (1_000, 32), "large": (100_000, 50)}
+K = 10
+TARGET_BATCH_S = 0.002  # each timed batch of calls lasts about this long
+
+
+# ============================================================================ worker side
+def _methods(n: int, d: int, extras: bool):
+    """name -> (callable(q), takes a 2-D query); built on the same seeded data in every worker."""
+    import numpy as np
+
+    import annlib
+
+    X = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
+    out = {}
+    bf = annlib.BruteForce().build(X)
+    out["annlib BruteForce"] = (lambda q: bf.search(q, K), False)
+    hn = annlib.HNSW(M=16, ef_construction=200, default_recall=None).build(X)
+    out["annlib HNSW+FINGER ef=10"] = (lambda q: hn.search(q, K, ef=10), False)
+    out["annlib HNSW ef=10 finger=False"] = (lambda q: hn.search(q, K, ef=10, finger=False), False)
+    pa = annlib.Partitioned(default_recall=None).build(X)
+    out["annlib Partitioned leaves=1 reorder=10"] = (lambda q: pa.search(q, K, leaves=1, reorder=10), False)
+    ma = annlib.MahalanobisSketch(m=8, copies=4, votes=1, random_state=0).build(X)
+    out["annlib MahalanobisSketch m=8 votes=1 reorder=10"] = (lambda q: ma.search(q, K, reorder=10), False)
+    if n <= 10_000:
+        mad = annlib.MahalanobisSketch(random_state=0).build(X)
+        out["annlib MahalanobisSketch defaults"] = (lambda q: mad.search(q, K), False)
+    tp = annlib.TPUKNN().build(X)
+    out["annlib TPUKNN"] = (lambda q: tp.search(q, K), False)
+    try:
+        import hnswlib
+
+        hl = hnswlib.Index(space="l2", dim=d)
+        hl.init_index(max_elements=n, M=16, ef_construction=200, random_seed=0)
+        hl.set_num_threads(1)
+        hl.add_items(X)
+        hl.set_ef(10)
+        out["hnswlib knn_query ef=10"] = (lambda q: hl.knn_query(q, k=K), False)
+    except ImportError:
+        pass
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        fh = faiss.IndexHNSWFlat(d, 16)
+        fh.hnsw.efConstruction = 200
+        fh.add(X)
+        fh.hnsw.efSearch = 10
+        out["faiss HNSW efSearch=10"] = (lambda q: fh.search(q, K), True)
+        ff = faiss.IndexFlatL2(d)
+        ff.add(X)
+        out["faiss flat"] = (lambda q: ff.search(q, K), True)
+    except ImportError:
+        pass
+    out["(timing loop, empty call)"] = (lambda q: None, False)
+    if extras:
+        out.update(_extra_methods(X, {"bf": bf, "hn": hn, "pa": pa, "ma": ma, "tp": tp}))
+    return out
+
+
+def _extra_methods(X, built):
+    """Where the time goes: the family hooks alone, and calls with next to no work in them."""
+    import numpy as np
+
+    import annlib
+
+    out = {}
+    hooks = {"bf": ("BruteForce", {}), "hn": ("HNSW+FINGER ef=10", {"ef": 10, "finger": True}),
+             "pa": ("Partitioned leaves=1 reorder=10", {"leaves": 1, "reorder": 10}),
+             "ma": ("MahalanobisSketch m=8 votes=1 reorder=10", {"reorder": 10}), "tp": ("TPUKNN", {})}
+    for key, (label, params) in hooks.items():
+        index = built[key]
+        hook = getattr(index, "_search_one", None)
+        if hook is None:
+            continue
+        index.search(X[0], K, **params)  # validates the parameters once
+        full = index._validated_search_params(params) if params else index._default_search_params()
+        out[f"  {label}: _search_one alone"] = (lambda q, h=hook, p=full: h(q, K, p, None), False)
+    tiny = np.ascontiguousarray(X[:16])
+    small = {"BruteForce": annlib.BruteForce().build(tiny),
+             "HNSW": annlib.HNSW(M=16, default_recall=None).build(tiny),
+             "Partitioned": annlib.Partitioned(default_recall=None).build(tiny),
+             "MahalanobisSketch": annlib.MahalanobisSketch(m=8, copies=4, votes=1, random_state=0).build(tiny),
+             "TPUKNN": annlib.TPUKNN().build(tiny)}
+    for label, index in small.items():
+        out[f"  {label}, 16 vectors, k=1"] = (lambda q, ix=index: ix.search(q, 1), False)
+    return out
+
+
+def _worker() -> None:
+    """Answer the main process's commands, one JSON line each (see :func:`_Worker`)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import numpy as np
+
+    import annlib
+
+    annlib.set_num_threads(1)
+    methods, rows1, rows2, numbers = {}, [], [], {}
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["do"] == "setup":
+            n, d = cmd["n"], cmd["d"]
+            methods = _methods(n, d, cmd["extras"])
+            Q = np.random.default_rng(1).standard_normal((256, d)).astype(np.float32)
+            rows1 = [Q[j] for j in range(len(Q))]
+            rows2 = [Q[j:j + 1] for j in range(len(Q))]
+            numbers = {}
+            for name, (fn, two_d) in methods.items():
+                rows = rows2 if two_d else rows1
+                for q in rows[:20]:  # compile and warm
+                    fn(q)
+                t0 = time.perf_counter()
+                calls = 0
+                while time.perf_counter() - t0 < 0.02:
+                    fn(rows[calls % len(rows)])
+                    calls += 1
+                per = (time.perf_counter() - t0) / calls
+                numbers[name] = max(3, int(TARGET_BATCH_S / per))
+            reply = {"methods": list(methods), "annlib": annlib.__file__}
+        elif cmd["do"] == "round":
+            order = list(methods)
+            random.Random(cmd["seed"]).shuffle(order)
+            times = {}
+            for name in order:
+                fn, two_d = methods[name]
+                rows = rows2 if two_d else rows1
+                number = numbers[name]
+                start = cmd["seed"] % len(rows)
+                batch = [rows[(start + j) % len(rows)] for j in range(number)]
+                t0 = time.perf_counter_ns()
+                for q in batch:
+                    fn(q)
+                times[name] = (time.perf_counter_ns() - t0) / number / 1000.0
+            reply = {"times": times}
+        else:
+            return
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+# ============================================================================ main side
+class _Worker:
+    def __init__(self, label: str, pythonpath: str | None):
+        env = dict(os.environ)
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.label = label
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, **cmd):
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.label} worker stopped (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self):
+        try:
+            self.proc.stdin.write(json.dumps({"do": "quit"}) + "\n")
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.proc.wait(timeout=60)
+
+
+def _old_tree(commit: str) -> str:
+    """The library as it was at ``commit``, laid out as an importable ``annlib`` package."""
+    root = Path(__file__).resolve().parents[1]
+    sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", commit], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    dest = Path(tempfile.gettempdir()) / f"annlib-per-call-{sha}"
+    if not (dest / "annlib" / "__init__.py").exists():
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(root), "archive", sha], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        # the package layout of an installed annlib (pyproject's package-dir)
+        for sub in ("accel", "datasets", "bench"):
+            if (dest / sub).is_dir() and not (dest / "annlib" / sub).exists():
+                (dest / "annlib" / sub).symlink_to(dest / sub, target_is_directory=True)
+    return str(dest)
+
+
+def _quartiles(values):
+    import numpy as np
+
+    a = np.asarray(values)
+    return float(np.median(a)), float(np.percentile(a, 25)), float(np.percentile(a, 75))
+
+
+def _environment() -> dict:
+    info = {"python": platform.python_version(), "machine": platform.machine(), "cpu": platform.processor()}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        info["affinity"] = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    for mod in ("numpy", "numba", "hnswlib", "faiss", "jax"):
+        try:
+            info[mod] = getattr(__import__(mod), "__version__", "?")
+        except ImportError:
+            pass
+    return info
+
+
+def _table(size: str, results: dict, labels: list[str]) -> str:
+    n, d = SIZES[size]
+    head = f"| {n:,} × {d}: µs per call (median [quartiles]) | " + " | ".join(labels) + " |"
+    lines = [head, "|---|" + "---|" * len(labels)]
+    names = []
+    for label in labels:
+        names += [m for m in results[label] if m not in names]
+    for name in names:
+        cells = []
+        for label in labels:
+            samples = results[label].get(name)
+            if samples:
+                med, lo, hi = _quartiles(samples)
+                cells.append(f"{med:.2f} [{lo:.2f}–{hi:.2f}]")
+            else:
+                cells.append("")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Run the benchmark; print one table per size (and write every sample with ``--out``)."""
+    p = argparse.ArgumentParser(prog="python -m annlib.bench.per_call", description=__doc__.split("\n\n")[0])
+    p.add_argument("--before", help="also time the library as it was at this git commit (alternating rounds)")
+    p.add_argument("--sizes", default="small,large", help="comma-separated: small (1,000 x 32), large (100,000 x 50)")
+    p.add_argument("--rounds", type=int, default=40, help="rounds per size (every method once per round)")
+    p.add_argument("--out", help="write every sample and the environment as JSON here")
+    args = p.parse_args(argv)
+    sizes = [s for s in args.sizes.split(",") if s]
+    load_start = os.getloadavg()
+    workers = [_Worker("after", None)]
+    if args.before:
+        workers.append(_Worker(f"before ({args.before})", _old_tree(args.before)))
+    labels = [w.label for w in workers][::-1]
+    report = {"environment": _environment(), "load_start": load_start, "sizes": {}}
+    try:
+        for size in sizes:
+            n, d = SIZES[size]
+            results = {}
+            for w in workers:
+                setup = w.ask(do="setup", n=n, d=d, extras=w.label == "after")
+                results[w.label] = {m: [] for m in setup["methods"]}
+            load_timed = os.getloadavg()
+            for r in range(args.rounds):
+                for w in (workers if r % 2 == 0 else workers[::-1]):
+                    for name, us in w.ask(do="round", seed=r)["times"].items():
+                        results[w.label][name].append(us)
+            report["sizes"][size] = {"n": n, "d": d, "samples": results, "load_during": [load_timed, os.getloadavg()]}
+            print()
+            print(_table(size, results, labels))
+            print(f"\nload average (1, 5, 15 min) before timing: {load_timed[0]:.2f} {load_timed[1]:.2f} "
+                  f"{load_timed[2]:.2f}; after: {os.getloadavg()[0]:.2f}", flush=True)
+    finally:
+        for w in workers:
+            w.close()
+    report["load_end"] = os.getloadavg()
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        _worker()
+    else:
+        sys.exit(main())
