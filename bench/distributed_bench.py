@@ -3,7 +3,7 @@ scatter/merge overhead as a share of query time, and the recovery time after an 
 
 For each family and shard count the sharded index is built once with the thread-pool executor
 and saved; the thread-pool run searches it, then the Ray run loads the same files into one actor
-per shard (memory-mapped) and searches them with the same batches, so both executors search the
+per shard (read into memory, or mapped with ``--mmap``) and searches them with the same batches, so both executors search the
 very same shards. Each figure is the best of ``--repeats`` passes over ``--queries`` queries in
 batches of ``--batch``, after one warm-up pass.
 
@@ -158,7 +158,7 @@ def run(args) -> dict:
                         runs.append(("thread", index, _passes(index, Q, args.k, args.batch, args.repeats, search)))
                 index.close()
                 if ray is not None:
-                    rindex = ShardedIndex.load(folder, executor=RayExecutor(mmap=not args.no_mmap))
+                    rindex = ShardedIndex.load(folder, executor=RayExecutor(mmap=args.mmap))
                     with annlib.threads(1):  # the merge in this process, as for the thread-pool run
                         runs.append(("ray", rindex, _passes(rindex, Q, args.k, args.batch, args.repeats, search)))
                     # recovery: kill shard 0's actor, time the next search
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("-k", type=int, default=10)
-    p.add_argument("--no-mmap", action="store_true", help="Ray actors read the shard files instead of mapping them")
+    p.add_argument("--mmap", action="store_true", help="Ray actors map the shard files instead of reading them")
     p.add_argument("--build-params", default=None, help="JSON added to the family's build parameters")
     p.add_argument("--search-params", default=None, help="JSON added to the family's search parameters")
     p.add_argument("--json", default=None, help="also write the raw figures to this file")

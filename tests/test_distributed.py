@@ -155,3 +155,16 @@ def test_executor_names_and_allow_partial_locally(data):
         ShardedIndex("bruteforce", 2, storage="somewhere")
     res = ShardedIndex("bruteforce", 2).build(X).search(Q, 5, allow_partial=True)
     assert not res.partial and res.missing_shards == () and len(res.shard_seconds) == 2
+
+
+def test_save_and_load_through_a_storage_uri(data):
+    pytest.importorskip("fsspec", reason="storage URIs need fsspec")
+    X, Q = data
+    index = ShardedIndex("bruteforce", 2).build(X[:1000])
+    index.save("memory://annlib-test/sharded")  # fsspec's in-process file system
+    back = ShardedIndex.load("memory://annlib-test/sharded")
+    np.testing.assert_array_equal(back.search(Q, 5).ids, index.search(Q, 5).ids)
+    from annlib.distributed import storage
+
+    storage.remove_tree("memory://annlib-test")
+    assert not storage.exists("memory://annlib-test/sharded/sharded.json")

@@ -174,7 +174,7 @@ def test_hnsw_recall_close_to_unsharded_and_save_load(data, tmp_path):
         index.save(tmp_path / "sharded")
     local = ShardedIndex.load(tmp_path / "sharded")  # the same files, shards in this process
     np.testing.assert_array_equal(local.search(Q, 10, **search).ids, got.ids)
-    with ShardedIndex.load(tmp_path / "sharded", executor="ray") as back:  # memory-mapped by the actors
+    with ShardedIndex.load(tmp_path / "sharded", executor=RayExecutor(mmap=True)) as back:  # actors map the files
         again = back.search(Q, 10, **search)
         np.testing.assert_array_equal(again.ids, got.ids)
         np.testing.assert_allclose(again.distances, got.distances, rtol=1e-5, atol=1e-5)

@@ -555,7 +555,7 @@ class ShardedIndex:
             A shard could not be reached even after a restart.
         """
         self._require_built()
-        folder = os.fspath(path)
+        folder = _absolute(os.fspath(path))
         _store.makedirs(folder)
         with self._rw.read():
             self.executor.map(lambda h: h.save(_store.join(folder, _shard_file(h.number))), self._handles)
@@ -588,7 +588,7 @@ class ShardedIndex:
         IndexFormatError
             Inconsistent metadata, or a shard that does not match it.
         """
-        folder = os.fspath(path)
+        folder = _absolute(os.fspath(path))
         try:
             meta = json.loads(_read_meta(folder))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -620,6 +620,11 @@ class ShardedIndex:
             raise
         return index
 
+
+
+def _absolute(location: str) -> str:
+    """A local path made absolute (shard actors may run in another folder); a URI as it is."""
+    return location if "://" in location else os.path.abspath(location)
 
 
 def _read_meta(folder: str) -> bytes:
