@@ -242,13 +242,13 @@ def main(argv=None) -> int:
             cell.update({"n": n, "d": keys.shape[2], "kv_heads": keys.shape[0], "query_heads": q.shape[0],
                          "queries_per_head": q.shape[1], "data": what, "seconds": time.perf_counter() - t0})
             if masses:
-                cell["adaptive"] = _adaptive(keys, values, q, masses, args.window, args.sink, "exact")
+                cell["adaptive"] = _adaptive(keys, values, q, masses, args.window, args.sink, "lut")
             report["cells"].append(cell)
             head = (f"### n = {n:,}, d = {keys.shape[2]}, {keys.shape[0]} KV heads, {q.shape[0]} query heads × "
                     f"{q.shape[1]} queries ({what})")
             md.append(head + "\n\n" + _table(cell))
             if masses:
-                md.append("Adaptive budget (selector exact): " + "; ".join(
+                md.append("Adaptive budget (selector lut): " + "; ".join(
                     f"mass={a['mass']}: {a['mean_keys']:.0f} keys on average (max {a['max_keys']}), "
                     f"estimated {a['estimated_mass']:.3f} / measured {a['mass_recall']:.3f} mass, "
                     f"error {a['error']:.3f} (p90 {a['error_p90']:.3f}), {a['ms']:.2f} ms"
