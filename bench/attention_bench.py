@@ -226,7 +226,10 @@ def main(argv=None) -> int:
     masses = [float(m) for m in args.masses.split(",") if m]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"command": "python -m annlib.bench.attention_bench " + " ".join(argv or []),
+    import sys
+
+    given = sys.argv[1:] if argv is None else list(argv)
+    report = {"command": "python -m annlib.bench.attention_bench " + " ".join(given),
               "load_before": os.getloadavg(), "cells": []}
     md = []
     for d in [int(x) for x in args.dim.split(",")]:
