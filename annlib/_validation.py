@@ -53,6 +53,17 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _real_array(value: Any, name: str, what: str) -> np.ndarray:
+    """``np.asarray(value)`` with a real numeric dtype, or the TypeError that says why not."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:  # ragged nested lists and the like
+        raise TypeError(f"{name} must be a numeric {what}; could not convert it ({exc})") from None
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must have a real numeric dtype (bool, int, uint or float); got dtype {arr.dtype}")
+    return arr
+
+
 def as_vectors(X: Any, name: str = "X", *, allow_1d: bool = False,
                limit: Callable[[int], float] | None = None) -> tuple[np.ndarray, bool]:
     """Convert an array-like of vectors to a C-contiguous float32 matrix, checking it.
@@ -489,12 +500,7 @@ def check_matrix(name: str, value: Any, *, square: bool = False, allow_1d: bool 
     ValueError
         Not 2-D, empty, not square when ``square``, all zero when ``nonzero``, or NaN/inf.
     """
-    try:
-        arr = np.asarray(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a numeric 2-D array-like; could not convert it ({exc})") from None
-    if arr.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must have a real numeric dtype (bool, int, uint or float); got dtype {arr.dtype}")
+    arr = _real_array(value, name, "2-D array-like")
     if allow_1d and arr.ndim == 1:
         arr = arr.reshape(1, -1)
     shape = "(d, d)" if square else "(p, d)"
@@ -966,12 +972,7 @@ def as_heads(value: Any, name: str, *, allow_2d: bool = False) -> tuple[np.ndarr
         Wrong number of dimensions, an empty axis, NaN or inf (names the head and row), or an entry
         so large that scores overflow float32.
     """
-    try:
-        arr = np.asarray(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a numeric array-like; could not convert it ({exc})") from None
-    if arr.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must have a real numeric dtype (bool, int, uint or float); got dtype {arr.dtype}")
+    arr = _real_array(value, name, "array-like")
     was_2d = arr.ndim == 2 and allow_2d
     if was_2d:
         arr = arr[:, None, :]
