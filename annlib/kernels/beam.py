@@ -17,7 +17,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .distances import L2SQ, proxy_pair
+from .distances import exact_pair, proxy_pair
 from .topk import heap_push
 
 __all__ = ["FASTMATH", "Beam", "new_beam", "exact_proxy", "cand_push", "cand_pop", "next_tag",
@@ -107,15 +107,7 @@ def exact_proxy(a, b, proxy):
     Compiled on its own (not inlined at Numba IR level), so a fast-math caller does not change
     its floating-point semantics.
     """
-    acc = np.float32(0.0)
-    if proxy == L2SQ:
-        for t in range(a.shape[0]):
-            diff = a[t] - b[t]
-            acc += diff * diff
-        return acc
-    for t in range(a.shape[0]):
-        acc += a[t] * b[t]
-    return -acc
+    return exact_pair(a, b, proxy)
 
 
 @numba.njit(inline="always", cache=True, nogil=True)

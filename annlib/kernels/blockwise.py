@@ -410,7 +410,8 @@ def search_one(q, table, k, mask, out_d, out_i):
     Notes
     -----
     The same answer as :func:`exact_search` (the proxies of the ``k`` survivors re-computed
-    without fast-math, ties by lower row), in one call and one pass over the vectors.
+    by :func:`.distances.exact_pair`, ties by lower row), in one call and one pass over the
+    vectors.
     """
     X = f32_2d(table, 0)
     ids = i64_1d(table, 4)

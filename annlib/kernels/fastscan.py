@@ -847,7 +847,7 @@ def search_pq_one(q, table, t, n_cand, k, mask, out_d, out_i):
         p = np.int64(exact[j])
         if use_mask and not mask[p]:
             continue
-        v = exact_proxy(Qp[0], X[p], proxy)
+        v = exact_proxy(Qp[0], X[p], proxy)  # as the batch path's exact scan of these rows
         if v < hd[k - 1]:  # insert into the sorted list
             a = k - 1
             while a > 0 and hd[a - 1] > v:

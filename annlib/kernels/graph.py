@@ -12,7 +12,12 @@ handed to the kernels as one :class:`GraphArrays`:
 
 Walks run with re-association allowed (vectorised reductions) but without the no-inf/no-NaN
 flags, because the result heaps start at +inf. Distances handed back to callers are recomputed
-without fast-math (:func:`exact_proxy`).
+without fast-math, in a fixed order of operations (:func:`exact_proxy`).
+
+numba's cache of a kernel holds the code of the kernels it calls and is renewed only when the
+kernel's own file changes: a change to :mod:`.distances` or :mod:`.beam` that changes numbers
+must come with a change of the files whose kernels call it (this module, ``blockwise``,
+``fastscan``), or their cached copies keep the old code.
 
 Scratch: a visited set is a uint16 array tagged with a per-query epoch (no clearing between
 queries); the candidate min-heap and the bounded result max-heap (a :class:`~.beam.Beam`) are
