@@ -16,10 +16,11 @@ compare within one process.
 
 Extra rows (this code only) show where the time goes: ``_search_one`` called directly (the
 family's kernel, without the boundary's checks and lock) and every family on an index of 16
-vectors with ``k = 1`` (the cost of a call with next to no search in it).
+vectors with ``k = 1`` at its cheapest setting (the cost of a call with next to no search in it).
 
     taskset -c 1 python -m annlib.bench.per_call [--before COMMIT] [--sizes small,large]
         [--rounds 40] [--out per_call.json]
+    python -m annlib.bench.per_call --report per_call.json
 """
 
 from __future__ import annotations
@@ -113,16 +114,33 @@ def _extra_methods(X, built):
         if hook is None:
             continue
         index.search(X[0], K, **params)  # validates the parameters once
+        index.search(X[0], K, **params)  # the short path makes its plan
         full = index._validated_search_params(params) if params else index._default_search_params()
         out[f"  {label}: _search_one alone"] = (lambda q, h=hook, p=full: h(q, K, p, None), False)
+    # the kernels alone, with their outputs allocated once (what remains is dispatch and search)
+    try:
+        from annlib.kernels.blockwise import search_one as exact_one
+        from annlib.kernels.graph import new_one_query_scratch, search_one as graph_one
+    except ImportError:
+        exact_one = None
+    if exact_one is not None:
+        no_mask = np.zeros(0, np.bool_)
+        out_d, out_i = np.empty(K, np.float32), np.empty(K, np.int64)
+        words = built["bf"]._one_plan[3]
+        out["  BruteForce: kernel alone"] = (lambda q: exact_one(q, words, K, no_mask, out_d, out_i), False)
+        hn = built["hn"]
+        gwords, scratch = hn._one_plan[3], new_one_query_scratch(hn.n_positions)
+        out["  HNSW+FINGER ef=10: kernel alone"] = (
+            lambda q: graph_one(q, gwords, K, 10, True, no_mask, scratch, out_d, out_i), False)
     tiny = np.ascontiguousarray(X[:16])
-    small = {"BruteForce": annlib.BruteForce().build(tiny),
-             "HNSW": annlib.HNSW(M=16, default_recall=None).build(tiny),
-             "Partitioned": annlib.Partitioned(default_recall=None).build(tiny),
-             "MahalanobisSketch": annlib.MahalanobisSketch(m=8, copies=4, votes=1, random_state=0).build(tiny),
-             "TPUKNN": annlib.TPUKNN().build(tiny)}
-    for label, index in small.items():
-        out[f"  {label}, 16 vectors, k=1"] = (lambda q, ix=index: ix.search(q, 1), False)
+    small = {"BruteForce": (annlib.BruteForce().build(tiny), {}),
+             "HNSW": (annlib.HNSW(M=16, default_recall=None).build(tiny), {"ef": 1}),
+             "Partitioned": (annlib.Partitioned(default_recall=None).build(tiny), {"leaves": 1, "reorder": 1}),
+             "MahalanobisSketch": (annlib.MahalanobisSketch(m=8, copies=4, votes=1, random_state=0).build(tiny),
+                                   {"reorder": 1}),
+             "TPUKNN": (annlib.TPUKNN().build(tiny), {})}
+    for label, (index, params) in small.items():
+        out[f"  {label}, 16 vectors, k=1"] = (lambda q, ix=index, p=params: ix.search(q, 1, **p), False)
     return out
 
 
@@ -271,6 +289,29 @@ def _table(size: str, results: dict, labels: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _ratio_table(size: str, results: dict, labels: list[str], base: str) -> str:
+    """Per round, each method's time over ``base``'s in the same worker and round; medians."""
+    import numpy as np
+
+    n, d = SIZES[size]
+    lines = [f"| {n:,} × {d}: per call ÷ {base}, same round (median) | " + " | ".join(labels) + " |",
+             "|---|" + "---|" * len(labels)]
+    names = []
+    for label in labels:
+        names += [m for m in results[label] if m not in names]
+    for name in names:
+        cells = []
+        for label in labels:
+            ref = results[label].get(base)
+            samples = results[label].get(name)
+            if samples and ref:
+                cells.append(f"{float(np.median(np.asarray(samples) / np.asarray(ref))):.2f}")
+            else:
+                cells.append("")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     """Run the benchmark; print one table per size (and write every sample with ``--out``)."""
     p = argparse.ArgumentParser(prog="python -m annlib.bench.per_call", description=__doc__.split("\n\n")[0])
@@ -278,7 +319,19 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="small,large", help="comma-separated: small (1,000 x 32), large (100,000 x 50)")
     p.add_argument("--rounds", type=int, default=40, help="rounds per size (every method once per round)")
     p.add_argument("--out", help="write every sample and the environment as JSON here")
+    p.add_argument("--report", help="print the tables of a file written by --out, and stop")
     args = p.parse_args(argv)
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        for size, entry in saved["sizes"].items():
+            results = entry["samples"]
+            labels = list(results)[::-1]
+            print()
+            print(_table(size, results, labels))
+            print()
+            print(_ratio_table(size, results, labels, "hnswlib knn_query ef=10"))
+            print(f"\nload average while timing: {entry['load_during'][0][0]:.2f} -> {entry['load_during'][1][0]:.2f}")
+        return 0
     sizes = [s for s in args.sizes.split(",") if s]
     load_start = os.getloadavg()
     workers = [_Worker("after", None)]
@@ -301,6 +354,10 @@ def main(argv=None) -> int:
             report["sizes"][size] = {"n": n, "d": d, "samples": results, "load_during": [load_timed, os.getloadavg()]}
             print()
             print(_table(size, results, labels))
+            base = "hnswlib knn_query ef=10"
+            if all(base in results[label] for label in labels):
+                print()
+                print(_ratio_table(size, results, labels, base))
             print(f"\nload average (1, 5, 15 min) before timing: {load_timed[0]:.2f} {load_timed[1]:.2f} "
                   f"{load_timed[2]:.2f}; after: {os.getloadavg()[0]:.2f}", flush=True)
     finally:
