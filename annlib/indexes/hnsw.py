@@ -985,7 +985,10 @@ class HNSW(Index):
         if view.n_live < view.n_nodes and self._scan_is_cheaper(view.n_live, k, params):
             return None  # many deletions: the ordinary path scans the live vectors
         pool = view.one_pool
-        scratch = self._one_scratch(view)
+        try:
+            scratch = pool.pop()
+        except IndexError:
+            scratch = self._one_scratch(view)
         out_d = np.empty(k, _F32)
         out_i = np.empty(k, _I64)
         try:
