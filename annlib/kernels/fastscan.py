@@ -726,7 +726,7 @@ def _select_all_rows(T, codes, entry_positions, n_cand, out):
             pos = entry_positions[p]
             if pos < 0:
                 continue
-            v = sums[p]
+            v = row[p]
             if v < edge:
                 out[q, c] = pos
                 c += 1
