@@ -416,6 +416,8 @@ def search_one(q, table, k, mask, out_d, out_i):
     X = f32_2d(table, 0)
     ids = i64_1d(table, 4)
     proxy = int_at(table, 8)
+    if q.shape[0] != X.shape[1]:  # (the caller checked; a rebuild may have come in between)
+        return BAD_QUERY
     qp = np.empty(q.shape[0], dtype=np.float32)
     if prepare_query(q, f64_at(table, 9), int_at(table, 10) != 0, qp):
         return BAD_QUERY

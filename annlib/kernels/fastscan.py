@@ -825,6 +825,8 @@ def search_pq_one(q, table, t, n_cand, k, mask, out_d, out_i):
     ids = i64_1d(table, 40)
     proxy = int_at(table, 44)
     d = q.shape[0]
+    if d != index.vectors.shape[1]:  # (the caller checked; a rebuild may have come in between)
+        return BAD_QUERY
     Qp = np.empty((1, d), dtype=np.float32)
     if prepare_query(q, f64_at(table, 45), int_at(table, 46) != 0, Qp[0]):
         return BAD_QUERY

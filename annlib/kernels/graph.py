@@ -647,6 +647,8 @@ def search_one(q, table, k, ef, use_finger, mask, scratch, out_d, out_i):
     deleted = bool_1d(table, 36)
     positions = i64_1d(table, 40)
     ids = i64_1d(table, 44)
+    if q.shape[0] != graph.vectors.shape[1]:  # (the caller checked; a rebuild may have come in between)
+        return BAD_QUERY
     # every array of the search carved from one allocation (one allocation costs about as much
     # as the walk's first dozen distances on a small graph)
     d = q.shape[0]

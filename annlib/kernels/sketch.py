@@ -650,6 +650,8 @@ def median_search_one(q, table, c, k, mask, out_d, out_i):
     L, m, d = P.shape
     r = pend.shape[2]
     n = S.shape[2]
+    if q.shape[0] != d:  # (the caller checked; a rebuild may have come in between)
+        return BAD_QUERY
     qp = np.empty(d, dtype=np.float32)
     if prepare_query(q, bound, False, qp):
         return BAD_QUERY
