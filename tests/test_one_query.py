@@ -362,3 +362,16 @@ def test_the_read_lock_of_the_short_path():
         with rw.read():
             pass
     assert rw._quick == [] and rw._readers == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_query_hook_refuses_a_query_of_another_dimension(family):
+    """The boundary compares the query's length with the dimension before it takes the lock; the
+    kernels check again (a rebuild with another dimension may come in between)."""
+    X, Q = _data(16)
+    index = _build(family, "l2", X)
+    index.search(Q[0], 3)
+    sp = index._default_search_params()
+    assert index._search_one(Q[0], 3, sp, None) is not None
+    for d in (D - 1, D + 1):
+        assert index._search_one(np.zeros(d, np.float32), 3, sp, None) is None
