@@ -312,6 +312,26 @@ def _ratio_table(size: str, results: dict, labels: list[str], base: str) -> str:
     return "\n".join(lines)
 
 
+def _combined_table(size: str, results: dict, labels: list[str], base: str) -> str:
+    """One row per method: median µs per call and median same-round ratio to ``base``, per worker."""
+    import numpy as np
+
+    n, d = SIZES[size]
+    head = " | ".join([f"{label}: µs" for label in labels] + [f"{label}: ÷ {base.split()[0]}" for label in labels])
+    lines = [f"| {n:,} × {d} | {head} |", "|---|" + "---:|" * (2 * len(labels))]
+    names = []
+    for label in labels:
+        names += [m for m in results[label] if m not in names and not m.startswith("(")]
+    for name in names:
+        us, ratio = [], []
+        for label in labels:
+            samples, ref = results[label].get(name), results[label].get(base)
+            us.append(f"{float(np.median(samples)):,.2f}" if samples else "")
+            ratio.append(f"{float(np.median(np.asarray(samples) / np.asarray(ref))):.2f}" if samples and ref else "")
+        lines.append(f"| {name.strip()} | " + " | ".join(us + ratio) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     """Run the benchmark; print one table per size (and write every sample with ``--out``)."""
     p = argparse.ArgumentParser(prog="python -m annlib.bench.per_call", description=__doc__.split("\n\n")[0])
@@ -330,6 +350,8 @@ def main(argv=None) -> int:
             print(_table(size, results, labels))
             print()
             print(_ratio_table(size, results, labels, "hnswlib knn_query ef=10"))
+            print()
+            print(_combined_table(size, results, labels, "hnswlib knn_query ef=10"))
             print(f"\nload average while timing: {entry['load_during'][0][0]:.2f} -> {entry['load_during'][1][0]:.2f}")
         return 0
     sizes = [s for s in args.sizes.split(",") if s]
