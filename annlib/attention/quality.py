@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..kernels.attention import attend_selected
+from ..kernels.topk import topk_rows
 
 __all__ = ["AttentionQuality", "measure_quality"]
 
@@ -95,8 +96,12 @@ def measure_quality(Q: np.ndarray, keys: np.ndarray, values: np.ndarray, selecte
             row = row[row >= 0]
             retrieved = row[~kept_mask[row]]
             count = retrieved.shape[0]
-            cand = np.where(kept_mask, -np.inf, S[j])
-            best = np.argpartition(-cand, count - 1)[:count] if count else np.zeros(0, np.int64)
+            if count:
+                # exact top keys outside sink and window, by the kernels' top-k (+inf never chosen)
+                neg = np.where(kept_mask, np.inf, -S[j]).astype(np.float32)[None, :]
+                best = topk_rows(neg, count)[1][0]
+            else:
+                best = np.zeros(0, np.int64)
             both = np.intersect1d(retrieved, best, assume_unique=True).shape[0]
             fields["key_recall"][h, j] = both / count if count else 1.0
             fields["mass_recall"][h, j] = P[j, row].sum()
