@@ -13,7 +13,7 @@ import pytest
 
 import annlib
 from annlib.indexes.mahalanobis import QUADFORM_LIMIT
-from annlib.kernels.jl import pair_failure, sketch_size
+from annlib.kernels.jl import HEADROOM, pair_failure, sketch_size
 from annlib.kernels.sketch import Sketches, median_estimate, rank_update
 
 from conftest import read_shared, synthetic_set
@@ -76,11 +76,88 @@ def test_sketch_size_matches_simulated_medians():
     g = np.random.default_rng(0)
     for votes in (1, 3):
         m = sketch_size(EPS, DELTA, votes)
-        assert pair_failure(m, EPS, votes) <= DELTA < pair_failure(m - 1, EPS, votes)
+        assert pair_failure(m, EPS, votes) <= HEADROOM * DELTA < pair_failure(m - 1, EPS, votes)
+        exact = sketch_size(EPS, DELTA, votes, headroom=1.0)
+        assert pair_failure(exact, EPS, votes) <= DELTA < pair_failure(exact - 1, EPS, votes)
         ratios = np.sqrt(g.chisquare(m, size=(200_000, votes)) / m)
         sim = np.mean(np.abs(np.median(ratios, axis=1) - 1) > EPS)
         assert abs(sim - pair_failure(m, EPS, votes)) < 0.003
     assert sketch_size(EPS, DELTA / 100_000, 3) > sketch_size(EPS, DELTA, 3)
+
+
+def _miss_rate(index, Q):
+    """(fraction of ``index.estimate`` outside (1 +- eps) on ``Q``, predicted fraction)."""
+    ratio = index.estimate(Q).astype(np.float64) / index.exact_distances(Q)
+    miss = float(np.mean(np.abs(ratio - 1.0) > index.params["eps"]))
+    return miss, pair_failure(index.sketch_size, index.params["eps"], index.params["votes"])
+
+
+def _updated(index, X, how, g):
+    """``index`` after the update sequence ``how`` (the data it now holds is returned too)."""
+    d = X.shape[1]
+    if how in ("metric_pending", "metric_swept"):
+        for _ in range(3 if how == "metric_pending" else 9):  # deferred = 8: 3 pending / the 9th sweeps all
+            index.update_metric(g.normal(size=d) * 0.4)
+        assert (index._st.pending > 0) == (how == "metric_pending")
+    elif how == "metric_rows":
+        index.update_metric(g.normal(size=(2, d)) * 0.3, row=[0, 5])
+    elif how == "points_pending":
+        index.update_metric(g.normal(size=(2, d)) * 0.4)  # held back while the points move
+        ids = np.arange(0, len(X), 2)
+        X = X.copy()
+        X[ids] = g.normal(size=(ids.size, d)).astype(np.float32)
+        index.update_point(ids, X[ids])
+        index.add(g.normal(size=(200, d)).astype(np.float32))
+        assert index._st.pending == 2
+    return index
+
+
+SETTINGS = {
+    "default": {}, "votes=1": {"votes": 1}, "votes=5": {"votes": 5},
+    "eps=0.2,delta=0.1": {"eps": 0.2, "delta": 0.1}, "delta=0.01": {"delta": 0.01},
+}
+
+
+@pytest.mark.parametrize("how", ["none", "metric_pending", "metric_swept", "metric_rows", "points_pending"])
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_measured_fraction_within_eps_meets_delta(setting, how):
+    """The measured fraction of estimates within (1 +- eps) is at least 1 - delta at every
+    documented setting, after metric and point updates and with deferred updates pending.
+
+    Samples: 6 independent builds (seeds), each 80 queries x 2,000 points. The estimates of one
+    build are not independent (a query's n estimates share its copies, all queries share the
+    build's 16 copies), so the builds are the independent samples: ``se`` is the standard error
+    of the mean of the 6 per-build miss rates. Allowance: the mean miss rate may exceed delta by
+    at most 3 se (one-sided). The sketch is sized for 0.8 * delta, so a correct index passes with
+    room. A second check has the power to find a biased estimate (float32 rounding, copies that
+    are not independent, a deferred update applied wrongly): the mean miss rate must agree with
+    the exact chi-square/binomial prediction within 4.5 se (Student t with 5 degrees of freedom:
+    two-sided 0.6%) plus 0.002. Sketches 0.6x too small fail the first check (tested below).
+    """
+    params = SETTINGS[setting]
+    g = np.random.default_rng(7)
+    n, d = 2000, 40
+    X = g.normal(size=(n, d)).astype(np.float32)
+    Q = g.normal(size=(80, d)).astype(np.float32)
+    M = random_psd(d, 5)
+
+    def measure(**extra):
+        rates = []
+        for seed in range(6):
+            built = annlib.MahalanobisSketch(M=M, random_state=seed, **params, **extra).build(X)
+            index = _updated(built, X, how, np.random.default_rng(8))
+            miss, predicted = _miss_rate(index, Q)
+            rates.append(miss)
+        return float(np.mean(rates)), float(np.std(rates, ddof=1) / np.sqrt(len(rates))), predicted, index
+
+    miss, se, predicted, index = measure()
+    delta = index.params["delta"]
+    assert predicted <= HEADROOM * delta
+    assert miss <= delta + 3 * se, (miss, se, predicted)
+    assert abs(miss - predicted) <= 4.5 * se + 0.002, (miss, se, predicted)
+    if how in ("none", "points_pending") and setting == "default":
+        weak, se_w, _, _ = measure(m=int(0.6 * index.sketch_size))
+        assert weak > delta + 3 * se_w, (weak, se_w)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -307,8 +384,9 @@ def test_adaptive_queries_keep_the_bound_and_break_a_fixed_sketch():
     rng = np.random.default_rng(0)
     fixed = annlib.MahalanobisSketch(M=M, eps=eps, copies=1, votes=1, random_state=0).build(X)
     assert _learning_attack(fixed, X, M, 20, rng) >= 0.9
-    robust = annlib.MahalanobisSketch(M=M, eps=eps, random_state=0).build(X)  # 16 copies, 3 votes
-    assert robust.sketch_size == 10
+    # 16 copies, 3 votes; m = 10, the size for exactly delta (the default adds headroom: 11)
+    robust = annlib.MahalanobisSketch(M=M, eps=eps, m=10, random_state=0).build(X)
+    assert sketch_size(eps, 0.05, 3, headroom=1.0) == 10
     oblivious = failure_rate(robust, rng.normal(size=(20, 24)).astype(np.float32) * X.std())
     assert oblivious <= 0.05 + 0.02
     p_overlap = (3 * 13 + 1) / 560  # P(>= 2 of 3 fresh copies among the previous 3) for L = 16

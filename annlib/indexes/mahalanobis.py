@@ -296,8 +296,10 @@ class MahalanobisSketch(Index):
         ``n`` distances of a query at once pass ``delta / n`` (``m`` grows with ``log(n/delta)``).
     m : int, optional
         Rows per sketch copy; default the smallest ``m`` for which the median of ``votes`` copies
-        meets ``(eps, delta)`` exactly (chi-square law of Gaussian sketches; 87 for the defaults,
-        192 with ``votes=1``). Overrides ``eps`` and ``delta``.
+        misses ``(1 +- eps)`` with probability at most ``0.8 * delta`` (chi-square law of Gaussian
+        sketches, :func:`annlib.kernels.jl.sketch_size`; the headroom keeps a measured fraction
+        within ``eps`` at or above ``1 - delta``): 96 for the defaults, 211 with ``votes=1``.
+        Overrides ``eps`` and ``delta``.
     copies : int, default 16
         Independent sketch copies ``L`` stored. Memory and build time grow linearly; more copies
         make it harder for an adaptive sequence of queries to find directions every copy
