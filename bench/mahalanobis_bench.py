@@ -5,7 +5,11 @@
   a user could (points pre-transformed by the factor, one matmul per query batch; faiss
   ``IndexFlatL2`` on the transformed points for k-NN) and the naive way ``(q-x)^T M (q-x)``;
 * update cost: rank-1 ``update_metric`` (amortised over a stream, deferred sweeps included) vs
-  re-transforming every point, ``update_point`` vs rebuild.
+  re-transforming every point, ``update_point`` vs rebuild;
+* the (eps, delta) guarantee measured: fraction of estimates within ``1 +- eps`` at every
+  documented setting, after metric and point updates and with updates pending, for the sketch
+  sized for exactly ``delta`` (before) and with the default headroom (after), and the estimate's
+  time against the exact distances at both sizes, in one run (``--parts guarantee``).
 
 Single-threaded (numba and BLAS), best of ``--repeats`` after a warm-up. Run from the repository
 root, under the machine's benchmark lock::
@@ -25,9 +29,11 @@ from pathlib import Path
 import numpy as np
 
 import annlib
-from annlib.kernels.jl import pair_failure, sketch_size
+from annlib.kernels.jl import HEADROOM, pair_failure, sketch_size
 
 SETS = {384: "wordnet-minilm-384-angular", 784: "mnist-784-euclidean-10k"}
+# (eps, delta, votes) of every sketch size docs/mahalanobis.md lists
+GUARANTEE_SETTINGS = [(0.1, 0.05, 3), (0.1, 0.05, 1), (0.1, 0.05, 5), (0.1, 0.05 / 100_000, 3)]
 
 
 def read(data_dir: Path, name: str, n_queries: int):
@@ -220,6 +226,73 @@ def update_costs(data_dir: Path, repeats: int, stream: int = 27) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- guarantee
+def _after_updates(index, X, how: str, g) -> None:
+    """Apply the update sequence ``how`` to ``index`` (``deferred`` = 8)."""
+    d = X.shape[1]
+    scale = float(np.sqrt(np.trace(index.M) / d))  # updates of the metric's own size
+    if how in ("metric, 3 pending", "metric, swept"):
+        for _ in range(3 if how == "metric, 3 pending" else 9):
+            index.update_metric(g.normal(size=d) * scale)
+    elif how == "points moved, 2 pending":
+        index.update_metric(g.normal(size=(2, d)) * scale)
+        ids = np.arange(0, len(X), 2)
+        index.update_point(ids, X[ids[::-1]] + g.normal(size=(ids.size, d)).astype(np.float32))
+
+
+def guarantee(data_dir: Path, n_queries: int, repeats: int, n_max: int = 20_000) -> list[dict]:
+    """Fraction within eps per documented setting (before: m for exactly delta; after: the
+    default headroom), and estimate time against the exact distances at both sizes."""
+    rows = []
+    for name in (SETS[784], SETS[384]):
+        X, Q = read(data_dir, name, n_queries)
+        X = X[:n_max]
+        M = random_psd(X.shape[1])
+        U = None
+        for eps, delta, votes in GUARANTEE_SETTINGS:
+            hows = ["none", "metric, 3 pending", "metric, swept", "points moved, 2 pending"]
+            if delta < 1e-3:
+                hows = ["none"]
+            for how in hows:
+                row = {"data": name, "n": len(X), "queries": len(Q), "eps": eps, "delta": delta,
+                       "votes": votes, "copies": 16 if delta >= 1e-3 else 4, "updates": how}
+                for label, headroom in (("before", 1.0), ("after", HEADROOM)):
+                    m = sketch_size(eps, delta, votes, headroom=headroom)
+                    # m = 604 with 16 copies would take 0.8 GB at n = 20k: 4 copies (the law of one
+                    # estimate does not depend on the number stored)
+                    copies = 16 if delta >= 1e-3 else 4
+                    index = annlib.MahalanobisSketch(M=M, m=m, votes=votes, eps=eps, delta=delta, copies=copies,
+                                                     random_state=0).build(X)
+                    _after_updates(index, X, how, np.random.default_rng(1))
+                    ratio = index.estimate(Q).astype(np.float64) / index.exact_distances(Q)
+                    within = np.abs(ratio - 1.0) <= eps
+                    per_query = within.mean(axis=1)
+                    row[f"m_{label}"] = m
+                    row[f"within_{label}"] = float(within.mean())
+                    row[f"predicted_{label}"] = 1.0 - pair_failure(m, eps, votes)
+                    row[f"se_{label}"] = float(per_query.std(ddof=1) / np.sqrt(len(Q)))
+                    row[f"worst_query_{label}"] = float(per_query.min())
+                    if how == "none" and delta >= 1e-3:
+                        if U is None:
+                            U = index.U.astype(np.float32)
+                            Y = X @ U.T  # the points transformed once (not timed)
+                            ysq = np.einsum("ij,ij->i", Y, Y)
+
+                            def exact_all(Qb):  # one GEMM of the transformed queries and points
+                                Z = Qb @ U.T
+                                D = np.einsum("ij,ij->i", Z, Z)[:, None] - 2.0 * (Z @ Y.T) + ysq
+                                return np.sqrt(np.maximum(D, 0.0, out=D), out=D)
+
+                            t_exact = best(lambda: exact_all(Q), repeats)
+                            row["exact_s"] = t_exact
+                        row["exact_s"] = t_exact
+                        row[f"estimate_{label}_s"] = t_est = best(lambda: index.estimate(Q), repeats)
+                        row[f"speedup_{label}"] = t_exact / t_est
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default="../shared/data", type=Path)
@@ -227,7 +300,7 @@ def main(argv=None) -> None:
     ap.add_argument("--queries", type=int, default=1000, help="batch size of the timed query runs")
     ap.add_argument("--single", type=int, default=100, help="queries timed one at a time")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--parts", default="error,m100k,time,update")
+    ap.add_argument("--parts", default="error,m100k,time,update,guarantee")
     args = ap.parse_args(argv)
     annlib.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -243,6 +316,8 @@ def main(argv=None) -> None:
             args.data_dir, d, args.queries, args.single, args.repeats)]
     if "update" in parts:
         result["updates"] = update_costs(args.data_dir, args.repeats)
+    if "guarantee" in parts:
+        result["guarantee"] = guarantee(args.data_dir, args.queries, args.repeats)
     (args.out / "mahalanobis.json").write_text(json.dumps(result, indent=1))
 
 
