@@ -12,6 +12,13 @@ Family code decides *what* to score; these modules decide *how fast*:
   4-bit look-up-table scanning and re-ranking
 - :mod:`.jl`, :mod:`.sketch`, :mod:`.siphash`   JL sketch sizing, sketch scoring and updates,
   keyed choice of sketch copies
+- :mod:`.cache_guard`  drops numba's cached code of modules whose callees' sources changed
 
 Nothing here imports from the rest of annlib.
 """
+
+from .cache_guard import drop_stale_caches as _drop_stale_caches
+
+# before any kernel loads cached code: code compiled against an older version of a module it
+# calls is dropped (numba checks only a kernel's own file)
+_drop_stale_caches()
