@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import prange
+
+from .threads import run_split
 
 __all__ = [
     "assign_nearest",
@@ -24,12 +25,14 @@ __all__ = [
 # Points per GEMM block in the assignment passes: a 4096 x 1024 float32 score block is 16 MiB at
 # most, and smaller for the usual leaf counts.
 ASSIGN_BLOCK = 4096
+# Fewest points a worker thread of the assignment passes gets (below it one thread does it all).
+MIN_SPLIT_POINTS = 1024
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _argmin_block(S, cnorm, out_idx, out_val, offset):
     # value of centre j for point i: ||c_j||^2 - 2 <x_i, c_j>
-    for i in prange(S.shape[0]):
+    for i in range(S.shape[0]):
         best = np.inf
         arg = 0
         row = S[i]
@@ -42,9 +45,9 @@ def _argmin_block(S, cnorm, out_idx, out_val, offset):
         out_val[offset + i] = best
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _argmin2_block(S, cnorm, out_idx, offset):
-    for i in prange(S.shape[0]):
+    for i in range(S.shape[0]):
         b0 = np.inf
         b1 = np.inf
         a0 = 0
@@ -65,7 +68,8 @@ def _argmin2_block(S, cnorm, out_idx, offset):
         out_idx[offset + i, 1] = a1
 
 
-def assign_nearest(X: np.ndarray, C: np.ndarray, block: int = ASSIGN_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+def assign_nearest(X: np.ndarray, C: np.ndarray, block: int = ASSIGN_BLOCK, *,
+                   threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centre (squared L2) of every row of ``X``.
 
     Parameters
@@ -74,6 +78,9 @@ def assign_nearest(X: np.ndarray, C: np.ndarray, block: int = ASSIGN_BLOCK) -> t
     C : float32 (k, d)
     block : int, default 4096
         Rows per GEMM block.
+    threads : int, default 1
+        Worker threads; the rows are split into one contiguous range per thread, each running
+        single-threaded GEMM and the serial arg-min (the result does not depend on it).
 
     Returns
     -------
@@ -85,14 +92,20 @@ def assign_nearest(X: np.ndarray, C: np.ndarray, block: int = ASSIGN_BLOCK) -> t
     cnorm = np.einsum("ij,ij->i", C, C).astype(np.float32)
     idx = np.empty(n, dtype=np.int32)
     val = np.empty(n, dtype=np.float32)
-    for s in range(0, n, block):
-        S = X[s:s + block] @ C.T
-        _argmin_block(S, cnorm, idx, val, s)
+
+    def rows(lo, hi):
+        for s in range(lo, hi, block):
+            e = min(hi, s + block)
+            _argmin_block(X[s:e] @ C.T, cnorm, idx, val, s)
+
+    run_split(rows, n, threads, MIN_SPLIT_POINTS)
     return idx, val
 
 
-def assign_top2(X: np.ndarray, C: np.ndarray, block: int = ASSIGN_BLOCK) -> np.ndarray:
+def assign_top2(X: np.ndarray, C: np.ndarray, block: int = ASSIGN_BLOCK, *, threads: int = 1) -> np.ndarray:
     """The two nearest centres (squared L2) of every row of ``X``, nearest first.
+
+    ``threads`` splits the rows over worker threads as in :func:`assign_nearest`.
 
     Returns
     -------
@@ -102,8 +115,13 @@ def assign_top2(X: np.ndarray, C: np.ndarray, block: int = ASSIGN_BLOCK) -> np.n
     n = X.shape[0]
     cnorm = np.einsum("ij,ij->i", C, C).astype(np.float32)
     out = np.empty((n, 2), dtype=np.int32)
-    for s in range(0, n, block):
-        _argmin2_block(X[s:s + block] @ C.T, cnorm, out, s)
+
+    def rows(lo, hi):
+        for s in range(lo, hi, block):
+            e = min(hi, s + block)
+            _argmin2_block(X[s:e] @ C.T, cnorm, out, s)
+
+    run_split(rows, n, threads, MIN_SPLIT_POINTS)
     return out
 
 
@@ -191,6 +209,7 @@ def kmeans(
     spherical: bool = False,
     init_sample: int = 32768,
     progress=None,
+    threads: int = 1,
 ) -> np.ndarray:
     """Lloyd's k-means (squared L2) with sampled or k-means++ seeding.
 
@@ -213,6 +232,9 @@ def kmeans(
         Rows used by k-means++ seeding.
     progress : callable, optional
         Called as ``progress(done_rounds, iters)``.
+    threads : int, default 1
+        Worker threads of the assignment passes (:func:`assign_nearest`); the centres do not
+        depend on it.
 
     Returns
     -------
@@ -229,7 +251,7 @@ def kmeans(
         C /= np.maximum(np.linalg.norm(C, axis=1, keepdims=True), 1e-30)
     xnorm = np.einsum("ij,ij->i", X, X).astype(np.float32)
     for it in range(iters):
-        labels, val = assign_nearest(X, C)
+        labels, val = assign_nearest(X, C, threads=threads)
         sums, counts = _accumulate(X, labels, k)
         nonempty = counts > 0
         C[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
@@ -241,8 +263,7 @@ def kmeans(
     return np.ascontiguousarray(C, dtype=np.float32)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def kmeans_small(Xs, init, iters):
+def kmeans_small(Xs, init, iters, threads=1):
     """Many independent small k-means problems at once (PQ codebook training).
 
     Parameters
@@ -253,16 +274,26 @@ def kmeans_small(Xs, init, iters):
         Initial centres per sub-space (e.g. ``k`` distinct training rows).
     iters : int
         Lloyd rounds.
+    threads : int, default 1
+        Worker threads, each training a contiguous range of the sub-spaces (the result does not
+        depend on it).
 
     Returns
     -------
     float32 (m, k, w)
         Centres; an empty centre is moved onto the point worst served by its centre.
     """
+    out = np.ascontiguousarray(init, dtype=np.float32).copy()
+    run_split(lambda lo, hi: _kmeans_small_range(Xs, out, iters, lo, hi), Xs.shape[0], threads)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _kmeans_small_range(Xs, out, iters, s_lo, s_hi):
+    """:func:`kmeans_small` of the sub-spaces ``s_lo .. s_hi``, in place in ``out``."""
     m, n, w = Xs.shape
-    k = init.shape[1]
-    out = init.copy()
-    for s in prange(m):
+    k = out.shape[1]
+    for s in range(s_lo, s_hi):
         C = out[s]
         X = Xs[s]
         labels = np.zeros(n, dtype=np.int64)
@@ -297,4 +328,3 @@ def kmeans_small(Xs, init, iters):
                     for t in range(w):
                         C[j, t] = X[worst, t]
                     dists[worst] = 0.0
-    return out

@@ -23,6 +23,7 @@ import numpy as np
 from numba import prange
 
 from .cluster import kmeans_small
+from .threads import run_split
 
 __all__ = [
     "CODEWORDS",
@@ -82,7 +83,7 @@ def pad_columns(X: np.ndarray, d_pad: int) -> np.ndarray:
     return out
 
 
-def train_codebooks(R: np.ndarray, w: int, *, iters: int, rng: np.random.Generator) -> np.ndarray:
+def train_codebooks(R: np.ndarray, w: int, *, iters: int, rng: np.random.Generator, threads: int = 1) -> np.ndarray:
     """Train 16 codewords per sub-space by plain k-means (ScaNN's default).
 
     Parameters
@@ -95,6 +96,8 @@ def train_codebooks(R: np.ndarray, w: int, *, iters: int, rng: np.random.Generat
         Lloyd rounds.
     rng : numpy Generator
         Chooses the initial codewords (distinct training rows).
+    threads : int, default 1
+        Worker threads, each training a range of the sub-spaces (the result does not depend on it).
 
     Returns
     -------
@@ -106,7 +109,7 @@ def train_codebooks(R: np.ndarray, w: int, *, iters: int, rng: np.random.Generat
     k = CODEWORDS
     rows = rng.choice(n, k, replace=n < k)
     init = np.ascontiguousarray(Xs[:, rows, :])
-    return kmeans_small(Xs, init, iters)
+    return kmeans_small(Xs, init, iters, threads)
 
 
 @numba.njit(inline="always", cache=True, nogil=True)
@@ -126,18 +129,27 @@ def _nearest_codes(r, cb, codes):
         codes[s] = arg
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def encode_nearest(R, cb):
-    """Plain PQ codes: the nearest codeword of every sub-space. uint8 (n, M)."""
-    n = R.shape[0]
-    out = np.empty((n, cb.shape[0]), dtype=np.uint8)
-    for i in prange(n):
+# Fewest rows a worker thread of the encoders gets.
+MIN_SPLIT_ROWS = 1024
+
+
+@numba.njit(cache=True, nogil=True)
+def _encode_nearest_rows(R, cb, out, lo, hi):
+    for i in range(lo, hi):
         _nearest_codes(R[i], cb, out[i])
+
+
+def encode_nearest(R, cb, threads=1):
+    """Plain PQ codes: the nearest codeword of every sub-space. uint8 (n, M).
+
+    ``threads`` splits the rows over worker threads (the codes do not depend on it).
+    """
+    out = np.empty((R.shape[0], cb.shape[0]), dtype=np.uint8)
+    run_split(lambda lo, hi: _encode_nearest_rows(R, cb, out, lo, hi), R.shape[0], threads, MIN_SPLIT_ROWS)
     return out
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def encode_anisotropic(R, U, cb, eta, rounds):
+def encode_anisotropic(R, U, cb, eta, rounds, threads=1):
     """Anisotropic (score-aware) PQ codes by coordinate descent (Guo et al., ICML 2020).
 
     Minimises ``eta ||e_par||^2 + ||e_perp||^2`` where ``e = r - r~`` is the quantization error
@@ -154,15 +166,24 @@ def encode_anisotropic(R, U, cb, eta, rounds):
         Parallel cost multiplier per point (>= 1; 1 gives plain PQ).
     rounds : int
         Maximum sweeps over the sub-spaces (stops early when no code changes).
+    threads : int, default 1
+        Worker threads, each coding a contiguous range of the rows (the codes do not depend on it).
 
     Returns
     -------
     uint8 (n, M)
     """
-    n = R.shape[0]
+    out = np.empty((R.shape[0], cb.shape[0]), dtype=np.uint8)
+    run_split(lambda lo, hi: _encode_anisotropic_rows(R, U, cb, eta, rounds, out, lo, hi), R.shape[0], threads,
+              MIN_SPLIT_ROWS)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _encode_anisotropic_rows(R, U, cb, eta, rounds, out, lo, hi):
+    """:func:`encode_anisotropic` of the rows ``lo .. hi`` into ``out``."""
     M, k, w = cb.shape
-    out = np.empty((n, M), dtype=np.uint8)
-    for i in prange(n):
+    for i in range(lo, hi):
         r = R[i]
         u = U[i]
         codes = out[i]
@@ -215,7 +236,6 @@ def encode_anisotropic(R, U, cb, eta, rounds):
                     par += best_p - old_p
             if not changed:
                 break
-    return out
 
 
 def parallel_cost_multiplier(threshold: float, sqnorms: np.ndarray, dim: int) -> np.ndarray:

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import prange
+
+from .threads import run_split
 
 __all__ = ["soar_assign", "ZERO_RESIDUAL"]
 
 # Squared residual norm below which the residual direction is undefined (ScaNN's threshold).
 ZERO_RESIDUAL = 1e-7
 SOAR_BLOCK = 4096
+SOAR_MIN_SPLIT = 1024  # fewest points a worker thread gets
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _select_block(S, P, xnorm, xr, cnorm, prim, lam, exclude_primary, out, offset):
     """For each point keep the ``spills`` centres of smallest loss.
 
@@ -33,7 +35,7 @@ def _select_block(S, P, xnorm, xr, cnorm, prim, lam, exclude_primary, out, offse
     """
     spills = out.shape[1]
     width = spills + 1
-    for i in prange(S.shape[0]):
+    for i in range(S.shape[0]):
         best_v = np.full(width, np.inf, dtype=np.float64)
         best_j = np.full(width, -1, dtype=np.int64)
         p = prim[i]
@@ -77,6 +79,7 @@ def soar_assign(
     spills: int = 1,
     exclude_primary: bool = False,
     block: int = SOAR_BLOCK,
+    threads: int = 1,
 ) -> np.ndarray:
     """Secondary (spilled) centres of every point under the SOAR loss.
 
@@ -97,6 +100,9 @@ def soar_assign(
         ``lam = 0`` every point goes to its second-nearest centre).
     block : int, default 4096
         Points per GEMM block.
+    threads : int, default 1
+        Worker threads, each taking a contiguous range of the points with single-threaded GEMM
+        and the serial selection (the result does not depend on it).
 
     Returns
     -------
@@ -107,16 +113,20 @@ def soar_assign(
     out = np.full((n, spills), -1, dtype=np.int32)
     cnorm = np.einsum("ij,ij->i", C, C).astype(np.float32)
     primary = np.asarray(primary, dtype=np.int64)
-    for s in range(0, n, block):
-        Xb = X[s:s + block]
-        R = Xb - C[primary[s:s + block]]
-        rn2 = np.einsum("ij,ij->i", R, R)
-        scale = np.where(rn2 < ZERO_RESIDUAL, 0.0, 1.0 / np.sqrt(np.maximum(rn2, ZERO_RESIDUAL)))
-        Rh = (R * scale[:, None].astype(np.float32)).astype(np.float32)
-        S = Xb @ C.T
-        P = Rh @ C.T
-        xnorm = np.einsum("ij,ij->i", Xb, Xb).astype(np.float32)
-        xr = np.einsum("ij,ij->i", Xb, Rh).astype(np.float32)
-        _select_block(S, P, xnorm, xr, cnorm, primary[s:s + block], float(lam),
-                      bool(exclude_primary), out, s)
+
+    def rows(lo, hi):
+        for s in range(lo, hi, block):
+            e = min(hi, s + block)
+            Xb = X[s:e]
+            R = Xb - C[primary[s:e]]
+            rn2 = np.einsum("ij,ij->i", R, R)
+            scale = np.where(rn2 < ZERO_RESIDUAL, 0.0, 1.0 / np.sqrt(np.maximum(rn2, ZERO_RESIDUAL)))
+            Rh = (R * scale[:, None].astype(np.float32)).astype(np.float32)
+            S = Xb @ C.T
+            P = Rh @ C.T
+            xnorm = np.einsum("ij,ij->i", Xb, Xb).astype(np.float32)
+            xr = np.einsum("ij,ij->i", Xb, Rh).astype(np.float32)
+            _select_block(S, P, xnorm, xr, cnorm, primary[s:e], float(lam), bool(exclude_primary), out, s)
+
+    run_split(rows, n, threads, SOAR_MIN_SPLIT)
     return out

@@ -11,12 +11,16 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["blas_controllers", "blas_limit", "blas_settled_at", "assume_blas_threads", "worker_pool"]
+import numpy as np
+
+__all__ = ["blas_controllers", "blas_limit", "blas_settled_at", "assume_blas_threads", "worker_pool",
+           "split_ranges", "run_split"]
 
 _blas_libs = None
 _assumed: int | None = None  # BLAS thread count last set through this module
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
+_in_worker = threading.local()  # set in the threads of the pools below while they run a task
 
 
 def blas_controllers(refresh: bool = False) -> list:
@@ -119,3 +123,50 @@ def worker_pool(n: int) -> ThreadPoolExecutor:
             pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="annlib-worker")
             _pools[n] = pool
         return pool
+
+
+def split_ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges ``(lo, hi)`` covering ``0 .. n`` with sizes differing by at most one."""
+    bounds = np.linspace(0, n, parts + 1).astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _run_marked(fn, lo, hi):
+    _in_worker.on = True
+    try:
+        return fn(lo, hi)
+    finally:
+        _in_worker.on = False
+
+
+def run_split(fn, n: int, workers: int, min_part: int = 1) -> list:
+    """``fn(lo, hi)`` over contiguous ranges of ``0 .. n``, one per worker thread; results in order.
+
+    Each worker runs serial code end to end on its range with BLAS held at one thread (the
+    model of the module note): one large chunk per thread, no synchronisation between them. The
+    work runs as one range on the calling thread (BLAS untouched) when ``workers`` is 1, when
+    fewer than ``2 * min_part`` items would leave a worker too little to do, or when the caller
+    already is one of these workers (a nested split would wait on its own pool).
+
+    Parameters
+    ----------
+    fn : callable
+        ``fn(lo, hi)``; must release the GIL for most of its time (nogil numba, BLAS, large
+        numpy operations) for the workers to overlap.
+    n : int
+        Items to split.
+    workers : int
+        Threads wanted.
+    min_part : int, default 1
+        Fewest items worth a worker of their own.
+
+    Returns
+    -------
+    list
+        ``fn``'s results, ranges in ascending order.
+    """
+    workers = max(1, min(int(workers), n // max(1, min_part)))
+    if workers == 1 or getattr(_in_worker, "on", False):
+        return [fn(0, n)]
+    with blas_limit(1):
+        return list(worker_pool(workers).map(lambda r: _run_marked(fn, *r), split_ranges(n, workers)))
