@@ -40,6 +40,7 @@ from ..kernels.quantization import (
     pad_columns, pad_dim, parallel_cost_multiplier, train_codebooks, unpack_codes, unpack_decode,
 )
 from ..kernels.soar import soar_assign
+from ..kernels.threads import run_split
 from ..kernels.topk import merge_topk
 from ..metrics import PROXY_L2SQ
 
@@ -51,12 +52,14 @@ _I64 = np.dtype(np.int64)
 SPILL_MODES = ("soar", "nearest", "none")
 QUANTIZERS = ("pq4", "int8")
 ENCODE_CHUNK = 65536  # entries encoded per step (bounds the residual buffer)
+ENCODE_MIN_SPLIT = 4096  # fewest entries a worker thread of the encoding gets
 PQ_SAMPLE = 65536  # residuals used to train the PQ codebooks
 PQ_ITERS = 12
 ANISO_ROUNDS = 10
 EXACT_FILTER_FACTOR = 4  # filters allowing <= factor * reorder points are searched exactly
 QUERY_CHUNK = 4096  # queries per pass (bounds the query x centre score matrix)
 FEW_QUERIES = 4  # up to this many queries run the fused one-call kernel (no BLAS, no numpy steps)
+SPLIT_QUERIES = 32  # fewest queries a worker thread of a batch search gets
 # A point whose quantization error exceeds OUTLIER_FACTOR times the OUTLIER_QUANTILE of the build's
 # errors is one the codes cannot represent (typically a point added far outside the build's
 # distribution): its approximate score would be meaningless, so it gets a leaf of its own.
@@ -363,8 +366,11 @@ class _Coder:
     def code_width(self) -> int:
         return self.codebooks.shape[0] if self.codebooks is not None else self.padded_dim
 
-    def encode(self, X, C, leaf, rows, report=None):
+    def encode(self, X, C, leaf, rows, report=None, threads=1):
         """Codes of the entries ``(leaf, rows)`` (rows index ``X``, leaves index ``C``).
+
+        ``threads`` worker threads each code a contiguous range of the entries with the serial
+        kernels (the codes do not depend on it; ``report`` is then called once, at the end).
 
         Returns
         -------
@@ -373,16 +379,25 @@ class _Coder:
             (the point term of squared L2 for the reconstructed vector).
         """
         E = leaf.shape[0]
-        d = X.shape[1]
         dtype = np.uint8 if self.codebooks is not None else np.int8
         codes = np.empty((E, self.code_width), dtype=dtype)
         errors = np.empty(E, dtype=np.float32)
         half = np.empty(E, dtype=np.float32)
-        for s in range(0, E, ENCODE_CHUNK):
-            lf, rw = leaf[s:s + ENCODE_CHUNK], rows[s:s + ENCODE_CHUNK]
+        parts = run_split(lambda lo, hi: self._encode_range(X, C, leaf, rows, codes, errors, half, lo, hi,
+                                                            report if hi - lo == E else None),
+                          E, threads, ENCODE_MIN_SPLIT)
+        if len(parts) > 1 and report is not None:
+            report(E, E)
+        return codes, errors, half
+
+    def _encode_range(self, X, C, leaf, rows, codes, errors, half, lo, hi, report):
+        d = X.shape[1]
+        for s in range(lo, hi, ENCODE_CHUNK):
+            e = min(hi, s + ENCODE_CHUNK)
+            lf, rw = leaf[s:e], rows[s:e]
             Cs = C[lf]
             R = X[rw] - Cs
-            part = slice(s, s + len(lf))
+            part = slice(s, e)
             if self.codebooks is None:
                 codes[part] = int8_encode(R, self.int8_multipliers)
                 decoded = codes[part].astype(np.float32) / self.int8_multipliers[None, :]
@@ -405,8 +420,7 @@ class _Coder:
             # entries are within the float32-safe range)
             half[part] = np.minimum(0.5 * np.einsum("ij,ij->i", recon, recon), _POINT_TERM_MAX)
             if report is not None:
-                report(s + len(lf), E)
-        return codes, errors, half
+                report(e, hi)
 
 
 # ===================================================================================== the index
@@ -577,7 +591,8 @@ class Partitioned(Index):
             m = min(n, max(p["training_sample"], L))
             sample = X if m == n else X[np.sort(rng.choice(n, m, replace=False))]
             C = kmeans(np.ascontiguousarray(sample), L, iters=p["kmeans_iters"], rng=rng,
-                       spherical=self._spherical(), progress=lambda done, total: report(50 * done // total))
+                       spherical=self._spherical(), progress=lambda done, total: report(50 * done // total),
+                       threads=get_num_threads())
             coder = self._train_coder(X, C, rng)
             report(55)
             placed = self._place(X, 0, C, coder, None, n / L, rng,
@@ -591,7 +606,8 @@ class Partitioned(Index):
         p = self.params
         n, d = X.shape
         rows = np.arange(n) if n <= PQ_SAMPLE else np.sort(rng.choice(n, PQ_SAMPLE, replace=False))
-        prim, _ = assign_nearest(np.ascontiguousarray(X[rows]), C)
+        threads = get_num_threads()
+        prim, _ = assign_nearest(np.ascontiguousarray(X[rows]), C, threads=threads)
         R = X[rows] - C[prim]
         # a few extreme residuals (outliers of the build data) would stretch the codewords or
         # the int8 range for everyone; they are left out, and placed as outliers later
@@ -603,7 +619,7 @@ class Partitioned(Index):
             return _Coder(None, int8_fit(R), d, None)
         w = p["dims_per_block"]
         d_pad = pad_dim(d, w)
-        codebooks = train_codebooks(pad_columns(R, d_pad), w, iters=PQ_ITERS, rng=rng)
+        codebooks = train_codebooks(pad_columns(R, d_pad), w, iters=PQ_ITERS, rng=rng, threads=threads)
         t = self._threshold()
         scale_t = None if t is None else float(t * np.median(np.sqrt(sqnorms(X[rows]).astype(np.float64))))
         return _Coder(codebooks, None, d_pad, scale_t)
@@ -616,7 +632,8 @@ class Partitioned(Index):
         if p["spill"] != "none" and C.shape[0] > 1:
             soar = p["spill"] == "soar"
             sec = soar_assign(X, C, primary, p["soar_lambda"] if soar else 0.0, spills=p["spills"],
-                              exclude_primary=p["soar_exclude_primary"] if soar else True)
+                              exclude_primary=p["soar_exclude_primary"] if soar else True,
+                              threads=get_num_threads())
             for s in range(sec.shape[1]):
                 ok = sec[:, s] >= 0
                 leaf.append(sec[ok, s].astype(np.int64))
@@ -630,9 +647,10 @@ class Partitioned(Index):
         sets the outlier error limit from these entries' errors.
         """
         m = X.shape[0]
-        primary, _ = assign_nearest(X, C)
+        threads = get_num_threads()
+        primary, _ = assign_nearest(X, C, threads=threads)
         leaf, rows = self._spread(X, C, primary)
-        codes, err, half = coder.encode(X, C, leaf, rows, report)
+        codes, err, half = coder.encode(X, C, leaf, rows, report, threads)
         if limit is None:
             limit = OUTLIER_FACTOR * float(np.quantile(err[:m], OUTLIER_QUANTILE))
         outlier = np.zeros(m, dtype=bool)
@@ -649,12 +667,14 @@ class Partitioned(Index):
             Xo = np.ascontiguousarray(X[out_rows])
             k_o = min(out_rows.size, max(1, int(math.ceil(out_rows.size / max(typical_leaf, 1.0)))))
             if k_o < out_rows.size:
-                Co = kmeans(Xo, k_o, iters=self.params["kmeans_iters"], rng=rng, spherical=self._spherical())
+                Co = kmeans(Xo, k_o, iters=self.params["kmeans_iters"], rng=rng, spherical=self._spherical(),
+                            threads=threads)
             else:
                 Co = Xo.copy()  # one leaf per outlier: its centre is the point, its residual zero
-            lo, _ = assign_nearest(Xo, Co)
+            lo, _ = assign_nearest(Xo, Co, threads=threads)
             lo = lo.astype(np.int64)
-            codes_o, err_o, half_o = coder.encode(Xo, Co, lo, np.arange(out_rows.size, dtype=np.int64))
+            codes_o, err_o, half_o = coder.encode(Xo, Co, lo, np.arange(out_rows.size, dtype=np.int64),
+                                                  threads=threads)
             ok = err_o <= limit
             used, remap = np.unique(lo[ok], return_inverse=True)
             L = C.shape[0]
@@ -786,26 +806,36 @@ class Partitioned(Index):
     def _search_probed(self, Q, k, mask, t, n_cand, st: PartitionedState):
         if st.pq_arrays is not None and Q.shape[0] <= FEW_QUERIES:
             return fastscan.search_pq_few(Q, st.pq_arrays, t, mask, n_cand, k, self._metric.proxy)
-        if Q.shape[0] <= QUERY_CHUNK:
-            return self._search_batch(Q, k, mask, t, n_cand, st)
-        parts = [self._search_batch(Q[s:s + QUERY_CHUNK], k, mask, t, n_cand, st)
-                 for s in range(0, Q.shape[0], QUERY_CHUNK)]
+        # Many queries: one contiguous range of them per worker thread, each running the whole
+        # serial pipeline below (single-threaded GEMM, leaf selection, tables, scan, re-ranking)
+        # on chunks of its range; no step waits on another thread.
+        parts = run_split(lambda lo, hi: self._search_range(Q, k, mask, t, n_cand, st, lo, hi), Q.shape[0],
+                          get_num_threads(), SPLIT_QUERIES)
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _search_range(self, Q, k, mask, t, n_cand, st, lo, hi):
+        if hi - lo <= QUERY_CHUNK:
+            return self._search_batch(Q[lo:hi], k, mask, t, n_cand, st)
+        parts = [self._search_batch(Q[s:min(hi, s + QUERY_CHUNK)], k, mask, t, n_cand, st)
+                 for s in range(lo, hi, QUERY_CHUNK)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _search_batch(self, Q, k, mask, t, n_cand, st: PartitionedState):
-        threads = get_num_threads()
+        # the serial kernels: threads split the queries (see _search_probed)
         S = Q @ st.centres.T
         D = st.centre_sqnorms[None, :] - 2.0 * S if st.centre_sqnorms.shape[0] else -S
-        _, leaf_ids = fastscan.select_leaves(D, t, threads=threads)
+        _, leaf_ids = fastscan.select_leaves(D, t)
         probes = fastscan.Probes(leaf_ids, np.ascontiguousarray(-np.take_along_axis(S, leaf_ids, axis=1),
                                                                 dtype=np.float32))
         if st.codebooks is not None:
-            tables = build_luts(pad_columns(Q, st.padded_dim), st.codebooks, threads)
-            _, cand = fastscan.scan_pq(tables, probes, st.packed, mask, n_cand, st.num_vectors, threads=threads)
+            tables = build_luts(pad_columns(Q, st.padded_dim), st.codebooks)
+            _, cand = fastscan.scan_pq(tables, probes, st.packed, mask, n_cand, st.num_vectors)
         else:
             Qs = np.ascontiguousarray(Q / st.int8_multipliers[None, :], dtype=np.float32)
-            _, cand = fastscan.scan_int8(Qs, probes, st.packed, mask, n_cand, st.num_vectors, threads=threads)
-        return fastscan.rerank(Q, st.vectors, cand, k, self._metric.proxy, threads=threads)
+            _, cand = fastscan.scan_int8(Qs, probes, st.packed, mask, n_cand, st.num_vectors)
+        return fastscan.rerank(Q, st.vectors, cand, k, self._metric.proxy)
 
     def stage_ranks(self, queries, true_ids, leaves, max_reorder: int):
         """The tuner's instrumented pass: ranks of true neighbours after each search stage.

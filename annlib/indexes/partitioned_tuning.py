@@ -16,6 +16,7 @@ import numpy as np
 from ..config import get_num_threads
 from ..kernels import fastscan
 from ..kernels.quantization import build_luts, pad_columns
+from ..kernels.threads import run_split
 
 if TYPE_CHECKING:
     from .partitioned import PartitionedState
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["StageRanks", "stage_ranks"]
 
 NOT_FOUND = np.iinfo(np.int64).max // 4
+SPLIT_QUERIES = 32  # fewest queries a worker thread gets
 
 
 class StageRanks(NamedTuple):
@@ -63,18 +65,30 @@ def stage_ranks(st: "PartitionedState", Q: np.ndarray, true_positions: np.ndarra
         Candidates kept by the scan (the largest ``reorder`` of the grid).
     proxy_l2 : bool
         Whether the metric ranks leaves by squared L2.
+
+    With more than one thread the queries are split into one contiguous range per worker
+    thread, each running the serial kernels (the ranks do not depend on it).
     """
-    threads = get_num_threads()
+    parts = run_split(lambda lo, hi: _stage_ranks_range(st, Q[lo:hi], true_positions[lo:hi], leaves, max_reorder,
+                                                        proxy_l2),
+                      Q.shape[0], get_num_threads(), SPLIT_QUERIES)
+    if len(parts) == 1:
+        return parts[0]
+    return StageRanks(parts[0].leaves, np.concatenate([p.ranks for p in parts], axis=1),
+                      np.concatenate([p.entries_read for p in parts], axis=1))
+
+
+def _stage_ranks_range(st, Q, true_positions, leaves, max_reorder, proxy_l2) -> StageRanks:
     nq, k = true_positions.shape
     T = int(leaves[-1])
     S = Q @ st.centres.T
     D = st.centre_sqnorms[None, :] - 2.0 * S if proxy_l2 else -S
-    _, leaf_ids = fastscan.select_leaves(D, T, threads=threads)
+    _, leaf_ids = fastscan.select_leaves(D, T)
     bias = np.ascontiguousarray(-np.take_along_axis(S, leaf_ids, axis=1), dtype=np.float32)
     per_leaf = np.diff(st.leaf_block_offsets).astype(np.float64) * fastscan.POINT_BLOCK
     read = np.cumsum(per_leaf[leaf_ids], axis=1)  # (q, T)
     if st.codebooks is not None:
-        tables = build_luts(pad_columns(Q, st.padded_dim), st.codebooks, threads)
+        tables = build_luts(pad_columns(Q, st.padded_dim), st.codebooks)
     else:
         Qs = np.ascontiguousarray(Q / st.int8_multipliers[None, :], dtype=np.float32)
     exact = np.isin(true_positions, st.exact_positions)
@@ -83,11 +97,9 @@ def stage_ranks(st: "PartitionedState", Q: np.ndarray, true_positions: np.ndarra
     for gi, t in enumerate(leaves):
         probes = fastscan.Probes(np.ascontiguousarray(leaf_ids[:, :t]), np.ascontiguousarray(bias[:, :t]))
         if st.codebooks is not None:
-            score, cand = fastscan.scan_pq(tables, probes, st.packed, no_mask, max_reorder, st.num_vectors,
-                                           threads=threads)
+            score, cand = fastscan.scan_pq(tables, probes, st.packed, no_mask, max_reorder, st.num_vectors)
         else:
-            score, cand = fastscan.scan_int8(Qs, probes, st.packed, no_mask, max_reorder, st.num_vectors,
-                                             threads=threads)
+            score, cand = fastscan.scan_int8(Qs, probes, st.packed, no_mask, max_reorder, st.num_vectors)
         ranks[gi] = _ranks_of(score, cand, true_positions)
         ranks[gi][exact] = 0
     return StageRanks(np.asarray(leaves, dtype=np.int64), ranks, read[:, np.asarray(leaves) - 1].T.copy())
