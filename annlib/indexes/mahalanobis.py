@@ -506,7 +506,7 @@ class MahalanobisSketch(Index):
             raise V.sketch_maps_overflow(self._given_name)
         P = np.ascontiguousarray(P64, dtype=np.float32)
         with progress_reporter(progress, L, desc="sketching", unit="copy") as report:
-            S, sn = sketch_points(X, P, report, extra=p["deferred"])
+            S, sn = sketch_points(X, P, report, extra=p["deferred"], threads=config.get_num_threads())
         self._st = SketchState(
             vectors=X, sketches=S, sketch_sqnorms=sn, maps=P, factor=np.array(U), matrix=np.array(M),
             quadforms=xmx, deleted=np.zeros(n, dtype=np.bool_),
@@ -527,7 +527,8 @@ class MahalanobisSketch(Index):
         st = self._st
         MQ, qmq = self._query_forms(Q, st)
         c = min(max(reorder, k), self._n_positions)
-        _, cand = median_search(Q, st.kernel_view, self._select(Q), c, self._allowed(mask, st))
+        _, cand = median_search(Q, st.kernel_view, self._select(Q), c, self._allowed(mask, st),
+                                threads=config.get_num_threads())
         exact = quadform_rows(MQ, qmq, st.vectors, st.quadforms, cand).astype(np.float32)
         return topk_rows(exact, k, cand)
 

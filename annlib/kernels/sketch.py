@@ -34,6 +34,7 @@ from .distances import sqnorms
 from .query import BAD_QUERY, prepare_query
 from .siphash import keyed_choices, siphash24_rows
 from .table import bool_1d, f32_2d, f32_3d, f64_1d, f64_2d, f64_at, i64_1d, int_at, make_table
+from .threads import run_split
 from .topk import heap_push, heap_sort_inplace, new_heaps, sort_heaps
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
 ROWS_PER_COPY = 192
 MAX_QUERY_BLOCK = 2048
 DB_BLOCK = 4096
+MIN_SPLIT_QUERIES = 16  # fewest queries a worker thread of median_search gets
 
 
 class Sketches(NamedTuple):
@@ -116,7 +118,7 @@ class QueryBlock(NamedTuple):
 
 # ----------------------------------------------------------------------------- build and updates
 def sketch_points(
-    X: np.ndarray, P: np.ndarray, report: Callable[[int], None] | None = None, extra: int = 0,
+    X: np.ndarray, P: np.ndarray, report: Callable[[int], None] | None = None, extra: int = 0, threads: int = 1,
 ):
     """Sketch every row of ``X`` with every copy.
 
@@ -129,6 +131,9 @@ def sketch_points(
     extra : int, default 0
         Zero rows appended to each copy (room for deferred-update coefficients; a point sketched
         with the current maps has none pending).
+    threads : int, default 1
+        Worker threads, each sketching a contiguous range of the copies with single-threaded GEMM
+        (the result does not depend on it; ``report`` is then called once, at the end).
 
     Returns
     -------
@@ -138,22 +143,24 @@ def sketch_points(
     S = np.empty((L, m + extra, X.shape[0]), dtype=np.float32)
     S[:, m:] = 0.0
     sn = np.empty((L, X.shape[0]), dtype=np.float32)
-    for j in range(L):
-        if extra:
-            S[j, :m] = P[j] @ X.T
-        else:
-            np.dot(P[j], X.T, out=S[j])
-        column_sqnorms(S[j, :m], sn[j])
-        if report is not None:
-            report(j + 1)
+
+    def copies(lo, hi):
+        for j in range(lo, hi):
+            np.dot(P[j], X.T, out=S[j, :m])  # the first m rows of a copy are contiguous
+            column_sqnorms(S[j, :m], sn[j])
+            if report is not None and hi - lo == L:
+                report(j + 1)
+
+    if len(run_split(copies, L, threads)) > 1 and report is not None:
+        report(L)
     return S, sn
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def column_sqnorms(A, out):
     """``out[i] = sum_a A[a, i]^2`` for a float32 (m, n) matrix, written into ``out`` (n,)."""
     m, n = A.shape
-    for c in prange((n + 1023) // 1024):
+    for c in range((n + 1023) // 1024):
         i0, i1 = c * 1024, min(n, c * 1024 + 1024)
         for i in range(i0, i1):
             out[i] = 0.0
@@ -417,7 +424,7 @@ def _median_row(G, t_row, copy_of, zn, sn, offset, out, tmp):
             out[i] = max(tmp[R // 2], np.float32(0.0))
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def fold_median_block(G, t_of, copy_of, zn, sn, offset, mask, heap_d, heap_i, q_offset):
     """Fold one database block of median estimates into the running per-query heaps.
 
@@ -431,10 +438,12 @@ def fold_median_block(G, t_of, copy_of, zn, sn, offset, mask, heap_d, heap_i, q_
         Allowed points; empty means all.
     heap_d, heap_i : float32 / int64 (q, c), updated in place
     q_offset : int
+
+    Serial: threads split the queries (:func:`median_search`).
     """
     use_mask = mask.shape[0] > 0
     bn = G.shape[1]
-    for r in prange(t_of.shape[0]):
+    for r in range(t_of.shape[0]):
         hd = heap_d[q_offset + r]
         hi = heap_i[q_offset + r]
         est = np.empty(bn, dtype=np.float32)
@@ -545,13 +554,14 @@ def median_estimate(
 
 def median_search(
     Q: np.ndarray, sk: Sketches, sel: np.ndarray, c: int, mask: np.ndarray | None = None, *,
-    query_block: int | None = None, db_block: int = DB_BLOCK,
+    query_block: int | None = None, db_block: int = DB_BLOCK, threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``c`` points with the smallest median squared estimate, per query, ascending.
 
     Same arguments as :func:`median_estimate` (without ``root``), plus ``c`` (candidates per query, ``<= n``) and an
     optional boolean ``mask`` (n,) of allowed points. Rows with fewer allowed points are padded
-    with (+inf, -1).
+    with (+inf, -1). ``threads`` worker threads each take a contiguous range of the queries and
+    run the single-threaded products and the serial fold on it (the result does not depend on it).
 
     Returns
     -------
@@ -559,8 +569,13 @@ def median_search(
     """
     heap_d, heap_i = new_heaps(Q.shape[0], c)
     mask_arr = np.zeros(0, dtype=np.bool_) if mask is None else mask
-    for q0, x0, block in _blocks(Q, sk, sel, query_block, db_block):
-        fold_median_block(*block, sk.sqnorms, x0, mask_arr, heap_d, heap_i, q0)
+
+    def queries(lo, hi):
+        hd, hi_ = heap_d[lo:hi], heap_i[lo:hi]
+        for q0, x0, block in _blocks(Q[lo:hi], sk, sel[lo:hi], query_block, db_block):
+            fold_median_block(*block, sk.sqnorms, x0, mask_arr, hd, hi_, q0)
+
+    run_split(queries, Q.shape[0], threads, MIN_SPLIT_QUERIES)
     sort_heaps(heap_d, heap_i)
     return heap_d, heap_i
 
