@@ -214,7 +214,7 @@ class TPUKNN(Index):
         mode = accel.choose_mode(allowed, k, recall_target)
         if mode == "exact" and self._on_cpu():
             # The CPU's exact path is BruteForce's kernel: same results, faster than XLA's sort.
-            return exact_search(Q, st.vectors, st.sqnorms, k, proxy, mask)
+            return exact_search(Q, st.vectors, st.sqnorms, k, proxy, mask, workers=get_num_threads())
         db = self._device_db()
         terms = None
         if mask is not None:
