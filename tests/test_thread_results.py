@@ -1,0 +1,83 @@
+"""Two threads give the results of one: builds and batch searches of every family, and the
+kernels whose work is split over worker threads. No timing here (bench/threads_bench.py measures)."""
+
+import numpy as np
+import pytest
+
+import annlib
+from annlib.kernels.cluster import assign_nearest, assign_top2, kmeans, kmeans_small
+from annlib.kernels.quantization import encode_anisotropic, encode_nearest, train_codebooks
+from annlib.kernels.soar import soar_assign
+from annlib.kernels.threads import run_split, split_ranges
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = np.random.default_rng(7)
+    centres = g.normal(size=(40, 16)) * 3
+    X = (centres[g.integers(0, 40, 6000)] + g.normal(size=(6000, 16))).astype(np.float32)
+    Q = (centres[g.integers(0, 40, 300)] + g.normal(size=(300, 16))).astype(np.float32)
+    return X, Q
+
+
+def _both(make, X, Q, **search):
+    out = []
+    for t in (1, 2):
+        index = make().build(X, threads=t)
+        res = index.search(Q, k=10, threads=t, **search)
+        out.append((np.asarray(res.ids), np.asarray(res.distances)))
+    return out
+
+
+@pytest.mark.parametrize("make, search", [
+    (lambda: annlib.BruteForce(metric="l2"), {}),
+    (lambda: annlib.HNSW(metric="l2", M=8, ef_construction=40, random_state=0), {"ef": 30}),
+    (lambda: annlib.Partitioned(metric="l2", num_leaves=40, random_state=0), {"leaves": 6, "reorder": 40}),
+    (lambda: annlib.Partitioned(metric="cosine", num_leaves=40, random_state=0), {"leaves": 6, "reorder": 40}),
+    (lambda: annlib.Partitioned(metric="l2", num_leaves=40, quantizer="int8", random_state=0), {"leaves": 6}),
+    (lambda: annlib.MahalanobisSketch(M=np.diag(np.linspace(0.5, 2.0, 16)), copies=6, random_state=0), {}),
+], ids=["bruteforce", "hnsw", "partitioned-l2", "partitioned-cosine", "partitioned-int8", "mahalanobis"])
+def test_two_threads_build_and_search_as_one(data, make, search):
+    X, Q = data
+    (i1, d1), (i2, d2) = _both(make, X, Q, **search)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(d1, d2)
+
+
+def test_two_threads_tpuknn_as_one(data):
+    pytest.importorskip("jax")
+    X, Q = data
+    (i1, d1), (i2, d2) = _both(lambda: annlib.TPUKNN(metric="l2"), X, Q)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(d1, d2)
+
+
+def test_split_kernels_do_not_depend_on_threads(data):
+    X, _ = data
+    rng = np.random.default_rng(0)
+    C = kmeans(X, 50, iters=3, rng=np.random.default_rng(1))
+    np.testing.assert_array_equal(kmeans(X, 50, iters=3, rng=np.random.default_rng(1), threads=2), C)
+    for a, b in zip(assign_nearest(X, C, block=700), assign_nearest(X, C, block=700, threads=2)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(assign_top2(X, C), assign_top2(X, C, threads=2))
+    prim, _ = assign_nearest(X, C)
+    np.testing.assert_array_equal(soar_assign(X, C, prim, 1.0, spills=2, block=500),
+                                  soar_assign(X, C, prim, 1.0, spills=2, block=500, threads=2))
+    cb = train_codebooks(X, 2, iters=4, rng=np.random.default_rng(2))
+    np.testing.assert_array_equal(cb, train_codebooks(X, 2, iters=4, rng=np.random.default_rng(2), threads=2))
+    Xs = np.ascontiguousarray(X[:2000].reshape(2000, 8, 2).transpose(1, 0, 2))
+    init = np.ascontiguousarray(Xs[:, :16, :])
+    np.testing.assert_array_equal(kmeans_small(Xs, init, 3), kmeans_small(Xs, init, 3, threads=2))
+    np.testing.assert_array_equal(encode_nearest(X, cb), encode_nearest(X, cb, threads=2))
+    U = X / np.linalg.norm(X, axis=1, keepdims=True)
+    eta = rng.uniform(1.0, 5.0, len(X)).astype(np.float32)
+    np.testing.assert_array_equal(encode_anisotropic(X, U, cb, eta, 4), encode_anisotropic(X, U, cb, eta, 4, threads=2))
+
+
+def test_run_split_ranges_and_nesting():
+    assert split_ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert run_split(lambda lo, hi: (lo, hi), 10, 4, min_part=4) == [(0, 5), (5, 10)]
+    assert run_split(lambda lo, hi: (lo, hi), 10, 1) == [(0, 10)]
+    # a split inside a worker runs on that worker (waiting on its own pool could never finish)
+    inner = run_split(lambda lo, hi: run_split(lambda a, b: (a, b), hi - lo, 2), 100, 2)
+    assert inner == [[(0, 50)], [(0, 50)]]
