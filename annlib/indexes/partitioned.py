@@ -466,8 +466,8 @@ class Partitioned(Index):
     kmeans_iters : int, default 10
         Lloyd rounds.
     random_state : int, Generator or None, default 0
-        Seed of every random choice; one seed and one thread give identical indexes (a Generator
-        or None is turned into one int seed, kept with the index).
+        Seed of every random choice; one seed gives identical centres and codes at any thread
+        count (a Generator or None is turned into one int seed, kept with the index).
     default_recall : float in (0, 1] or None, default 0.92
         At the end of ``build`` the index tunes its own default search parameters for this
         recall@10 on 300 indexed vectors searched leave-one-out (``annlib.tune``; see
