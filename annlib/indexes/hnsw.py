@@ -29,7 +29,7 @@ from ..kernels.finger import (FingerArrays, cos_table, edge_payload, pair_statis
                               sample_residuals)
 from ..kernels.graph import (GraphArrays, bfs_order, insert_batch, link_reverse, new_one_query_scratch,
                              one_query_table, relabel_rows, repair_deleted, scratch_counts, search_one,
-                             search_queries, search_serial)
+                             search_queries)
 from ..kernels.query import RAW_TERMS
 
 __all__ = ["HNSW", "HNSWGraph", "FingerPayload"]
@@ -586,7 +586,7 @@ class HNSW(Index):
     search_defaults = {"ef": 64, "finger": True}
     supports_add = True
     # the kernels every build runs: uncached means this build compiles (annlib.CompilationNotice)
-    first_kernels = ("annlib.kernels.graph:insert_batch",)
+    first_kernels = ("annlib.kernels.graph:insert_chunk",)
     supports_delete = True
 
     # A batch inserted in parallel is at most 1/_BATCH_DIV of the current graph, and at most
@@ -727,6 +727,7 @@ class HNSW(Index):
         graph.n_upper_rows = rows1
         graph.n = n1
         touched = np.zeros(n1, np.bool_)
+        group_of = np.zeros(n1, np.int64)  # link_reverse's workspace
         proxy = self._metric.proxy
         lv = graph.levels
         efc = max(self.params["ef_construction"], M)
@@ -749,7 +750,7 @@ class HNSW(Index):
                 for level in range(min(top, graph.max_level), -1, -1):
                     if backup is not None:
                         self._keep_rows(graph, backup, nodes, level)
-                    link_reverse(view, nodes, level, 2 * M if level == 0 else M, touched)
+                    link_reverse(view, nodes, level, 2 * M if level == 0 else M, touched, group_of)
                 if top > graph.max_level:
                     first = pos + int(np.argmax(lv[pos:pos + b]))
                     graph.entry, graph.max_level = first, int(lv[first])
@@ -950,8 +951,7 @@ class HNSW(Index):
         counts = np.empty((nq, 2), np.int64)
         pool, visited, tags = self._take_scratch(chunks, g.n)
         try:
-            kernel = search_serial if chunks == 1 else search_queries
-            kernel(Q, view.graph, view.finger, params, visited, tags, (out_d, out_i, counts))
+            search_queries(Q, view.graph, view.finger, params, visited, tags, (out_d, out_i, counts))
         finally:
             pool.append((visited, tags))
         tot = counts[0] if nq == 1 else counts.sum(axis=0)

@@ -38,6 +38,7 @@ from numba.extending import intrinsic
 
 from .beam import FASTMATH, _allowed, cand_pop, cand_push, score_collected, prefetch_row, row_lines
 from .distances import L2SQ, dot, proxy_pair
+from .threads import worker_pool
 from .topk import heap_push
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "popcount64",
     "sample_residuals",
     "edge_payload",
+    "edge_payload_rows",
     "pair_statistics",
     "cos_table",
     "estimates_at",
@@ -119,15 +121,16 @@ def _code(qB, tq, Pc, r):
     return code
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def sample_residuals(X, links0, nodes, slots):
     """Unit residuals ``e - t_e c`` of one chosen edge (``slots[i]``) of each node ``nodes[i]``.
 
-    Rows whose residual vanishes are left at zero. Returns float32 (len(nodes), d).
+    Rows whose residual vanishes are left at zero. Returns float32 (len(nodes), d). Serial: the
+    family samples a bounded number of nodes.
     """
     m = nodes.shape[0]
     out = np.zeros((m, X.shape[1]), dtype=np.float32)
-    for i in prange(m):
+    for i in range(m):
         c = nodes[i]
         e = links0[c, 1 + slots[i]]
         xc = X[c]
@@ -146,19 +149,14 @@ def sample_residuals(X, links0, nodes, slots):
     return out
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-def edge_payload(X, links0, P, rows):
-    """The payload rows of the nodes ``rows`` computed from the current graph.
-
-    ``P`` = ``X @ B.T`` (n, r), the projections of every node. Unused edge slots are zero.
-    Returns uint64 (len(rows), payload_width(M0, r)), row ``a`` for node ``rows[a]``: the
-    caller stores them, so nothing it holds changes until every row is computed.
-    """
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def edge_payload_rows(X, links0, P, rows, fcode, lo, hi):
+    """Rows ``lo .. hi - 1`` of :func:`edge_payload`'s result, written into ``fcode`` (uint64,
+    zeroed). Returns 0."""
     r = P.shape[1]
     M0 = links0.shape[1] - 1
-    fcode = np.zeros((rows.shape[0], (4 * M0 + r + 2) // 2), dtype=np.uint64)
     fpay = fcode.view(np.float32)
-    for a in prange(rows.shape[0]):
+    for a in range(lo, hi):
         c = rows[a]
         xc = X[c]
         cc = dot(xc, xc)
@@ -178,22 +176,46 @@ def edge_payload(X, links0, P, rows):
             fpay[a, 2 * M0 + 2 * s] = te
             fpay[a, 2 * M0 + 2 * s + 1] = np.sqrt(res2)
             fcode[a, s] = _code(P[e], te, P[c], r)
+    return 0
+
+
+# Fewest payload rows worth a worker thread of their own.
+_MIN_ROWS_PER_WORKER = 8192
+
+
+def edge_payload(X, links0, P, rows):
+    """The payload rows of the nodes ``rows`` computed from the current graph.
+
+    ``P`` = ``X @ B.T`` (n, r), the projections of every node. Unused edge slots are zero.
+    Returns uint64 (len(rows), payload_width(M0, r)), row ``a`` for node ``rows[a]``: the
+    caller stores them, so nothing it holds changes until every row is computed. Ranges of
+    rows (:func:`edge_payload_rows`) run on the worker pool when there are many.
+    """
+    m = rows.shape[0]
+    fcode = np.zeros((m, payload_width(links0.shape[1] - 1, P.shape[1])), dtype=np.uint64)
+    parts = max(1, min(numba.get_num_threads(), m // _MIN_ROWS_PER_WORKER))
+    if parts == 1:
+        edge_payload_rows(X, links0, P, rows, fcode, 0, m)
+    else:
+        bounds = [m * j // parts for j in range(parts + 1)]
+        list(worker_pool(parts).map(lambda j: edge_payload_rows(X, links0, P, rows, fcode, bounds[j],
+                                                               bounds[j + 1]), range(parts)))
     return fcode
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def pair_statistics(X, links0, fcode, nodes, slot_a, slot_b):
     """Exact cosine between the residuals of two edges of one node, and their code Hamming distance.
 
     For distribution matching: pairs ``(slot_a[i], slot_b[i])`` of node ``nodes[i]``.
     Returns (float64 exact cosines, int64 Hamming distances); a pair with a vanishing residual
-    gets cosine NaN (the caller drops it).
+    gets cosine NaN (the caller drops it). Serial: the family samples a bounded number of pairs.
     """
     m = nodes.shape[0]
     cos = np.empty(m, dtype=np.float64)
     ham = np.empty(m, dtype=np.int64)
     d = X.shape[1]
-    for i in prange(m):
+    for i in range(m):
         c = nodes[i]
         xc = X[c]
         e1 = X[links0[c, 1 + slot_a[i]]]

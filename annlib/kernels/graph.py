@@ -23,6 +23,11 @@ Scratch: a visited set is a uint16 array tagged with a per-query epoch (no clear
 queries); the candidate min-heap and the bounded result max-heap (a :class:`~.beam.Beam`) are
 allocated once per call (per thread chunk) and reused for every query of that chunk.
 
+Threads: every kernel is serial; the multi-threaded entry points (:func:`insert_batch`,
+:func:`link_reverse`, :func:`repair_deleted`, :func:`search_queries`) run chunks of one serial
+kernel on the worker pool (:mod:`.threads`) instead of a ``prange`` loop, so one compiled kernel
+serves one thread and many, and no parallel region is compiled on first use.
+
 Calling convention: the entry points called from Python (:func:`search_queries`,
 :func:`search_serial`, :func:`insert_batch`, :func:`link_reverse`, :func:`repair_deleted`)
 take their bundles as :class:`GraphArrays` / :class:`SearchParams` / ``FingerArrays`` or as
@@ -37,7 +42,6 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
-from numba import prange
 
 from .beam import (FASTMATH, Beam, _allowed, cand_pop, cand_push, exact_proxy, new_beam, next_tag,
                    prefetch_row, row_lines, score_collected)
@@ -46,7 +50,8 @@ from .finger import FingerArrays, _finger_layer0
 from .query import BAD_QUERY, finish_one, prepare_query
 from .table import (bool_1d, bool_view, f32_1d, f32_2d, f32_view, f64_at, i32_1d, i32_2d, i64_1d, i64_view, int_at, make_table,
                     u16_view_2d, u64_2d)
-from .topk import heap_push, heap_sort_inplace
+from .threads import worker_pool
+from .topk import heap_push, heap_sort_inplace, sort_pairs_stable
 
 __all__ = [
     "GraphArrays",
@@ -56,8 +61,12 @@ __all__ = [
     "search_layer",
     "select_heuristic",
     "insert_batch",
+    "insert_chunk",
     "link_reverse",
+    "reverse_edges",
+    "link_groups",
     "repair_deleted",
+    "repair_rows",
     "search_queries",
     "search_serial",
     "search_one",
@@ -250,17 +259,23 @@ def select_heuristic(X, proxy, cand_i, cand_d, m, max_out, out):
     return n_out
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-def insert_batch(graph, nodes, M, ef_c, visited, tags):
-    """Insert ``nodes`` into the graph in parallel, each searching the graph as it was before.
+def _on_workers(kernel, parts, args_of):
+    """Sum of ``kernel(*args_of(t))`` over ``t = 0 .. parts - 1``: on the calling thread for one
+    part, else one part per thread of the worker pool (the kernels release the GIL).
 
-    ``graph`` is a :class:`GraphArrays` (or the plain tuple of its fields) whose ``entry`` and
-    ``max_level`` describe the graph before this batch. Writes each new node's own neighbour
-    rows (up to ``M`` per layer, chosen by the heuristic); reverse edges are added afterwards by
-    :func:`link_reverse`. Nodes of one batch do not see each other, which is why batches are
-    kept small relative to the graph (see the family). ``visited`` has one row per thread
-    chunk. Returns the number of distance evaluations.
+    Serial kernels run by a pool rather than ``prange``: a parallel region costs seconds of
+    compilation on first use, and a small build or a single-threaded process never needs it.
     """
+    if parts <= 1:
+        return int(kernel(*args_of(0)))
+    return int(sum(worker_pool(parts).map(lambda t: kernel(*args_of(t)), range(parts))))
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def insert_chunk(graph, nodes, M, ef_c, visited, tags, t, n_chunks):
+    """The share of :func:`insert_batch` of chunk ``t`` of ``n_chunks``: the nodes ``nodes[t]``,
+    ``nodes[t + n_chunks]``, ..., inserted on the calling thread with visited set ``visited[t]``.
+    Returns the number of distance evaluations."""
     graph = GraphArrays(*graph)
     X = graph.vectors
     levels = graph.levels
@@ -270,65 +285,73 @@ def insert_batch(graph, nodes, M, ef_c, visited, tags):
     entry = graph.entry
     max_level = graph.max_level
     proxy = graph.proxy
-    n_chunks = visited.shape[0]
     nb = nodes.shape[0]
-    evals_out = np.zeros(n_chunks, dtype=np.int64)
     empty_mask = np.zeros(0, dtype=np.bool_)
-    for t in prange(n_chunks):
-        beam = new_beam(ef_c, 4 * ef_c + 64, links0.shape[1], 0)
-        Wd = beam.result_dist
-        Wi = beam.result_ids
-        sel = np.empty(M, dtype=np.int64)
-        ev = 0
-        for b in range(t, nb, n_chunks):
-            p = nodes[b]
-            q = X[p]
-            lq = levels[p]
-            cur = entry
-            cur_d = proxy_pair(q, X[cur], proxy)
-            ev += 1
-            if max_level > lq:
-                cur, cur_d, e1 = greedy_descend(q, graph, cur, cur_d, max_level, lq)
-                ev += e1
-            for level in range(min(lq, max_level), -1, -1):
-                tag = next_tag(visited, tags, t)
-                ev += search_layer(q, graph, level, cur, cur_d, empty_mask, empty_mask,
-                                   visited[t], tag, beam)
-                heap_sort_inplace(Wd, Wi)
-                m = 0
-                while m < ef_c and Wi[m] >= 0:
-                    m += 1
-                ns = select_heuristic(X, proxy, Wi, Wd, m, M, sel)
-                if level == 0:
-                    links0[p, 0] = ns
-                    for s in range(ns):
-                        links0[p, 1 + s] = sel[s]
-                else:
-                    row = ustart[p] + level - 1
-                    upper[row, 0] = ns
-                    for s in range(ns):
-                        upper[row, 1 + s] = sel[s]
-                if m > 0:
-                    cur = Wi[0]
-                    cur_d = Wd[0]
-        evals_out[t] = ev
-    return evals_out.sum()
+    beam = new_beam(ef_c, 4 * ef_c + 64, links0.shape[1], np.int64(0))
+    Wd = beam.result_dist
+    Wi = beam.result_ids
+    sel = np.empty(M, dtype=np.int64)
+    ev = 0
+    for b in range(t, nb, n_chunks):
+        p = nodes[b]
+        q = X[p]
+        lq = levels[p]
+        cur = entry
+        cur_d = proxy_pair(q, X[cur], proxy)
+        ev += 1
+        if max_level > lq:
+            cur, cur_d, e1 = greedy_descend(q, graph, cur, cur_d, max_level, lq)
+            ev += e1
+        for level in range(min(lq, max_level), -1, -1):
+            tag = next_tag(visited, tags, t)
+            ev += search_layer(q, graph, level, cur, cur_d, empty_mask, empty_mask,
+                               visited[t], tag, beam)
+            heap_sort_inplace(Wd, Wi)
+            m = 0
+            while m < ef_c and Wi[m] >= 0:
+                m += 1
+            ns = select_heuristic(X, proxy, Wi, Wd, m, M, sel)
+            if level == 0:
+                links0[p, 0] = ns
+                for s in range(ns):
+                    links0[p, 1 + s] = sel[s]
+            else:
+                row = ustart[p] + level - 1
+                upper[row, 0] = ns
+                for s in range(ns):
+                    upper[row, 1 + s] = sel[s]
+            if m > 0:
+                cur = Wi[0]
+                cur_d = Wd[0]
+    return ev
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-def link_reverse(graph, nodes, level, M_max, touched):
-    """Add the reverse edges of the batch ``nodes`` at ``level``, shrinking overfull lists.
+def insert_batch(graph, nodes, M, ef_c, visited, tags) -> int:
+    """Insert ``nodes`` into the graph in parallel, each searching the graph as it was before.
 
-    Edges are grouped by target so each target row is rewritten by exactly one thread; a full
-    list is re-selected with the heuristic over its old neighbours plus all new sources. The
-    result does not depend on the number of threads. ``touched`` (bool, per node) is set for
-    every target whose row changed. Returns the number of distance evaluations.
+    ``graph`` is a :class:`GraphArrays` (or the plain tuple of its fields) whose ``entry`` and
+    ``max_level`` describe the graph before this batch. Writes each new node's own neighbour
+    rows (up to ``M`` per layer, chosen by the heuristic); reverse edges are added afterwards by
+    :func:`link_reverse`. Nodes of one batch do not see each other, which is why batches are
+    kept small relative to the graph (see the family). ``visited`` (uint16) and ``tags`` (int64)
+    have one row per thread chunk; the chunks (:func:`insert_chunk`) run on the worker pool, so
+    the graph does not depend on their number. Returns the number of distance evaluations.
+    """
+    chunks = visited.shape[0]
+    return _on_workers(insert_chunk, chunks, lambda t: (graph, nodes, M, ef_c, visited, tags, t, chunks))
+
+
+@numba.njit(cache=True, nogil=True)
+def reverse_edges(graph, nodes, level, group_of):
+    """The edges the batch ``nodes`` has at ``level``, grouped by target for :func:`link_groups`.
+
+    Returns ``(targets, starts, sources)``: int64 arrays; group ``g`` is target ``targets[g]``
+    with sources ``sources[starts[g]:starts[g + 1]]`` in the order of the batch. ``group_of``
+    (int64, one entry per node, all zero) is a workspace, left zero.
     """
     graph = GraphArrays(*graph)
-    X = graph.vectors
     levels = graph.levels
     ustart = graph.upper_start
-    proxy = graph.proxy
     links = graph.links_layer0 if level == 0 else graph.links_upper
     total = 0
     for b in range(nodes.shape[0]):
@@ -336,32 +359,56 @@ def link_reverse(graph, nodes, level, M_max, touched):
         if levels[p] >= level:
             row = p if level == 0 else ustart[p] + level - 1
             total += links[row, 0]
-    tgt = np.empty(total, dtype=np.int64)
-    src = np.empty(total, dtype=np.int64)
-    j = 0
+    targets = np.empty(total, dtype=np.int64)
+    sizes = np.zeros(total, dtype=np.int64)
+    n_groups = 0
     for b in range(nodes.shape[0]):
         p = nodes[b]
         if levels[p] >= level:
             row = p if level == 0 else ustart[p] + level - 1
             for s in range(1, links[row, 0] + 1):
-                tgt[j] = links[row, s]
-                src[j] = p
-                j += 1
-    if total == 0:
-        return 0
-    order = np.argsort(tgt, kind="mergesort")
-    starts = np.empty(total + 1, dtype=np.int64)
-    n_groups = 0
-    for a in range(total):
-        if a == 0 or tgt[order[a]] != tgt[order[a - 1]]:
-            starts[n_groups] = a
-            n_groups += 1
-    starts[n_groups] = total
-    evals = np.zeros(n_groups, dtype=np.int64)
-    for g in prange(n_groups):
+                e = links[row, s]
+                g = group_of[e] - 1
+                if g < 0:
+                    g = n_groups
+                    group_of[e] = g + 1
+                    targets[g] = e
+                    n_groups += 1
+                sizes[g] += 1
+    starts = np.empty(n_groups + 1, dtype=np.int64)
+    starts[0] = 0
+    for g in range(n_groups):
+        starts[g + 1] = starts[g] + sizes[g]
+        sizes[g] = starts[g]  # from here on: the next free slot of the group
+    sources = np.empty(total, dtype=np.int64)
+    for b in range(nodes.shape[0]):
+        p = nodes[b]
+        if levels[p] >= level:
+            row = p if level == 0 else ustart[p] + level - 1
+            for s in range(1, links[row, 0] + 1):
+                g = group_of[links[row, s]] - 1
+                sources[sizes[g]] = p
+                sizes[g] += 1
+    for g in range(n_groups):
+        group_of[targets[g]] = 0
+    return targets[:n_groups], starts, sources
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def link_groups(graph, level, M_max, touched, targets, starts, sources, t, n_chunks):
+    """Add the reverse edges of the groups ``t, t + n_chunks, ...`` of :func:`reverse_edges`
+    at ``level``, shrinking overfull lists (the share of :func:`link_reverse` of one chunk).
+    Returns the number of distance evaluations."""
+    graph = GraphArrays(*graph)
+    X = graph.vectors
+    ustart = graph.upper_start
+    proxy = graph.proxy
+    links = graph.links_layer0 if level == 0 else graph.links_upper
+    evals = 0
+    for g in range(t, targets.shape[0], n_chunks):
         a0 = starts[g]
         a1 = starts[g + 1]
-        e = tgt[order[a0]]
+        e = targets[g]
         row = e if level == 0 else ustart[e] + level - 1
         cnt = links[row, 0]
         n_new = a1 - a0
@@ -369,7 +416,7 @@ def link_reverse(graph, nodes, level, M_max, touched):
         if cnt + n_new <= M_max:
             for a in range(a0, a1):
                 cnt += 1
-                links[row, cnt] = src[order[a]]
+                links[row, cnt] = sources[a]
             links[row, 0] = cnt
             continue
         m = cnt + n_new
@@ -378,31 +425,43 @@ def link_reverse(graph, nodes, level, M_max, touched):
         for s in range(cnt):
             cand[s] = links[row, 1 + s]
         for a in range(a0, a1):
-            cand[cnt + a - a0] = src[order[a]]
+            cand[cnt + a - a0] = sources[a]
         xe = X[e]
         for s in range(m):
             cd[s] = proxy_pair(xe, X[cand[s]], proxy)
-        srt = np.argsort(cd, kind="mergesort")
-        ci = cand[srt]
-        cds = cd[srt]
+        sort_pairs_stable(cd, cand, m)
         out = np.empty(M_max, dtype=np.int64)
-        ns = select_heuristic(X, proxy, ci, cds, m, M_max, out)
-        evals[g] = m + ns * m
+        ns = select_heuristic(X, proxy, cand, cd, m, M_max, out)
+        evals += m + ns * m
         links[row, 0] = ns
         for s in range(ns):
             links[row, 1 + s] = out[s]
-    return evals.sum()
+    return evals
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
-def repair_deleted(graph, deleted, level, M_max, touched):
-    """Remove deleted nodes from every neighbour list of ``level`` and reconnect around them.
+# Fewest groups (target rows) worth a worker thread of their own in link_reverse.
+_MIN_GROUPS_PER_CHUNK = 256
 
-    ``deleted`` is bool (n,) over nodes. A live node that pointed to a deleted one re-selects
-    (heuristic) among its live neighbours and the live neighbours of its deleted neighbours;
-    deleted nodes' own rows are emptied afterwards by the caller. ``touched`` is set for every
-    rewritten row's node.
+
+def link_reverse(graph, nodes, level, M_max, touched, group_of) -> int:
+    """Add the reverse edges of the batch ``nodes`` at ``level``, shrinking overfull lists.
+
+    Edges are grouped by target (:func:`reverse_edges`) so each target row is rewritten by
+    exactly one thread; a full list is re-selected with the heuristic over its old neighbours
+    plus all new sources. The result does not depend on the number of threads. ``touched``
+    (bool, per node) is set for every target whose row changed; ``group_of`` is int64 with one
+    zero per node (a workspace, left zero). Returns the number of distance evaluations.
     """
+    targets, starts, sources = reverse_edges(graph, nodes, level, group_of)
+    chunks = min(numba.get_num_threads(), targets.shape[0] // _MIN_GROUPS_PER_CHUNK)
+    return _on_workers(link_groups, chunks,
+                       lambda t: (graph, level, M_max, touched, targets, starts, sources, t, max(chunks, 1)))
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def repair_rows(graph, deleted, level, M_max, touched, t, n_chunks):
+    """The share of :func:`repair_deleted` of chunk ``t`` of ``n_chunks`` (nodes ``t``,
+    ``t + n_chunks``, ...). Returns 0."""
     graph = GraphArrays(*graph)
     X = graph.vectors
     levels = graph.levels
@@ -410,8 +469,7 @@ def repair_deleted(graph, deleted, level, M_max, touched):
     proxy = graph.proxy
     n = deleted.shape[0]
     links = graph.links_layer0 if level == 0 else graph.links_upper
-    for pp in prange(n):
-        p = np.int64(pp)  # prange indices are unsigned; keep row arithmetic in int64
+    for p in range(t, n, n_chunks):
         if deleted[p] or levels[p] < level:
             continue
         row = p if level == 0 else ustart[p] + level - 1
@@ -449,12 +507,12 @@ def repair_deleted(graph, deleted, level, M_max, touched):
         cd = np.empty(m, dtype=np.float32)
         for s in range(m):
             cd[s] = proxy_pair(X[p], X[cand[s]], proxy)
-        srt = np.argsort(cd, kind="mergesort")
+        sort_pairs_stable(cd, cand, m)
         ci = np.empty(m, dtype=np.int64)
         cds = np.empty(m, dtype=np.float32)
         mu = 0
         for s in range(m):
-            v = cand[srt[s]]
+            v = cand[s]
             dup = False
             for w in range(mu):
                 if ci[w] == v:
@@ -462,7 +520,7 @@ def repair_deleted(graph, deleted, level, M_max, touched):
                     break
             if not dup:
                 ci[mu] = v
-                cds[mu] = cd[srt[s]]
+                cds[mu] = cd[s]
                 mu += 1
         out = np.empty(M_max, dtype=np.int64)
         ns = select_heuristic(X, proxy, ci, cds, mu, M_max, out)
@@ -470,6 +528,23 @@ def repair_deleted(graph, deleted, level, M_max, touched):
         for s in range(ns):
             links[row, 1 + s] = out[s]
         touched[p] = True
+    return 0
+
+
+# Fewest nodes worth a worker thread of their own in repair_deleted.
+_MIN_NODES_PER_CHUNK = 4096
+
+
+def repair_deleted(graph, deleted, level, M_max, touched) -> None:
+    """Remove deleted nodes from every neighbour list of ``level`` and reconnect around them.
+
+    ``deleted`` is bool (n,) over nodes. A live node that pointed to a deleted one re-selects
+    (heuristic) among its live neighbours and the live neighbours of its deleted neighbours;
+    deleted nodes' own rows are emptied afterwards by the caller. ``touched`` is set for every
+    rewritten row's node. Chunks of nodes (:func:`repair_rows`) run on the worker pool.
+    """
+    chunks = max(1, min(numba.get_num_threads(), deleted.shape[0] // _MIN_NODES_PER_CHUNK))
+    _on_workers(repair_rows, chunks, lambda t: (graph, deleted, level, M_max, touched, t, chunks))
 
 
 # ------------------------------------------------------------------------------------ search
@@ -515,14 +590,14 @@ def _query(q, graph, finger, params, visited, tag, beam, out_d, out_i):
                                    visited, tag, beam)
         ev += e2
     else:
-        ev += search_layer(q, graph, 0, cur, cur_d, params.mask, params.deleted, visited, tag, beam)
+        # level as a plain integer: the specialization insert_chunk compiles serves both
+        ev += search_layer(q, graph, np.int64(0), cur, cur_d, params.mask, params.deleted, visited, tag, beam)
     _finish(q, X, beam.result_dist, beam.result_ids, params.k, proxy, out_d, out_i)
     return ev, n_est
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def search_queries(Q, graph, finger, params, visited, tags, out):
-    """Search every row of ``Q`` (parallel over chunks of queries, one visited set per chunk).
+def search_queries(Q, graph, finger, params, visited, tags, out) -> None:
+    """Search every row of ``Q`` (chunks of queries on the worker pool, one visited set per chunk).
 
     Parameters
     ----------
@@ -537,27 +612,15 @@ def search_queries(Q, graph, finger, params, visited, tags, out):
     out : SearchOutput
         Receives the results.
     """
-    graph = GraphArrays(*graph)
-    finger = FingerArrays(*finger)
-    params = SearchParams(*params)
-    out_d, out_i, counts = SearchOutput(*out)
-    n_chunks = visited.shape[0]
-    nq = Q.shape[0]
-    ef = params.ef
-    width = graph.links_layer0.shape[1]
-    rank = finger.basis.shape[0]
-    for t in prange(n_chunks):
-        beam = new_beam(ef, 4 * ef + 2 * width + 64, width, rank)
-        for r in range(t, nq, n_chunks):
-            tag = next_tag(visited, tags, t)
-            ev, est = _query(Q[r], graph, finger, params, visited[t], tag, beam, out_d[r], out_i[r])
-            counts[r, 0] = ev
-            counts[r, 1] = est
+    chunks = min(visited.shape[0], Q.shape[0])
+    _on_workers(search_serial, chunks, lambda t: (Q, graph, finger, params, visited, tags, out, t, chunks))
 
 
 @numba.njit(cache=True, nogil=True)
-def search_serial(Q, graph, finger, params, visited, tags, out):
-    """:func:`search_queries` on the calling thread only (no parallel-region start-up cost)."""
+def search_serial(Q, graph, finger, params, visited, tags, out, t, n_chunks):
+    """The share of :func:`search_queries` of chunk ``t`` of ``n_chunks`` (queries ``t``,
+    ``t + n_chunks``, ...; visited set ``visited[t]``), on the calling thread. ``t = 0,
+    n_chunks = 1`` searches every query. Returns 0."""
     graph = GraphArrays(*graph)
     finger = FingerArrays(*finger)
     params = SearchParams(*params)
@@ -566,11 +629,12 @@ def search_serial(Q, graph, finger, params, visited, tags, out):
     ef = params.ef
     width = graph.links_layer0.shape[1]
     beam = new_beam(ef, 4 * ef + 2 * width + 64, width, finger.basis.shape[0])
-    for r in range(nq):
-        tag = next_tag(visited, tags, 0)
-        ev, est = _query(Q[r], graph, finger, params, visited[0], tag, beam, out_d[r], out_i[r])
+    for r in range(t, nq, n_chunks):
+        tag = next_tag(visited, tags, t)
+        ev, est = _query(Q[r], graph, finger, params, visited[t], tag, beam, out_d[r], out_i[r])
         counts[r, 0] = ev
         counts[r, 1] = est
+    return 0
 
 
 # ------------------------------------------------------------------------------------ one query
@@ -724,9 +788,10 @@ def bfs_order(links0, n, entry):
     return order
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True)
 def relabel_rows(links, inv):
-    """Replace every node number ``v`` in the used slots of each row by ``inv[v]`` (in place)."""
-    for r in prange(links.shape[0]):
+    """Replace every node number ``v`` in the used slots of each row by ``inv[v]`` (in place;
+    serial: one pass over the links, short next to the build that precedes it)."""
+    for r in range(links.shape[0]):
         for j in range(1, links[r, 0] + 1):
             links[r, j] = inv[links[r, j]]

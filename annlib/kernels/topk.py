@@ -19,6 +19,7 @@ __all__ = [
     "topk_rows",
     "merge_topk",
     "sort_rows_inplace",
+    "sort_pairs_stable",
     "rescore_union_ip",
 ]
 
@@ -66,6 +67,25 @@ def heap_sort_inplace(dist, ids):
         dist[end] = dist[0]
         ids[end] = ids[0]
         _sift_down(dist, ids, d, i, end)
+
+
+@numba.njit(cache=True, nogil=True)
+def sort_pairs_stable(dist, ids, m):
+    """Sort ``(dist[:m], ids[:m])`` by distance ascending in place, equal distances keeping their
+    order (insertion sort: meant for the short candidate lists of a graph row).
+
+    The order ``np.argsort(dist[:m], kind="mergesort")`` gives, without compiling a general sort.
+    """
+    for a in range(1, m):
+        dv = dist[a]
+        iv = ids[a]
+        b = a - 1
+        while b >= 0 and dist[b] > dv:
+            dist[b + 1] = dist[b]
+            ids[b + 1] = ids[b]
+            b -= 1
+        dist[b + 1] = dv
+        ids[b + 1] = iv
 
 
 def new_heaps(n_rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
