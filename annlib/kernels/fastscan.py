@@ -637,10 +637,15 @@ def _search_pq_few(Q, index, t, mask, n_cand, k, proxy, out_d, out_i, slot_kind)
     L = C.shape[0]
     M, K, w = cb.shape
     Qp = np.zeros((nq, M * w), dtype=np.float32)
-    Qp[:, :d] = Q
+    for q in range(nq):  # (a sliced assignment compiles numba's broadcasting and its messages)
+        for j in range(d):
+            Qp[q, j] = Q[q, j]
     tables = LookupTables(np.empty((nq, M, K), dtype=np.uint8), np.empty(nq, dtype=np.float32),
                           np.empty(nq, dtype=np.float32))
-    _build_luts_rows(Qp, cb, tables.tables, tables.scale, tables.base, 0, nq)
+    # row ranges start at a plain int64 zero: a literal 0 would compile second copies of the
+    # kernels the batch path already compiled
+    first = np.int64(0)
+    _build_luts_rows(Qp, cb, tables.tables, tables.scale, tables.base, first, nq)
     probes = Probes(np.full((nq, t), -1, dtype=np.int64), np.zeros((nq, t), dtype=np.float32))
     sd = np.empty(t, dtype=np.float32)
     for q in range(nq):
@@ -660,12 +665,12 @@ def _search_pq_few(Q, index, t, mask, n_cand, k, proxy, out_d, out_i, slot_kind)
                    np.zeros(nq, dtype=np.int64), np.full(nq, np.inf, dtype=np.float32))
     leaves = PackedLeaves(index.block_offsets, index.codes, index.entry_positions, index.point_terms,
                           index.point_term_block_min)
-    _scan_pq_rows(tables, probes, leaves, mask, buf, n_cand, 0, nq, index.vectors.shape[0], slot_kind)
+    _scan_pq_rows(tables, probes, leaves, mask, buf, n_cand, first, nq, index.vectors.shape[0], slot_kind)
     cand = np.full((nq, n_cand), -1, dtype=np.int64)
     for q in range(nq):
         for j in range(min(buf.counts[q], n_cand)):
             cand[q, j] = buf.positions[q, j]
-    _rerank_rows(Q, index.vectors, cand, k, proxy, out_d, out_i, 0, nq, True)  # the buffer holds distinct positions
+    _rerank_rows(Q, index.vectors, cand, k, proxy, out_d, out_i, first, nq, np.bool_(True))  # distinct positions
 
 
 def search_pq_few(Q, index: PQIndexArrays, t: int, mask, n_cand: int, k: int, proxy: int):
@@ -843,10 +848,12 @@ def search_pq_one(q, table, t, n_cand, k, mask, out_d, out_i):
     L = index.centres.shape[0]
     best_d = np.empty((1, k), dtype=np.float32)
     best_i = np.empty((1, k), dtype=np.int64)
+    # a writable array as the batch path passes (a global would be typed read-only: another copy)
+    slots_u16 = np.zeros(0, dtype=np.uint16)
     while True:
         best_d[:] = np.inf
         best_i[:] = -1
-        _search_pq_few(Qp, index, t, mask, n_cand, k, proxy, best_d, best_i, _SLOTS_U16)
+        _search_pq_few(Qp, index, t, mask, n_cand, k, proxy, best_d, best_i, slots_u16)
         # short of k allowed entries in the probed leaves: probe twice as many (as the batch path)
         if t >= L or best_i[0, k - 1] >= 0:
             break
