@@ -722,7 +722,7 @@ def median_search_one(q, table, c, k, mask, out_d, out_i):
     est = np.empty(n, dtype=np.float32)
     tmp = np.empty(votes, dtype=np.float32)
     t_row = np.arange(votes)
-    _median_row(G, t_row, sel, zn, sn, 0, est, tmp)
+    _median_row(G, t_row, sel, zn, sn, np.int64(0), est, tmp)  # a plain offset: the batch path's copy
     for i in range(n):
         v = est[i]
         if v < hd[0]:
