@@ -49,7 +49,7 @@ from .distances import proxy_pair
 from .finger import FingerArrays, _finger_layer0
 from .query import BAD_QUERY, finish_one, prepare_query
 from .table import (bool_1d, bool_view, f32_1d, f32_2d, f32_view, f64_at, i32_1d, i32_2d, i64_1d, i64_view, int_at, make_table,
-                    u16_view_2d, u64_2d)
+                    u16_view_2d, u64_2d, unowned)
 from .threads import worker_pool
 from .topk import heap_push, heap_sort_inplace, sort_pairs_stable
 
@@ -620,7 +620,13 @@ def search_queries(Q, graph, finger, params, visited, tags, out) -> None:
 def search_serial(Q, graph, finger, params, visited, tags, out, t, n_chunks):
     """The share of :func:`search_queries` of chunk ``t`` of ``n_chunks`` (queries ``t``,
     ``t + n_chunks``, ...; visited set ``visited[t]``), on the calling thread. ``t = 0,
-    n_chunks = 1`` searches every query. Returns 0."""
+    n_chunks = 1`` searches every query. Returns 0.
+
+    The walk reads every array through a view without a reference count (:func:`.table.unowned`):
+    each row it takes (``X[e]``, a payload row) and each hand-over to a helper would otherwise
+    cost an atomic increment and decrement. The caller holds the arrays for the whole call, and
+    ``owned`` (the beam allocated here) is read last so it outlives its views.
+    """
     graph = GraphArrays(*graph)
     finger = FingerArrays(*finger)
     params = SearchParams(*params)
@@ -628,13 +634,26 @@ def search_serial(Q, graph, finger, params, visited, tags, out, t, n_chunks):
     nq = Q.shape[0]
     ef = params.ef
     width = graph.links_layer0.shape[1]
-    beam = new_beam(ef, 4 * ef + 2 * width + 64, width, finger.basis.shape[0])
+    owned = new_beam(ef, 4 * ef + 2 * width + 64, width, finger.basis.shape[0])
+    beam = Beam(unowned(owned.cand_dist), unowned(owned.cand_ids), unowned(owned.result_dist),
+                unowned(owned.result_ids), unowned(owned.neighbours), unowned(owned.query_proj))
+    graph = GraphArrays(unowned(graph.vectors), unowned(graph.links_layer0), unowned(graph.links_upper),
+                        unowned(graph.upper_start), unowned(graph.levels), graph.entry, graph.max_level,
+                        graph.proxy)
+    finger = FingerArrays(unowned(finger.basis), unowned(finger.codes), unowned(finger.payload),
+                          unowned(finger.table))
+    params = SearchParams(params.ef, params.k, unowned(params.mask), unowned(params.deleted),
+                          params.use_finger)
+    Q = unowned(Q)
+    out_d = unowned(out_d)
+    out_i = unowned(out_i)
+    visited_t = unowned(visited)[t]
     for r in range(t, nq, n_chunks):
         tag = next_tag(visited, tags, t)
-        ev, est = _query(Q[r], graph, finger, params, visited[t], tag, beam, out_d[r], out_i[r])
+        ev, est = _query(Q[r], graph, finger, params, visited_t, tag, beam, out_d[r], out_i[r])
         counts[r, 0] = ev
         counts[r, 1] = est
-    return 0
+    return owned.neighbours.shape[0] * 0  # 0; the read keeps the beam alive to here
 
 
 # ------------------------------------------------------------------------------------ one query

@@ -29,7 +29,7 @@ from numba.extending import intrinsic
 
 __all__ = ["ArrayTable", "make_table", "f32_1d", "f32_2d", "f32_3d", "f64_1d", "f64_2d", "i32_1d",
            "i32_2d", "i64_1d", "u8_3d", "u64_2d", "bool_1d", "int_at", "f64_at", "f32_view", "i64_view",
-           "u16_view_2d", "bool_view"]
+           "u16_view_2d", "bool_view", "unowned"]
 
 ARRAY_WORDS = 4
 
@@ -182,3 +182,24 @@ def u16_view_2d(address, rows, cols):
 @numba.njit(inline="always", cache=True, nogil=True)
 def bool_view(address, n):
     return numba.carray(_address(address), (n,), np.bool_)
+
+
+@intrinsic
+def unowned(typingctx, arr):
+    """``arr`` itself (same data, shape and strides) without a reference to its memory.
+
+    Views taken from it (``X[e]``, ``row[a:b]``) and hand-overs of it to other functions then
+    cost no atomic reference-count update. Only for arrays the caller keeps alive for as long
+    as the result and its views are used (the module notes).
+    """
+    if not isinstance(arr, types.Array):
+        return None
+    sig = arr(arr)
+
+    def codegen(context, builder, signature, args):
+        out = context.make_array(signature.args[0])(context, builder, args[0])
+        out.meminfo = cgutils.get_null_value(out.meminfo.type)
+        out.parent = cgutils.get_null_value(out.parent.type)
+        return out._getvalue()
+
+    return sig, codegen
