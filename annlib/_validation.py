@@ -206,6 +206,15 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
+def check_bool_or_auto(name: str, value: Any) -> bool | str:
+    """Check that ``value`` is a bool (numpy bools accepted) or the string ``"auto"``."""
+    if isinstance(value, str) and value == "auto":
+        return value
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True, False or \"auto\"; got {_describe(value)}")
+    return bool(value)
+
+
 def check_k(k: Any, n: int) -> int:
     """Check the number of neighbours requested against the number of indexed vectors."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):

@@ -154,9 +154,9 @@ def test_finger_saves_exact_evaluations_at_equal_recall_synthetic(synth):
 
 def test_rank_is_clipped_to_dimension(blobs):
     X, Q = blobs
-    index = HNSW(default_recall=None, M=8, finger_rank=64).build(X)
+    index = HNSW(finger=True, default_recall=None, M=8, finger_rank=64).build(X)
     assert index._graph.finger.basis.shape == (X.shape[1], X.shape[1])
-    low = HNSW(default_recall=None, M=8, finger_rank=8).build(X)
+    low = HNSW(finger=True, default_recall=None, M=8, finger_rank=8).build(X)
     assert low._graph.finger.basis.shape == (8, X.shape[1])
     assert low.search(Q, 5, ef=32).ids.shape == (len(Q), 5)
     # codes use only the low `rank` bits (the cosine table has rank + 1 entries)

@@ -29,7 +29,7 @@ def synth():
 @pytest.fixture(scope="module")
 def synth_index(synth):
     X, _, _, metric = synth
-    return HNSW(default_recall=None, metric=metric, M=16).build(X)
+    return HNSW(finger=True, default_recall=None, metric=metric, M=16).build(X)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def exact_kth(X, Q, metric, k=10):
 # Floors sit below the values measured with the default seed (in the comments), with margin.
 @pytest.mark.shared_data
 def test_recall_sift_plain_and_finger(sift):
-    index = HNSW(default_recall=None, metric=sift[3], M=16).build(sift[0])
+    index = HNSW(finger=True, default_recall=None, metric=sift[3], M=16).build(sift[0])
     assert recall(index, sift, ef=64, finger=False) >= 0.98  # measured 0.997
     assert recall(index, sift, ef=64, finger=True) >= 0.97  # measured 0.997
     assert recall(index, sift, ef=10, finger=False) >= 0.85  # measured 0.93
@@ -62,7 +62,7 @@ def test_recall_sift_plain_and_finger(sift):
 def test_recall_mnist_subset():
     X, Q, _, _, metric = read_shared("mnist-784-euclidean-10k", 100)
     X = X[:4000]
-    index = HNSW(default_recall=None, metric=metric, M=16).build(X)
+    index = HNSW(finger=True, default_recall=None, metric=metric, M=16).build(X)
     data = (X, Q, exact_kth(X, Q, metric), metric)
     assert recall(index, data, ef=64, finger=False) >= 0.97  # measured 0.999
     assert recall(index, data, ef=64, finger=True) >= 0.96  # measured 0.999
@@ -73,7 +73,7 @@ def test_recall_cosine_glove_subset():
     X, Q, _, _, metric = read_shared("glove-50-angular-200k", 100)
     X = X[:5000]
     assert metric == "cosine"
-    index = HNSW(default_recall=None, metric="cosine", M=16).build(X)
+    index = HNSW(finger=True, default_recall=None, metric="cosine", M=16).build(X)
     data = (X, Q, exact_kth(X, Q, "cosine"), "cosine")
     assert recall(index, data, ef=96, finger=False) >= 0.95  # measured 0.980
     assert recall(index, data, ef=96, finger=True) >= 0.93  # measured 0.979
@@ -87,7 +87,7 @@ def test_recall_synthetic_l2(synth, synth_index):
 @pytest.mark.parametrize("metric", ["cosine", "ip"])
 def test_recall_synthetic_other_metrics(metric):
     X, Q, _, dist, _ = synthetic_set(3000, 24, 60, metric=metric, k=10, seed=4)
-    index = HNSW(default_recall=None, metric=metric, M=16).build(X)
+    index = HNSW(finger=True, default_recall=None, metric=metric, M=16).build(X)
     data = (X, Q, dist[:, 9], metric)
     assert recall(index, data, ef=64, finger=False) >= 0.95  # measured 0.99+
     assert recall(index, data, ef=64, finger=True) >= 0.93
@@ -95,7 +95,7 @@ def test_recall_synthetic_other_metrics(metric):
 
 def test_recall_inner_product(blobs):
     X, Q = blobs
-    index = HNSW(default_recall=None, metric="ip", M=16).build(X)
+    index = HNSW(finger=True, default_recall=None, metric="ip", M=16).build(X)
     data = (X, Q, exact_kth(X, Q, "ip"), "ip")
     assert recall(index, data, ef=64, finger=False) >= 0.95
     assert recall(index, data, ef=64, finger=True) >= 0.93
@@ -120,8 +120,8 @@ def test_graph_independent_of_thread_count(synth):
     """The graph is identical for any thread count; FINGER's basis and payload come from BLAS
     products, whose rounding may depend on the thread split, so they agree to rounding."""
     X = synth[0][:3000]
-    a = HNSW(default_recall=None, M=8, random_state=3).build(X, threads=1)
-    b = HNSW(default_recall=None, M=8, random_state=3).build(X, threads=2)
+    a = HNSW(finger=True, default_recall=None, M=8, random_state=3).build(X, threads=1)
+    b = HNSW(finger=True, default_recall=None, M=8, random_state=3).build(X, threads=2)
     _, sa = a._state()
     _, sb = b._state()
     assert sa.keys() == sb.keys()
@@ -158,7 +158,7 @@ def test_progress_bar_closes(synth, capsys):
 # -------------------------------------------------------------------------------- add / delete
 def test_add_reaches_same_recall(synth):
     X, Q, kth, metric = synth
-    index = HNSW(default_recall=None, metric=metric, M=16).build(X[:3500])
+    index = HNSW(finger=True, default_recall=None, metric=metric, M=16).build(X[:3500])
     index.add(X[3500:4200])
     index.add(X[4200:])
     assert len(index) == len(X)
@@ -169,7 +169,7 @@ def test_add_reaches_same_recall(synth):
 def test_delete_never_returns_deleted_ids(synth, tmp_path):
     X, Q, _, metric = synth
     ext = np.arange(len(X)) * 7 + 3
-    index = HNSW(default_recall=None, metric=metric, M=16).build(X, ids=ext)
+    index = HNSW(finger=True, default_recall=None, metric=metric, M=16).build(X, ids=ext)
     base_ids, _ = index.search(Q, 10, ef=64)
     gone = np.unique(np.concatenate([base_ids[:, :5].ravel(), ext[::5]]))
     g = index._graph
@@ -202,7 +202,7 @@ def test_delete_never_returns_deleted_ids(synth, tmp_path):
 
 def test_delete_almost_everything(blobs):
     X, Q = blobs
-    index = HNSW(default_recall=None, M=8).build(X)
+    index = HNSW(finger=True, default_recall=None, M=8).build(X)
     index.delete(np.arange(len(X) - 5))
     ids, dist = index.search(Q, 5, ef=32)
     assert set(ids.ravel().tolist()) <= set(range(len(X) - 5, len(X)))
@@ -212,7 +212,7 @@ def test_delete_almost_everything(blobs):
 
 def test_delete_everything_then_add(blobs):
     X, Q = blobs
-    index = HNSW(default_recall=None, M=8).build(X[:300])
+    index = HNSW(finger=True, default_recall=None, M=8).build(X[:300])
     index.delete(np.arange(300))
     assert len(index) == 0 and index._graph.entry == -1
     index.add(X[300:400])
@@ -252,6 +252,27 @@ def test_search_stats_count_work(synth, synth_index):
     assert fing["exact_per_query"] < plain["exact_per_query"]
 
 
+def test_finger_auto_builds_it_from_a_data_size(blobs, monkeypatch):
+    X, Q = blobs
+    X = X[:400]
+    assert HNSW().params["finger"] == "auto"
+    small = HNSW(default_recall=None, M=8).build(X)  # 400 x d numbers: far below the threshold
+    assert not small.finger_built and small.params["finger"] == "auto"
+    small.reset_search_stats()
+    small.search(Q, 5, ef=32)  # the default search (finger=True) walks plainly without a payload
+    assert small.search_stats()["estimated_per_query"] == 0
+    assert HNSW(default_recall=None, M=8, finger=True).build(X).finger_built
+    monkeypatch.setattr(HNSW, "_FINGER_MIN_NUMBERS", X.shape[0] * X.shape[1])
+    at = HNSW(default_recall=None, M=8).build(X)
+    assert at.finger_built
+    at.reset_search_stats()
+    at.search(Q, 5, ef=32)
+    assert at.search_stats()["estimated_per_query"] > 0
+    assert not HNSW(default_recall=None, M=8, finger=False).build(X).finger_built
+    monkeypatch.setattr(HNSW, "_FINGER_MIN_NUMBERS", X.shape[0] * X.shape[1] + 1)
+    assert not HNSW(default_recall=None, M=8).build(X).finger_built
+
+
 def test_search_space():
     space = HNSW.search_space(n=100, dim=8)
     assert space["search"]["ef"][-1] == 100 and space["search"]["finger"] == [False, True]
@@ -260,7 +281,7 @@ def test_search_space():
 
 def test_search_space_of_a_built_index(blobs):
     X, _ = blobs
-    index = HNSW(default_recall=None, M=8).build(X[:200])
+    index = HNSW(finger=True, default_recall=None, M=8).build(X[:200])
     assert index.search_space()["search"]["ef"][-1] == 200
 
 
@@ -271,7 +292,8 @@ def test_search_space_of_a_built_index(blobs):
     ({"ef_construction": 0}, ValueError, "ef_construction must be in"),
     ({"finger_rank": 65}, ValueError, r"finger_rank must be in \[1, 64\]; got 65"),
     ({"finger_rank": 0}, ValueError, "finger_rank"),
-    ({"finger": "yes"}, TypeError, "finger must be True or False"),
+    ({"finger": "yes"}, TypeError, 'finger must be True, False or "auto"'),
+    ({"finger": None}, TypeError, 'finger must be True, False or "auto"'),
     ({"random_state": -1}, ValueError, "random_state"),
     ({"efSearch": 5}, ValueError, r"unknown parameter\(s\) efSearch"),
 ])

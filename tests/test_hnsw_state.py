@@ -71,7 +71,7 @@ def _write(path, header, meta=None, arrays=None):
 def saved(tmp_path_factory, data):
     """A saved index (FINGER rank 8, some deletions, ids) and its header as read back."""
     X, _ = data
-    index = HNSW(default_recall=None, M=6, finger_rank=8, random_state=2).build(X[:600], ids=np.arange(600) * 3)
+    index = HNSW(finger=True, default_recall=None, M=6, finger_rank=8, random_state=2).build(X[:600], ids=np.arange(600) * 3)
     index.delete(np.arange(0, 1800, 21))
     path = tmp_path_factory.mktemp("hnsw") / "ok.annlib"
     index.save(path)
@@ -293,7 +293,7 @@ def test_concurrent_searches_share_the_scratch_pool_safely(data):
     """Searches from several threads at once give exactly the single-threaded answers, and the
     statistics count every query once."""
     X, Q = data
-    index = HNSW(default_recall=None, M=8, random_state=4).build(X)
+    index = HNSW(finger=True, default_recall=None, M=8, random_state=4).build(X)
     expected = {ef: index.search(Q, 10, ef=ef) for ef in (16, 48)}
     single = {ef: [index.search(Q[i], 10, ef=ef).ids for i in range(8)] for ef in (16, 48)}
     index.reset_search_stats()
@@ -327,17 +327,17 @@ def test_build_never_writes_or_keeps_the_callers_array(data, tmp_path, metric):
     is never written, and changing it afterwards does not change the index."""
     X, Q = data
     X = X[:800]
-    reference = HNSW(default_recall=None, metric=metric, M=8, random_state=6).build(X.copy())
+    reference = HNSW(finger=True, default_recall=None, metric=metric, M=8, random_state=6).build(X.copy())
     ro = X.copy()
     ro.setflags(write=False)
-    a = HNSW(default_recall=None, metric=metric, M=8, random_state=6).build(ro)
+    a = HNSW(finger=True, default_recall=None, metric=metric, M=8, random_state=6).build(ro)
     path = tmp_path / "x.f32"
     mm = np.memmap(path, dtype=np.float32, mode="w+", shape=X.shape)
     mm[:] = X
     mm.flush()
     del mm
     ro_map = np.memmap(path, dtype=np.float32, mode="r", shape=X.shape)
-    b = HNSW(default_recall=None, metric=metric, M=8, random_state=6).build(ro_map)
+    b = HNSW(finger=True, default_recall=None, metric=metric, M=8, random_state=6).build(ro_map)
     np.testing.assert_array_equal(np.asarray(ro_map), X)
     want = reference.search(Q, 10, ef=32)
     for index in (a, b):
@@ -348,7 +348,7 @@ def test_build_never_writes_or_keeps_the_callers_array(data, tmp_path, metric):
     b.add(ro_map[:50])
     # a writable input: untouched by build, and later changes to it do not reach the index
     w = X.copy()
-    c = HNSW(default_recall=None, metric=metric, M=8, random_state=6).build(w)
+    c = HNSW(finger=True, default_recall=None, metric=metric, M=8, random_state=6).build(w)
     np.testing.assert_array_equal(w, X)
     w[:] = 0.0
     np.testing.assert_array_equal(c.search(Q, 10, ef=32).ids, want.ids)
@@ -358,7 +358,7 @@ def test_failed_rebuild_keeps_the_old_index(data):
     """Item 4: a rebuild that raises (here from the progress callback) leaves the old index
     searchable and unchanged."""
     X, Q = data
-    index = HNSW(default_recall=None, M=8, random_state=7).build(X[:1000])
+    index = HNSW(finger=True, default_recall=None, M=8, random_state=7).build(X[:1000])
     before = _copy_state(index)
     want = index.search(Q, 10, ef=32)
 
@@ -407,7 +407,7 @@ def test_failed_add_leaves_the_index_unchanged(data, finger):
 @pytest.mark.parametrize("kernel", ["repair_deleted", "edge_payload"])
 def test_failed_delete_leaves_the_index_unchanged(data, monkeypatch, kernel):
     X, Q = data
-    index = HNSW(default_recall=None, M=8, random_state=9).build(X[:1200])
+    index = HNSW(finger=True, default_recall=None, M=8, random_state=9).build(X[:1200])
     before = _copy_state(index)
     want = index.search(Q, 10, ef=32)
     real = getattr(hnsw_module, kernel)
@@ -439,7 +439,7 @@ def test_load_then_add_equals_add(data, tmp_path, random_state, mmap):
     level generator's state travels in the file)."""
     X, Q = data
     rs = np.random.default_rng(3) if random_state == "generator" else random_state
-    a = HNSW(default_recall=None, M=8, random_state=rs).build(X[:1000])
+    a = HNSW(finger=True, default_recall=None, M=8, random_state=rs).build(X[:1000])
     path = tmp_path / "a.annlib"
     a.save(path)
     b = annlib.load(path, mmap=mmap)
@@ -460,7 +460,7 @@ def test_delete_twice_raises_in_node_order(data):
     every deleted id is refused a second time, every live one is still accepted."""
     X, _ = data
     ext = np.arange(1000) * 5 + 1
-    index = HNSW(default_recall=None, M=8, random_state=10).build(X[:1000], ids=ext)
+    index = HNSW(finger=True, default_recall=None, M=8, random_state=10).build(X[:1000], ids=ext)
     g = index._graph
     assert g.node_positions is not None and (g.node_positions != np.arange(1000)).any()
     gone = ext[np.random.default_rng(0).choice(1000, 50, replace=False)]
@@ -482,7 +482,7 @@ def test_filter_policy_scan_and_walk(data):
     """Very selective filters are answered by the base's exact scan (so exactly), wider ones by
     the walk, which still never returns a disallowed or deleted id."""
     X, Q = data
-    index = HNSW(default_recall=None, M=8, random_state=11).build(X)
+    index = HNSW(finger=True, default_recall=None, M=8, random_state=11).build(X)
     n = len(X)
     assert index._scan_is_cheaper(40, 10, {"ef": 64, "finger": True})  # 40^2 <= 3*64*n
     assert not index._scan_is_cheaper(n // 2, 10, {"ef": 64, "finger": True})

@@ -32,6 +32,7 @@ def _data(seed=0, n=N, d=D):
 def _build(family, metric, X, **kw):
     if family == "hnsw":
         kw.setdefault("default_recall", None)
+        kw.setdefault("finger", True)  # the small test sets would build none by default
     if family == "partitioned":
         kw.setdefault("default_recall", None)
     return small_index(family, X, metric=metric, **kw)

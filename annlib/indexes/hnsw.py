@@ -518,10 +518,15 @@ class HNSW(Index):
         (docs/benchmarks-hnsw.md).
     ef_construction : int, default 200
         Beam width while inserting (at least ``M`` is used). Range 1..4096.
-    finger : bool, default True
+    finger : bool or "auto", default "auto"
         Build the FINGER payload (one global rank-``finger_rank`` basis of edge residuals, per
         edge a 64-bit sign code and two floats) so layer-0 searches skip exact distances whose
         estimate cannot enter the result set. Costs ``4 r + 16 * 2M`` bytes per vector.
+        ``"auto"`` builds it when the data hold at least ``2**22`` numbers (``n * d``, 16 MB of
+        float32): on smaller sets (SIFT-10k, 5 MB) every FINGER setting measured was slower
+        than the plain walk, on larger ones (MNIST-10k, kdewall-SIFT-100k, GloVe-200k,
+        WordNet-50k) FINGER was faster (docs/benchmarks-hnsw.md). ``index.params["finger"]``
+        keeps what was asked; ``index.finger_built`` says what was built.
     finger_rank : int, default 64
         Rank of the FINGER basis = bits per edge code; clipped to the dimension. Range 1..64.
     random_state : int, None or numpy Generator, default 0
@@ -578,7 +583,7 @@ class HNSW(Index):
     """
 
     family = "hnsw"
-    build_defaults = {"M": 32, "ef_construction": 200, "finger": True, "finger_rank": 64,
+    build_defaults = {"M": 32, "ef_construction": 200, "finger": "auto", "finger_rank": 64,
                       "random_state": 0, "default_recall": 0.92}
     # A graph links each vector to its near neighbours, so an indexed vector searched
     # leave-one-out starts next to its answer: self-tuning holds a sample out of the build.
@@ -596,6 +601,8 @@ class HNSW(Index):
     # Optimistic margin added to FINGER's estimated cosines: pruning only neighbours that stay
     # out even at a slightly smaller angle trades a few exact evaluations for recall.
     _FINGER_SLACK = 0.1
+    # finger="auto" builds FINGER from this many numbers (n * d) on (see the class notes)
+    _FINGER_MIN_NUMBERS = 1 << 22
     _NO_MASK = np.zeros(0, np.bool_)
 
     def __init__(self, metric: str = "l2", **params: Any):
@@ -613,7 +620,7 @@ class HNSW(Index):
         out = dict(params)
         out["M"] = V.check_int("M", params["M"], 2, 256)
         out["ef_construction"] = V.check_int("ef_construction", params["ef_construction"], 1, 4096)
-        out["finger"] = V.check_bool("finger", params["finger"])
+        out["finger"] = V.check_bool_or_auto("finger", params["finger"])
         out["finger_rank"] = V.check_int("finger_rank", params["finger_rank"], 1, 64)
         return out
 
@@ -665,7 +672,7 @@ class HNSW(Index):
         graph = HNSWGraph.empty(M, np.asarray(X), int(levels.sum()), rng)
         self._insert(graph, levels, progress, "HNSW build", None)
         self._reorder(graph)
-        if self.params["finger"]:
+        if self._wants_finger(X.shape[0], X.shape[1]):
             self._fit_finger(graph, rng)
         self._commit(graph)
         with self._stats_lock:
@@ -798,6 +805,20 @@ class HNSW(Index):
         graph.entry = int(inv[graph.entry])
 
     # ------------------------------------------------------------------ FINGER
+    def _wants_finger(self, n: int, d: int) -> bool:
+        """Whether a build of ``n`` vectors of dimension ``d`` gets FINGER (``finger`` param)."""
+        choice = self.params["finger"]
+        if choice == "auto":
+            return n * d >= self._FINGER_MIN_NUMBERS
+        return bool(choice)
+
+    @property
+    def finger_built(self) -> bool:
+        """True when the built index carries FINGER's payload (``finger=True``, or ``"auto"``
+        on data large enough; see the class notes). False before a build."""
+        g = self._graph
+        return g is not None and g.finger is not None
+
     def _fit_finger(self, graph: HNSWGraph, rng) -> None:
         """Fit the global basis and the distribution-matching table, then every edge payload."""
         n, d = graph.n, graph.vectors.shape[1]
