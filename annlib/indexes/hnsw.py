@@ -961,7 +961,8 @@ class HNSW(Index):
             pool = view.one_pool
             scratch = self._one_scratch(view)
             try:
-                search_one(Q[0], plan[2], k, ef, finger, mask, scratch, out_d[0], out_i[0])
+                search_one(Q[0], plan[2], k, ef, finger if view.has_finger else None, mask, scratch, out_d[0],
+                           out_i[0])
             finally:
                 pool.append(scratch)
             return out_d, out_i
@@ -972,7 +973,9 @@ class HNSW(Index):
         counts = np.empty((nq, 2), np.int64)
         pool, visited, tags = self._take_scratch(chunks, g.n)
         try:
-            search_queries(Q, view.graph, view.finger, params, visited, tags, (out_d, out_i, counts))
+            # without FINGER the kernels take None and are compiled without the FINGER walk
+            search_queries(Q, view.graph, view.finger if view.has_finger else None, params, visited, tags,
+                           (out_d, out_i, counts))
         finally:
             pool.append((visited, tags))
         tot = counts[0] if nq == 1 else counts.sum(axis=0)
@@ -1013,7 +1016,8 @@ class HNSW(Index):
         out_d = np.empty(k, _F32)
         out_i = np.empty(k, _I64)
         try:
-            status = search_one(q, plan[3], k, params["ef"], params["finger"], self._NO_MASK, scratch, out_d, out_i)
+            status = search_one(q, plan[3], k, params["ef"], params["finger"] if view.has_finger else None,
+                                self._NO_MASK, scratch, out_d, out_i)
         finally:
             pool.append(scratch)
         return None if status else (out_i, out_d)

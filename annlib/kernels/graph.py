@@ -42,6 +42,8 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
+from numba.core import types
+from numba.extending import overload
 
 from .beam import (FASTMATH, Beam, _allowed, cand_pop, cand_push, exact_proxy, new_beam, next_tag,
                    prefetch_row, row_lines, score_collected)
@@ -585,7 +587,9 @@ def _query(q, graph, finger, params, visited, tag, beam, out_d, out_i):
         cur, cur_d, e1 = greedy_descend(q, graph, cur, cur_d, graph.max_level, 0)
         ev += e1
     n_est = 0
-    if params.use_finger:
+    # finger is None for a graph without FINGER: numba drops this branch when it compiles that
+    # variant, so the FINGER walk is compiled only for graphs that have it
+    if finger is not None and params.use_finger:
         e2, n_est = _finger_layer0(q, graph, finger, cur, cur_d, params.mask, params.deleted,
                                    visited, tag, beam)
         ev += e2
@@ -604,8 +608,9 @@ def search_queries(Q, graph, finger, params, visited, tags, out) -> None:
     Q : float32 (q, d)
     graph : GraphArrays
         The graph (module docstring); ``entry`` must be a node (>= 0).
-    finger : FingerArrays
+    finger : FingerArrays or None
         FINGER basis and payload (see :mod:`.finger`); read only if ``params.use_finger``.
+        None for a graph without FINGER: the kernels are then compiled without the FINGER walk.
     params : SearchParams
     visited : uint16 (chunks, >= n); tags : int64 (chunks,)
         Reusable visited sets; one chunk of queries per row.
@@ -614,6 +619,58 @@ def search_queries(Q, graph, finger, params, visited, tags, out) -> None:
     """
     chunks = min(visited.shape[0], Q.shape[0])
     _on_workers(search_serial, chunks, lambda t: (Q, graph, finger, params, visited, tags, out, t, chunks))
+
+
+# Graphs without FINGER pass None for their FINGER arrays (or for ``use_finger`` in
+# :func:`search_one`): these helpers are resolved by type when a kernel compiles, so that variant
+# never types, lowers or links the FINGER walk.
+def _finger_view(finger):
+    """FingerArrays ``finger`` as views without a reference count; None stays None."""
+
+
+def _finger_rank(finger):
+    """Rows of the FINGER basis (0 for None)."""
+
+
+def _table_finger(table, use_finger):
+    """The FINGER arrays of a one-query table, or None when ``use_finger`` is None."""
+
+
+def _finger_on(use_finger, rank):
+    """Whether the walk filters by FINGER: ``use_finger and rank > 0`` (False for None)."""
+
+
+@overload(_finger_view, jit_options={"cache": True, "nogil": True})
+def _ov_finger_view(finger):
+    if isinstance(finger, types.NoneType):
+        return lambda finger: None
+
+    def impl(finger):
+        f = FingerArrays(*finger)
+        return FingerArrays(unowned(f.basis), unowned(f.codes), unowned(f.payload), unowned(f.table))
+    return impl
+
+
+@overload(_finger_rank, jit_options={"cache": True, "nogil": True})
+def _ov_finger_rank(finger):
+    if isinstance(finger, types.NoneType):
+        return lambda finger: np.int64(0)
+    return lambda finger: np.int64(finger.basis.shape[0])
+
+
+@overload(_table_finger, jit_options={"cache": True, "nogil": True})
+def _ov_table_finger(table, use_finger):
+    if isinstance(use_finger, types.NoneType):
+        return lambda table, use_finger: None
+    return lambda table, use_finger: FingerArrays(f32_2d(table, 20), u64_2d(table, 24), f32_2d(table, 28),
+                                                  f32_1d(table, 32))
+
+
+@overload(_finger_on, jit_options={"cache": True, "nogil": True})
+def _ov_finger_on(use_finger, rank):
+    if isinstance(use_finger, types.NoneType):
+        return lambda use_finger, rank: False
+    return lambda use_finger, rank: use_finger and rank > 0
 
 
 @numba.njit(cache=True, nogil=True)
@@ -628,20 +685,19 @@ def search_serial(Q, graph, finger, params, visited, tags, out, t, n_chunks):
     ``owned`` (the beam allocated here) is read last so it outlives its views.
     """
     graph = GraphArrays(*graph)
-    finger = FingerArrays(*finger)
     params = SearchParams(*params)
     out_d, out_i, counts = SearchOutput(*out)
     nq = Q.shape[0]
     ef = params.ef
     width = graph.links_layer0.shape[1]
-    owned = new_beam(ef, 4 * ef + 2 * width + 64, width, finger.basis.shape[0])
+    finger = _finger_view(finger)  # None (a graph without FINGER) stays None
+    rank = _finger_rank(finger)
+    owned = new_beam(ef, 4 * ef + 2 * width + 64, width, rank)
     beam = Beam(unowned(owned.cand_dist), unowned(owned.cand_ids), unowned(owned.result_dist),
                 unowned(owned.result_ids), unowned(owned.neighbours), unowned(owned.query_proj))
     graph = GraphArrays(unowned(graph.vectors), unowned(graph.links_layer0), unowned(graph.links_upper),
                         unowned(graph.upper_start), unowned(graph.levels), graph.entry, graph.max_level,
                         graph.proxy)
-    finger = FingerArrays(unowned(finger.basis), unowned(finger.codes), unowned(finger.payload),
-                          unowned(finger.table))
     params = SearchParams(params.ef, params.k, unowned(params.mask), unowned(params.deleted),
                           params.use_finger)
     Q = unowned(Q)
@@ -710,8 +766,9 @@ def search_one(q, table, k, ef, use_finger, mask, scratch, out_d, out_i):
         :func:`one_query_table` of the graph.
     k, ef : int
         Results (``1 <= k``) and beam width (``max(ef, k)`` is used).
-    use_finger : bool
-        Filter layer 0 by FINGER when the graph has a basis.
+    use_finger : bool or None
+        Filter layer 0 by FINGER when the graph has a basis. None for a graph without FINGER:
+        the kernel is then compiled without the FINGER walk.
     mask : bool (n,) or (0,)
         Allowed nodes (node order); empty means all.
     scratch : uint16 (ONE_QUERY_HEADER + n,)
@@ -726,7 +783,9 @@ def search_one(q, table, k, ef, use_finger, mask, scratch, out_d, out_i):
     """
     graph = GraphArrays(f32_2d(table, 0), i32_2d(table, 4), i32_2d(table, 8), i64_1d(table, 12),
                         i32_1d(table, 16), int_at(table, 48), int_at(table, 49), int_at(table, 50))
-    finger = FingerArrays(f32_2d(table, 20), u64_2d(table, 24), f32_2d(table, 28), f32_1d(table, 32))
+    finger = _table_finger(table, use_finger)  # None when use_finger is None (no FINGER)
+    rank = _finger_rank(finger)
+    use = _finger_on(use_finger, rank)
     deleted = bool_1d(table, 36)
     positions = i64_1d(table, 40)
     ids = i64_1d(table, 44)
@@ -735,7 +794,6 @@ def search_one(q, table, k, ef, use_finger, mask, scratch, out_d, out_i):
     # every array of the search carved from one allocation (one allocation costs about as much
     # as the walk's first dozen distances on a small graph)
     d = q.shape[0]
-    rank = finger.basis.shape[0]
     width = graph.links_layer0.shape[1]
     ef = max(ef, k)
     cap = 4 * ef + 2 * width + 64
@@ -756,7 +814,7 @@ def search_one(q, table, k, ef, use_finger, mask, scratch, out_d, out_i):
         best_i[:] = -1
     else:
         mask = bool_view(mask.ctypes.data, mask.shape[0])  # the caller keeps it alive
-        params = SearchParams(ef, k, mask, deleted, use_finger and rank > 0)
+        params = SearchParams(ef, k, mask, deleted, use)
         beam = Beam(f32_view(f32_at, cap), i64_view(at, cap), f32_view(f32_at + 4 * cap, ef),
                     i64_view(at + 8 * cap, ef), i64_view(at + 8 * (cap + ef), width),
                     f32_view(f32_at + 4 * (cap + ef), rank))
