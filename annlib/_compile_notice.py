@@ -1,9 +1,9 @@
 """The one-line notice that a family's kernels are being compiled (first use on a machine).
 
 Numba compiles a kernel on its first call and, with ``cache=True``, stores the result beside the
-source (or in ``NUMBA_CACHE_DIR``); a later process loads it. A family names the kernel its build
-always runs (``first_kernels``); when that kernel has no cache index yet, the build is about to
-compile, and the user is told why the call is slow.
+source (or in ``NUMBA_CACHE_DIR``); a later process loads it. A family names kernels its first
+build and searches always run (``first_kernels``); when one of them has no cache index yet, they
+are about to compile, and the user is told why the calls are slow.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def notice_compilation(family_cls: type) -> None:
         except Exception:  # a renamed kernel or another numba version: no notice, no failure
             continue
         if path is not None and not os.path.exists(path):
-            warnings.warn(f"annlib: compiling {name}'s kernels for this machine on first use (up to a minute); "
-                          "later processes load them from the cache", CompilationNotice, stacklevel=4)
+            warnings.warn(f"annlib: compiling {name}'s kernels for this machine on first use (seconds, up to "
+                          "half a minute); later processes load them from the cache", CompilationNotice,
+                          stacklevel=4)
             return

@@ -40,8 +40,9 @@ class ShardUnavailableError(AnnlibError, RuntimeError):
 class CompilationNotice(UserWarning):
     """Issued once per family and process when its kernels are compiled for this machine.
 
-    The first build of a family after installation compiles its numba kernels (tens of seconds
-    for HNSW and Partitioned); later processes load them from numba's cache. Silence it with
+    The first build and searches of a family after installation compile its numba kernels
+    (seconds; the longest, HNSW and Partitioned, 10-20 s on one core); later processes load them
+    from numba's cache. Silence it with
     ``warnings.simplefilter("ignore", annlib.CompilationNotice)``.
     """
 

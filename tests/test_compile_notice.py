@@ -46,7 +46,7 @@ def test_notice_once_per_family_when_its_kernel_is_not_cached(tmp_path):
 
 
 def test_real_families_name_kernels_numba_caches():
-    for name in ("HNSW", "Partitioned"):
+    for name in ("HNSW", "Partitioned", "BruteForce", "TPUKNN", "MahalanobisSketch"):
         cls = getattr(annlib, name)
         for ref in cls.first_kernels:
             module, attr = ref.split(":")

@@ -52,6 +52,9 @@ class BruteForce(Index):
 
     family = "bruteforce"
     supports_add = True
+    # the search kernels (the build itself compiles next to nothing): uncached means the first
+    # searches compile (annlib.CompilationNotice, issued at build)
+    first_kernels = ("annlib.kernels.blockwise:search_one", "annlib.kernels.blockwise:fold_block_serial")
 
     def __init__(self, metric: str = "l2", **params: Any):
         super().__init__(metric=metric, **params)

@@ -367,6 +367,8 @@ class MahalanobisSketch(Index):
     search_defaults = {"reorder": 100}
     supports_add = True
     supports_delete = True
+    # the search kernels: uncached means the first searches compile (annlib.CompilationNotice)
+    first_kernels = ("annlib.kernels.sketch:median_search_one", "annlib.kernels.sketch:fold_median_block")
 
     def __init__(self, metric: str = "mahalanobis", *, M: Any = None, U: Any = None, **params: Any):
         known = list(METRICS) + list(ALIASES) + ["mahalanobis"]

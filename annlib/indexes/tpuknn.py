@@ -100,6 +100,8 @@ class TPUKNN(Index):
     build_defaults = {"dtype": "float32", "recall_target": 0.95, "shards": None}
     search_defaults = {"recall_target": None}
     supports_add = True
+    # the CPU's exact search kernels (as BruteForce): uncached means the first searches compile
+    first_kernels = ("annlib.kernels.blockwise:search_one",)
 
     def __init__(self, metric: str = "l2", **params: Any):
         super().__init__(metric=metric, **params)
