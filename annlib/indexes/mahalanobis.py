@@ -498,7 +498,7 @@ class MahalanobisSketch(Index):
         n, d = X.shape
         p = self.params
         U, M, identity, mahalanobis = self._metric_for(d)
-        xmx = quadratic_forms(X, None if identity else M)
+        xmx = quadratic_forms(X, None if identity else M, threads=config.get_num_threads())
         self._check_forms(xmx, "X row")
         m = p["m"] if p["m"] is not None else sketch_size(p["eps"], p["delta"], p["votes"])
         L = p["copies"]
@@ -667,7 +667,7 @@ class MahalanobisSketch(Index):
     # ----------------------------------------------------------------- point updates
     def _add(self, X: np.ndarray, progress: Any) -> None:
         st = self._st
-        xmx_new = quadratic_forms(X, None if st.identity else st.matrix)
+        xmx_new = quadratic_forms(X, None if st.identity else st.matrix, threads=config.get_num_threads())
         self._check_forms(xmx_new, "X row")
         with progress_reporter(progress, st.maps.shape[0], desc="sketching", unit="copy") as report:
             S_new, sn_new = sketch_points(X, st.maps, report, extra=st.extra_rows)

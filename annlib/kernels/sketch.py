@@ -170,7 +170,7 @@ def column_sqnorms(A, out):
                 out[i] += row[i] * row[i]
 
 
-def quadratic_forms(X: np.ndarray, M: np.ndarray | None, block: int = 2048) -> np.ndarray:
+def quadratic_forms(X: np.ndarray, M: np.ndarray | None, block: int = 2048, threads: int = 1) -> np.ndarray:
     """``x_i^T M x_i`` for every row, in float64 (the exact re-ranking needs these to ~1e-12).
 
     Parameters
@@ -179,15 +179,23 @@ def quadratic_forms(X: np.ndarray, M: np.ndarray | None, block: int = 2048) -> n
     M : float64 (d, d), symmetric, or None for the identity (squared norms, ``O(n·d)``)
     block : int, default 2048
         Rows converted to float64 at a time (bounds the temporary memory).
+    threads : int, default 1
+        Worker threads, each taking a contiguous range of the rows with single-threaded BLAS
+        (small products in a multi-threaded BLAS cost more in start-up than they save).
 
     Returns
     -------
     ndarray float64 (n,)
     """
     out = np.empty(X.shape[0], dtype=np.float64)
-    for a in range(0, X.shape[0], block):
-        Xb = X[a:a + block].astype(np.float64)
-        out[a:a + block] = np.einsum("ij,ij->i", Xb if M is None else Xb @ M, Xb)
+
+    def rows(lo, hi):
+        for a in range(lo, hi, block):
+            e = min(hi, a + block)
+            Xb = X[a:e].astype(np.float64)
+            out[a:e] = np.einsum("ij,ij->i", Xb if M is None else Xb @ M, Xb)
+
+    run_split(rows, X.shape[0], threads, block)
     return out
 
 
