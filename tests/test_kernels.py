@@ -91,3 +91,32 @@ def test_exact_search_workers_equal_one_thread(rng, nq, workers):
         dw, iw = exact_search(Q, X, norms, 7, 0, m, db_block=128, workers=workers)
         np.testing.assert_array_equal(i1, iw)
         np.testing.assert_array_equal(d1, dw)
+
+
+@pytest.mark.parametrize("L,t", [(894, 24), (100, 1), (50, 50), (10, 16), (1, 1), (2000, 300)])
+def test_smallest_sorted_matches_a_stable_sort(L, t):
+    from annlib.kernels.topk import smallest_sorted
+
+    g = np.random.default_rng(L + t)
+    for case in range(6):
+        row = g.standard_normal(L).astype(np.float32)
+        if case == 1:
+            row = np.round(row * 3).astype(np.float32)  # many ties
+        elif case == 2:
+            row[:] = 1.5  # all equal
+        elif case == 3:
+            row[g.random(L) < 0.2] = np.inf
+            row[g.random(L) < 0.1] = np.nan
+        elif case == 4:
+            row[g.random(L) < 0.2] = -np.inf
+        elif case == 5:
+            row *= np.float32(1e-30)  # a range the bisection cannot split far
+        out_d = np.empty(t, np.float32)
+        out_i = np.empty(t, np.int64)
+        smallest_sorted(row, t, out_d, out_i)
+        finite_or_neg = np.flatnonzero(row < np.inf)
+        order = finite_or_neg[np.argsort(row[finite_or_neg], kind="stable")][:t]
+        n = len(order)
+        np.testing.assert_array_equal(out_i[:n], order)
+        np.testing.assert_array_equal(out_d[:n], row[order])
+        assert (out_i[n:] == -1).all() and np.isinf(out_d[n:]).all()

@@ -30,7 +30,7 @@ from .quantization import LookupTables, _build_luts_rows
 from .lut16 import lut16_block, lut16_block_generic, lut16_block_mask
 from .query import BAD_QUERY, finish_one, prepare_query
 from .table import f32_1d, f32_2d, f32_3d, f64_at, i32_1d, i64_1d, int_at, make_table, u8_3d
-from .topk import heap_push, heap_sort_inplace, new_heaps
+from .topk import heap_push, heap_sort_inplace, new_heaps, smallest_sorted
 
 __all__ = [
     "POINT_BLOCK",
@@ -587,13 +587,7 @@ def rerank(Q, X, cand_i, k, proxy, *, threads=1, unique=False):
 @numba.njit(cache=True, nogil=True)
 def _select_rows(D, t, out_d, out_i, lo, hi):
     for r in range(lo, hi):
-        hd = out_d[r]
-        hi_ = out_i[r]
-        row = D[r]
-        for j in range(row.shape[0]):
-            if row[j] < hd[0]:
-                heap_push(hd, hi_, row[j], j)
-        heap_sort_inplace(hd, hi_)
+        smallest_sorted(D[r], t, out_d[r], out_i[r])
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -648,15 +642,13 @@ def _search_pq_few(Q, index, t, mask, n_cand, k, proxy, out_d, out_i, slot_kind)
     _build_luts_rows(Qp, cb, tables.tables, tables.scale, tables.base, first, nq)
     probes = Probes(np.full((nq, t), -1, dtype=np.int64), np.zeros((nq, t), dtype=np.float32))
     sd = np.empty(t, dtype=np.float32)
+    scores = np.empty(L, dtype=np.float32)
     for q in range(nq):
         S = np.dot(C, Q[q])
-        sd[:] = np.inf
-        ids = probes.leaf_ids[q]
         for j in range(L):
-            v = cn[j] - np.float32(2.0) * S[j] if l2 else -S[j]
-            if v < sd[0]:
-                heap_push(sd, ids, v, j)
-        heap_sort_inplace(sd, ids)
+            scores[j] = cn[j] - np.float32(2.0) * S[j] if l2 else -S[j]
+        ids = probes.leaf_ids[q]
+        smallest_sorted(scores, t, sd, ids)
         for j in range(t):
             if ids[j] >= 0:
                 probes.leaf_bias[q, j] = -S[ids[j]]
