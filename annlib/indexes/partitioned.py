@@ -835,7 +835,7 @@ class Partitioned(Index):
         else:
             Qs = np.ascontiguousarray(Q / st.int8_multipliers[None, :], dtype=np.float32)
             _, cand = fastscan.scan_int8(Qs, probes, st.packed, mask, n_cand, st.num_vectors)
-        return fastscan.rerank(Q, st.vectors, cand, k, self._metric.proxy, unique=True)  # scans hold distinct positions
+        return fastscan.rerank(Q, st.vectors, cand, k, self._metric.proxy)
 
     def stage_ranks(self, queries, true_ids, leaves, max_reorder: int):
         """The tuner's instrumented pass: ranks of true neighbours after each search stage.
