@@ -30,7 +30,7 @@ from .quantization import LookupTables, _build_luts_rows
 from .lut16 import lut16_block, lut16_block_generic, lut16_block_mask
 from .query import BAD_QUERY, finish_one, prepare_query
 from .table import f32_1d, f32_2d, f32_3d, f64_at, i32_1d, i64_1d, int_at, make_table, u8_3d
-from .topk import heap_push, heap_sort_inplace, new_heaps, smallest_sorted
+from .topk import heap_push, heap_sort_inplace, new_heaps, smallest_sorted, sorted_insert
 
 __all__ = [
     "POINT_BLOCK",
@@ -850,13 +850,7 @@ def search_pq_one(q, table, t, n_cand, k, mask, out_d, out_i):
         if use_mask and not mask[p]:
             continue
         v = exact_proxy(Qp[0], X[p], proxy)  # as the batch path's exact scan of these rows
-        if v < hd[k - 1]:  # insert into the sorted list
-            a = k - 1
-            while a > 0 and hd[a - 1] > v:
-                hd[a] = hd[a - 1]
-                hi[a] = hi[a - 1]
-                a -= 1
-            hd[a] = v
-            hi[a] = p
+        if v < hd[k - 1]:
+            sorted_insert(hd, hi, k - 1, v, p)
     finish_one(hd, hi, k, int_at(table, 47), ids, out_d, out_i)
     return 0

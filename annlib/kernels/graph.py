@@ -562,17 +562,7 @@ def _finish(q, X, Wd, Wi, k, proxy, out_d, out_i):
         else:
             out_d[j] = np.inf
             out_i[j] = -1
-    # insertion sort (k is small; ties keep the walk's order)
-    for j in range(1, k):
-        d = out_d[j]
-        i = out_i[j]
-        a = j - 1
-        while a >= 0 and out_d[a] > d:
-            out_d[a + 1] = out_d[a]
-            out_i[a + 1] = out_i[a]
-            a -= 1
-        out_d[a + 1] = d
-        out_i[a + 1] = i
+    sort_pairs_stable(out_d, out_i, k)  # k is small; ties keep the walk's order
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)

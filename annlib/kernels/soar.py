@@ -15,6 +15,7 @@ import numba
 import numpy as np
 
 from .threads import run_split
+from .topk import sorted_insert
 
 __all__ = ["soar_assign", "ZERO_RESIDUAL"]
 
@@ -44,15 +45,8 @@ def _select_block(S, P, xnorm, xr, cnorm, prim, lam, exclude_primary, out, offse
                 continue
             proj = xr[i] - P[i, j]
             v = xnorm[i] - 2.0 * S[i, j] + cnorm[j] + lam * proj * proj
-            if v < best_v[width - 1]:
-                # insertion into the short sorted list of the best candidates
-                t = width - 1
-                while t > 0 and best_v[t - 1] > v:
-                    best_v[t] = best_v[t - 1]
-                    best_j[t] = best_j[t - 1]
-                    t -= 1
-                best_v[t] = v
-                best_j[t] = j
+            if v < best_v[width - 1]:  # into the short sorted list of the best candidates
+                sorted_insert(best_v, best_j, width - 1, v, j)
         filled = 0
         for t in range(width):
             j = best_j[t]

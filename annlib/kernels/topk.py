@@ -22,6 +22,7 @@ __all__ = [
     "sort_pairs_stable",
     "rescore_union_ip",
     "smallest_sorted",
+    "sorted_insert",
 ]
 
 
@@ -70,6 +71,18 @@ def heap_sort_inplace(dist, ids):
         _sift_down(dist, ids, d, i, end)
 
 
+@numba.njit(inline="always", cache=True, nogil=True)
+def sorted_insert(dist, ids, a, d, i):
+    """Insert ``(d, i)`` into the ascending list ``dist[:a+1]`` whose slot ``a`` is free (or the
+    worst entry, dropped): larger entries move up one place; equal ones keep their place first."""
+    while a > 0 and dist[a - 1] > d:
+        dist[a] = dist[a - 1]
+        ids[a] = ids[a - 1]
+        a -= 1
+    dist[a] = d
+    ids[a] = i
+
+
 @numba.njit(cache=True, nogil=True)
 def sort_pairs_stable(dist, ids, m):
     """Sort ``(dist[:m], ids[:m])`` by distance ascending in place, equal distances keeping their
@@ -78,15 +91,7 @@ def sort_pairs_stable(dist, ids, m):
     The order ``np.argsort(dist[:m], kind="mergesort")`` gives, without compiling a general sort.
     """
     for a in range(1, m):
-        dv = dist[a]
-        iv = ids[a]
-        b = a - 1
-        while b >= 0 and dist[b] > dv:
-            dist[b + 1] = dist[b]
-            ids[b + 1] = ids[b]
-            b -= 1
-        dist[b + 1] = dv
-        ids[b + 1] = iv
+        sorted_insert(dist, ids, a, dist[a], ids[a])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -156,12 +161,7 @@ def smallest_sorted(row, t, out_d, out_i):
             a = t - 1
         else:
             continue
-        while a > 0 and out_d[a - 1] > v:
-            out_d[a] = out_d[a - 1]
-            out_i[a] = out_i[a - 1]
-            a -= 1
-        out_d[a] = v
-        out_i[a] = j
+        sorted_insert(out_d, out_i, a, v, j)
 
 
 def new_heaps(n_rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
