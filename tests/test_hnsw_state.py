@@ -277,7 +277,11 @@ def test_search_while_adding_and_deleting(finger):
     threads.append(threading.Thread(target=writer))
     for t in threads:
         t.start()
-    time.sleep(3.0)
+    # at least 3 s, and on a slow or busy machine (kernels compiling) until enough work overlapped
+    start = time.monotonic()
+    while time.monotonic() - start < 3.0 or (
+            (state["writes"] < 3 or state["searches"] < 40) and time.monotonic() - start < 90.0 and not errors):
+        time.sleep(0.05)
     state["stop"] = True
     for t in threads:
         t.join(60)
