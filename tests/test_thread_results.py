@@ -74,6 +74,34 @@ def test_split_kernels_do_not_depend_on_threads(data):
     np.testing.assert_array_equal(encode_anisotropic(X, U, cb, eta, 4), encode_anisotropic(X, U, cb, eta, 4, threads=2))
 
 
+def test_fastscan_kernels_do_not_depend_on_threads(data):
+    # the 4-bit scan's stages with threads= (one range of queries per worker) against one thread
+    from annlib.kernels import fastscan
+    from annlib.kernels.quantization import build_luts, pad_columns
+
+    X, Q = data
+    index = annlib.Partitioned(metric="l2", num_leaves=40, random_state=0).build(X)
+    st = index._st
+    D = st.centre_sqnorms[None, :] - 2.0 * (Q @ st.centres.T)
+    one = fastscan.select_leaves(D, 6)
+    two = fastscan.select_leaves(D, 6, threads=2)
+    np.testing.assert_array_equal(one[1], two[1])
+    probes = fastscan.Probes(one[1], np.ascontiguousarray(-np.take_along_axis(Q @ st.centres.T, one[1], 1),
+                                                          dtype=np.float32))
+    Qp = pad_columns(Q, st.padded_dim)
+    t1, t2 = build_luts(Qp, st.codebooks), build_luts(Qp, st.codebooks, threads=2)
+    for a, b in zip(t1, t2):
+        np.testing.assert_array_equal(a, b)
+    no_mask = np.zeros(0, dtype=bool)
+    c1 = fastscan.scan_pq(t1, probes, st.packed, no_mask, 40, st.num_vectors)
+    c2 = fastscan.scan_pq(t1, probes, st.packed, no_mask, 40, st.num_vectors, threads=2)
+    np.testing.assert_array_equal(c1[1], c2[1])
+    r1 = fastscan.rerank(Q, st.vectors, c1[1], 10, 0)
+    r2 = fastscan.rerank(Q, st.vectors, c1[1], 10, 0, threads=2)
+    np.testing.assert_array_equal(r1[1], r2[1])
+    np.testing.assert_array_equal(r1[0], r2[0])  # the same kernel on the same rows: same sums
+
+
 def test_run_split_ranges_and_nesting():
     assert split_ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
     assert run_split(lambda lo, hi: (lo, hi), 10, 4, min_part=4) == [(0, 5), (5, 10)]

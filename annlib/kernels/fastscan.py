@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
-from numba import prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
 from .beam import exact_proxy
@@ -30,6 +29,7 @@ from .quantization import LookupTables, _build_luts_rows
 from .lut16 import lut16_block, lut16_block_generic, lut16_block_mask
 from .query import BAD_QUERY, finish_one, prepare_query
 from .table import f32_1d, f32_2d, f32_3d, f64_at, i32_1d, i64_1d, int_at, make_table, u8_3d
+from .threads import run_split
 from .topk import heap_push, heap_sort_inplace, new_heaps, smallest_sorted, sorted_insert
 
 __all__ = [
@@ -345,17 +345,6 @@ def _scan_pq_rows(tables, probes, leaves, mask, buf, keep, q_lo, q_hi, n_points,
         _finish_query(q, buf, keep, slots)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _scan_pq_parallel(tables, probes, leaves, mask, buf, keep, chunks, n_points, slot_kind):
-    nq = tables.tables.shape[0]
-    step = (nq + chunks - 1) // chunks
-    for c in prange(chunks):
-        lo = c * step
-        hi = min(nq, lo + step)
-        if lo < hi:
-            _scan_pq_rows(tables, probes, leaves, mask, buf, keep, lo, hi, n_points, slot_kind)
-
-
 def _positions_needed(leaves: PackedLeaves) -> int:
     return int(np.asarray(leaves.entry_positions).max(initial=-1)) + 1
 
@@ -388,7 +377,7 @@ def scan_pq(tables: LookupTables, probes: Probes, leaves: PackedLeaves, mask: np
         Number of vector positions (``> max(entry_positions)``); found from ``leaves`` when
         not given (a pass over the entries).
     threads : int, default 1
-        Query chunks scanned in parallel (1 runs the serial kernel without a thread launch).
+        Worker threads, each scanning a contiguous range of the queries (1: the calling thread).
 
     Returns
     -------
@@ -401,11 +390,9 @@ def scan_pq(tables: LookupTables, probes: Probes, leaves: PackedLeaves, mask: np
     buf = _new_buffers(nq, n_cand)
     if n_points is None:
         n_points = _positions_needed(leaves)
-    if threads > 1 and nq > 1:
-        _scan_pq_parallel(tables, probes, leaves, mask, buf, n_cand, min(threads, nq), int(n_points),
-                          _slot_kind(n_cand))
-    else:
-        _scan_pq_rows(tables, probes, leaves, mask, buf, n_cand, 0, nq, int(n_points), _slot_kind(n_cand))
+    slot_kind = _slot_kind(n_cand)
+    run_split(lambda lo, hi: _scan_pq_rows(tables, probes, leaves, mask, buf, n_cand, lo, hi, int(n_points), slot_kind),
+              nq, threads)
     return _candidates(buf, n_cand)
 
 
@@ -469,17 +456,6 @@ def _scan_int8_rows(Qs, probes, leaves, mask, buf, keep, q_lo, q_hi, n_points, s
         _finish_query(q, buf, keep, slots)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _scan_int8_parallel(Qs, probes, leaves, mask, buf, keep, chunks, n_points, slot_kind):
-    nq = Qs.shape[0]
-    step = (nq + chunks - 1) // chunks
-    for c in prange(chunks):
-        lo = c * step
-        hi = min(nq, lo + step)
-        if lo < hi:
-            _scan_int8_rows(Qs, probes, leaves, mask, buf, keep, lo, hi, n_points, slot_kind)
-
-
 def scan_int8(Qs, probes: Probes, leaves: PackedLeaves, mask, n_cand: int, n_points: int | None = None, *,
               threads: int = 1):
     """Like :func:`scan_pq` for int8 scalar-quantized residuals.
@@ -491,11 +467,9 @@ def scan_int8(Qs, probes: Probes, leaves: PackedLeaves, mask, n_cand: int, n_poi
     buf = _new_buffers(nq, n_cand)
     if n_points is None:
         n_points = _positions_needed(leaves)
-    if threads > 1 and nq > 1:
-        _scan_int8_parallel(Qs, probes, leaves, mask, buf, n_cand, min(threads, nq), int(n_points),
-                            _slot_kind(n_cand))
-    else:
-        _scan_int8_rows(Qs, probes, leaves, mask, buf, n_cand, 0, nq, int(n_points), _slot_kind(n_cand))
+    slot_kind = _slot_kind(n_cand)
+    run_split(lambda lo, hi: _scan_int8_rows(Qs, probes, leaves, mask, buf, n_cand, lo, hi, int(n_points), slot_kind),
+              nq, threads)
     return _candidates(buf, n_cand)
 
 
@@ -535,17 +509,6 @@ def _rerank_rows(Q, X, cand_i, k, proxy, out_d, out_i, q_lo, q_hi):
         heap_sort_inplace(hd, hi)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _rerank_parallel(Q, X, cand_i, k, proxy, out_d, out_i, chunks):
-    nq = Q.shape[0]
-    step = (nq + chunks - 1) // chunks
-    for c in prange(chunks):
-        lo = c * step
-        hi = min(nq, lo + step)
-        if lo < hi:
-            _rerank_rows(Q, X, cand_i, k, proxy, out_d, out_i, lo, hi)
-
-
 def rerank(Q, X, cand_i, k, proxy, *, threads=1):
     """Exact re-ranking of candidate positions: re-score, keep the best ``k``.
 
@@ -568,10 +531,7 @@ def rerank(Q, X, cand_i, k, proxy, *, threads=1):
     """
     nq = Q.shape[0]
     out_d, out_i = new_heaps(nq, k)
-    if threads > 1 and nq > 1:
-        _rerank_parallel(Q, X, cand_i, k, proxy, out_d, out_i, min(threads, nq))
-    else:
-        _rerank_rows(Q, X, cand_i, k, proxy, out_d, out_i, 0, nq)
+    run_split(lambda lo, hi: _rerank_rows(Q, X, cand_i, k, proxy, out_d, out_i, lo, hi), nq, threads)
     return out_d, out_i
 
 
@@ -581,21 +541,10 @@ def _select_rows(D, t, out_d, out_i, lo, hi):
         smallest_sorted(D[r], t, out_d[r], out_i[r])
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _select_parallel(D, t, out_d, out_i, chunks):
-    n = D.shape[0]
-    step = (n + chunks - 1) // chunks
-    for c in prange(chunks):
-        lo = c * step
-        hi = min(n, lo + step)
-        if lo < hi:
-            _select_rows(D, t, out_d, out_i, lo, hi)
-
-
 def select_leaves(D, t, *, threads=1):
     """The ``t`` smallest entries of each row of ``D`` (leaf scores), best first.
 
-    A serial kernel when ``threads == 1`` so a single query pays no thread launch.
+    ``threads`` worker threads each take a contiguous range of the rows (1: the calling thread).
 
     Returns
     -------
@@ -605,10 +554,7 @@ def select_leaves(D, t, *, threads=1):
     out_d = np.full((m, t), np.inf, dtype=np.float32)
     out_i = np.full((m, t), -1, dtype=np.int64)
     D = np.ascontiguousarray(D, dtype=np.float32)
-    if threads > 1 and m > 1:
-        _select_parallel(D, t, out_d, out_i, min(threads, m))
-    else:
-        _select_rows(D, t, out_d, out_i, 0, m)
+    run_split(lambda lo, hi: _select_rows(D, t, out_d, out_i, lo, hi), m, threads)
     return out_d, out_i
 
 

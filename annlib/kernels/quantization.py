@@ -20,7 +20,6 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
-from numba import prange
 
 from .cluster import kmeans_small
 from .threads import run_split
@@ -358,14 +357,6 @@ def _build_luts_rows(Q, cb, T, scale, base, lo, hi):
         base[q] = np.float32(bsum)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _build_luts_parallel(Q, cb, T, scale, base, chunks):
-    n = Q.shape[0]
-    step = (n + chunks - 1) // chunks
-    for c in prange(chunks):
-        _build_luts_rows(Q, cb, T, scale, base, c * step, min(n, (c + 1) * step))
-
-
 def build_luts(Q: np.ndarray, cb: np.ndarray, threads: int = 1):
     """Per-query 8-bit lookup tables of ``-<q_s, codeword>`` (read by ``lut16``).
 
@@ -374,7 +365,7 @@ def build_luts(Q: np.ndarray, cb: np.ndarray, threads: int = 1):
     Q : float32 (nq, d_pad)
     cb : float32 (M, 16, w)
     threads : int, default 1
-        More than 1 runs a parallel kernel (worth it only for large batches).
+        Worker threads, each building the tables of a contiguous range of the queries.
 
     Returns
     -------
@@ -386,10 +377,7 @@ def build_luts(Q: np.ndarray, cb: np.ndarray, threads: int = 1):
     T = np.empty((nq, M, CODEWORDS), dtype=np.uint8)
     scale = np.empty(nq, dtype=np.float32)
     base = np.empty(nq, dtype=np.float32)
-    if threads > 1 and nq >= 64:
-        _build_luts_parallel(Q, cb, T, scale, base, threads)
-    else:
-        _build_luts_rows(Q, cb, T, scale, base, 0, nq)
+    run_split(lambda lo, hi: _build_luts_rows(Q, cb, T, scale, base, lo, hi), nq, threads, 32)
     return LookupTables(T, scale, base)
 
 
