@@ -205,3 +205,30 @@ def test_finger_payload_follows_add_and_delete(synth):
     assert differ.sum() <= 1e-3 * slot_used.sum() * r  # in practice a handful at most
     # and the codes really were refreshed: every live row's bits match almost everywhere
     assert slot_used.sum() > 0 and (stored_bits == fresh_bits)[slot_used].mean() > 0.999
+
+
+def test_projected_descent_rule_and_effect():
+    """With r <= d / 4 FINGER searches descend the upper layers on the basis projections: fewer
+    exact evaluations, the same recall as the exact descent, one-query and batch paths alike."""
+    X, Q, nb, _, _ = synthetic_set(4000, 64, 60, k=10, seed=5)
+    index = HNSW(default_recall=None, M=8, finger=True, finger_rank=16).build(X)
+    assert index._view.projected_descent
+    assert not HNSW(default_recall=None, M=8, finger=True, finger_rank=32).build(X[:500])._view.projected_descent
+    assert not HNSW(default_recall=None, M=8, finger=False).build(X[:500])._view.projected_descent
+    cos = HNSW(default_recall=None, metric="cosine", M=8, finger=True, finger_rank=16).build(X[:500])
+    assert not cos._view.projected_descent  # l2 only (the only metric measured)
+
+    def run(index):
+        index.reset_search_stats()
+        ids = index.search(Q, 10, ef=48).ids
+        stats = index.search_stats()
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, nb[:, :10])])
+        return ids, recall, stats["exact_per_query"], stats["estimated_per_query"]
+
+    ids, recall, exact, est = run(index)
+    one = np.stack([np.asarray(index.search(q, 10, ef=48).ids).reshape(-1) for q in Q])
+    np.testing.assert_array_equal(one, ids)
+    index._view = index._view._replace(projected_descent=False)  # the exact descent, same graph
+    _, recall_exact, exact_exact, est_exact = run(index)
+    assert recall >= recall_exact - 0.02, (recall, recall_exact)
+    assert exact < exact_exact and est > est_exact, (exact, exact_exact, est, est_exact)

@@ -25,6 +25,7 @@ from .. import _validation as V
 from .._progress import progress_reporter
 from .._state import bad_field, check_array, check_finite, check_range, require, take_array, take_meta
 from ..api import Index
+from ..kernels.distances import L2SQ
 from ..kernels.finger import (FingerArrays, cos_table, edge_payload, pair_statistics, payload_width,
                               sample_residuals)
 from ..kernels.graph import (GraphArrays, bfs_order, insert_batch, link_reverse, new_one_query_scratch,
@@ -492,6 +493,7 @@ class _SearchView(NamedTuple):
     finger: tuple
     deleted: np.ndarray  # node tombstones, or empty when nothing is deleted
     has_finger: bool
+    projected_descent: bool  # FINGER searches descend on the basis projections (HNSW._descends_projected)
     # the one-query path (HNSW._search_one): the parts of the table it reads, live nodes, and
     # the pool of scratch arrays its searches take one at a time; every scratch ever made for
     # this view is also in `counted` (their counters feed search_stats)
@@ -603,6 +605,10 @@ class HNSW(Index):
     _FINGER_SLACK = 0.1
     # finger="auto" builds FINGER from this many numbers (n * d) on (see the class notes)
     _FINGER_MIN_NUMBERS = 1 << 22
+    # FINGER searches descend the upper layers on the basis projections (r floats per node)
+    # instead of the vectors (d floats) when d >= this many times r: on MNIST (d=784, r=64)
+    # 1.08-1.14x faster at ef 10-16 with equal recall; on kdewall-SIFT (d=128, r=64) 0.88-0.93x
+    _PROJECTED_DESCENT_RATIO = 4
     _NO_MASK = np.zeros(0, np.bool_)
 
     def __init__(self, metric: str = "l2", **params: Any):
@@ -648,7 +654,8 @@ class HNSW(Index):
         self._fold_one_query_counts()
         self._view = _SearchView(
             graph=tuple(kgraph), finger=tuple(kfinger), deleted=deleted,
-            has_finger=graph.finger is not None, one_parts=(kgraph, kfinger, deleted, positions),
+            has_finger=graph.finger is not None, projected_descent=self._descends_projected(graph),
+            one_parts=(kgraph, kfinger, deleted, positions),
             n_live=n - graph.n_deleted, n_nodes=n, one_pool=[], counted=[])
         self._graph = graph
         self._pool = {}  # visited sets are sized by n
@@ -812,6 +819,14 @@ class HNSW(Index):
             return n * d >= self._FINGER_MIN_NUMBERS
         return bool(choice)
 
+    def _descends_projected(self, graph: HNSWGraph) -> bool:
+        """Whether FINGER searches of ``graph`` descend on the basis projections: the rank is
+        at most 1/_PROJECTED_DESCENT_RATIO of the dimension, and the metric is l2 (the only
+        one measured)."""
+        f = graph.finger
+        return (f is not None and self._metric.proxy == L2SQ
+                and graph.vectors.shape[1] >= self._PROJECTED_DESCENT_RATIO * f.rank)
+
     @property
     def finger_built(self) -> bool:
         """True when the built index carries FINGER's payload (``finger=True``, or ``"auto"``
@@ -954,7 +969,7 @@ class HNSW(Index):
         if nq == 1:  # the one-query kernel (see _search_one), on the prepared query
             plan = self._raw_plan
             if plan[0] is not view:
-                table = one_query_table(*view.one_parts, _NO_IDS, RAW_TERMS)
+                table = one_query_table(*view.one_parts, _NO_IDS, RAW_TERMS, view.projected_descent)
                 plan = self._raw_plan = (view, table, table.words)
             out_d = np.empty((1, k), _F32)
             out_i = np.empty((1, k), _I64)
@@ -966,7 +981,7 @@ class HNSW(Index):
             finally:
                 pool.append(scratch)
             return out_d, out_i
-        params = (max(ef, k), k, mask, view.deleted, bool(finger and view.has_finger))
+        params = (max(ef, k), k, mask, view.deleted, bool(finger and view.has_finger), view.projected_descent)
         chunks = min(numba.get_num_threads(), nq)
         out_d = np.empty((nq, k), np.float32)
         out_i = np.empty((nq, k), np.int64)
@@ -1002,7 +1017,8 @@ class HNSW(Index):
         view = self._view
         plan = self._one_plan
         if plan[0] is not view or plan[1] is not self._ids:  # made again after every change
-            table = one_query_table(*view.one_parts, self._ids_array(), self._one_query_terms())
+            table = one_query_table(*view.one_parts, self._ids_array(), self._one_query_terms(),
+                                    view.projected_descent)
             plan = self._one_plan = (view, self._ids, table, table.words)
         if type(k) is not int or not 0 < k <= view.n_live:
             return None

@@ -48,7 +48,7 @@ from numba.extending import overload
 from .beam import (FASTMATH, Beam, _allowed, cand_pop, cand_push, exact_proxy, new_beam, next_tag,
                    prefetch_row, row_lines, score_collected)
 from .distances import proxy_pair
-from .finger import FingerArrays, _finger_layer0
+from .finger import FingerArrays, _finger_layer0, project_query, projected_descend
 from .query import BAD_QUERY, finish_one, prepare_query
 from .table import (bool_1d, bool_view, f32_1d, f32_2d, f32_view, f64_at, i32_1d, i32_2d, i64_1d, i64_view, int_at, make_table,
                     u16_view_2d, u64_2d, unowned)
@@ -124,6 +124,9 @@ class SearchParams(NamedTuple):
         Tombstones (length 0: none).
     use_finger : bool
         Filter layer-0 expansions by FINGER estimates (needs a non-empty basis).
+    projected_descent : bool
+        With ``use_finger``: descend the upper layers on FINGER's basis projections
+        (:func:`.finger.projected_descend`) instead of exact distances.
     """
 
     ef: int
@@ -131,6 +134,7 @@ class SearchParams(NamedTuple):
     mask: np.ndarray
     deleted: np.ndarray
     use_finger: bool
+    projected_descent: bool
 
 
 class SearchOutput(NamedTuple):
@@ -567,22 +571,30 @@ def _finish(q, X, Wd, Wi, k, proxy, out_d, out_i):
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _query(q, graph, finger, params, visited, tag, beam, out_d, out_i):
-    """One query: greedy descent, then layer 0 (exact or FINGER-filtered); returns (exact, est)."""
+    """One query: greedy descent (exact, or on FINGER's projections), then layer 0 (exact or
+    FINGER-filtered); returns (exact evaluations, estimates)."""
     X = graph.vectors
     proxy = graph.proxy
     cur = graph.entry
+    n_est = 0
+    descended = False
+    # finger is None for a graph without FINGER: numba drops these branches when it compiles
+    # that variant, so the FINGER walk is compiled only for graphs that have it
+    if finger is not None and params.use_finger:
+        project_query(q, finger, beam.query_proj)
+        if params.projected_descent and graph.max_level > 0:
+            cur, n_est = projected_descend(beam.query_proj, graph, finger, cur, graph.max_level, 0)
+            descended = True
     cur_d = proxy_pair(q, X[cur], proxy)
     ev = 1
-    if graph.max_level > 0:
+    if not descended and graph.max_level > 0:
         cur, cur_d, e1 = greedy_descend(q, graph, cur, cur_d, graph.max_level, 0)
         ev += e1
-    n_est = 0
-    # finger is None for a graph without FINGER: numba drops this branch when it compiles that
-    # variant, so the FINGER walk is compiled only for graphs that have it
     if finger is not None and params.use_finger:
-        e2, n_est = _finger_layer0(q, graph, finger, cur, cur_d, params.mask, params.deleted,
-                                   visited, tag, beam)
+        e2, e3 = _finger_layer0(q, graph, finger, cur, cur_d, params.mask, params.deleted,
+                                visited, tag, beam)
         ev += e2
+        n_est += e3
     else:
         # level as a plain integer: the specialization insert_chunk compiles serves both
         ev += search_layer(q, graph, np.int64(0), cur, cur_d, params.mask, params.deleted, visited, tag, beam)
@@ -689,7 +701,7 @@ def search_serial(Q, graph, finger, params, visited, tags, out, t, n_chunks):
                         unowned(graph.upper_start), unowned(graph.levels), graph.entry, graph.max_level,
                         graph.proxy)
     params = SearchParams(params.ef, params.k, unowned(params.mask), unowned(params.deleted),
-                          params.use_finger)
+                          params.use_finger, params.projected_descent)
     Q = unowned(Q)
     out_d = unowned(out_d)
     out_i = unowned(out_i)
@@ -720,7 +732,8 @@ def scratch_counts(scratch: np.ndarray) -> np.ndarray:
 
 
 def one_query_table(graph: GraphArrays, finger: FingerArrays, deleted: np.ndarray,
-                    node_positions: np.ndarray, ids: np.ndarray, terms: tuple):
+                    node_positions: np.ndarray, ids: np.ndarray, terms: tuple,
+                    projected_descent: bool = False):
     """The :class:`~.table.ArrayTable` :func:`search_one` reads.
 
     Parameters
@@ -736,10 +749,13 @@ def one_query_table(graph: GraphArrays, finger: FingerArrays, deleted: np.ndarra
         External id of each position (empty: ids are positions).
     terms : (bound, normalize, out_metric)
         As :func:`.query.prepare_query` and :func:`.query.finish_one` take them.
+    projected_descent : bool, default False
+        :attr:`SearchParams.projected_descent` of a FINGER search.
     """
     return make_table(graph.vectors, graph.links_layer0, graph.links_upper, graph.upper_start,
                       graph.levels, finger.basis, finger.codes, finger.payload, finger.table, deleted,
-                      node_positions, ids, int(graph.entry), int(graph.max_level), int(graph.proxy), *terms)
+                      node_positions, ids, int(graph.entry), int(graph.max_level), int(graph.proxy), *terms,
+                      bool(projected_descent))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -804,7 +820,7 @@ def search_one(q, table, k, ef, use_finger, mask, scratch, out_d, out_i):
         best_i[:] = -1
     else:
         mask = bool_view(mask.ctypes.data, mask.shape[0])  # the caller keeps it alive
-        params = SearchParams(ef, k, mask, deleted, use)
+        params = SearchParams(ef, k, mask, deleted, use, use and int_at(table, 54) != 0)
         beam = Beam(f32_view(f32_at, cap), i64_view(at, cap), f32_view(f32_at + 4 * cap, ef),
                     i64_view(at + 8 * cap, ef), i64_view(at + 8 * (cap + ef), width),
                     f32_view(f32_at + 4 * (cap + ef), rank))
