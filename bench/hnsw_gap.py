@@ -15,11 +15,17 @@ set and build parameters, so a change to the walk can be measured against the sa
 
     taskset -c 0 python -m bench.hnsw_gap kdewall-sift-128-euclidean-100k --queries 500
         [--modes batch,single] [--rounds 5] [--methods annlib,hnswlib,pynndescent] [--out f.json]
+        [--also annlib_before]
+
+``--also NAME`` adds the annlib methods of another importable copy of the library (e.g. an
+earlier commit extracted with ``git archive`` and renamed), so before and after are timed in
+the same rounds of one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import random
@@ -79,12 +85,12 @@ def _frontier_qps(points, level):
     return None
 
 
-def _build_annlib(X, metric, M, finger, cache, key, **extra):
+def _build_annlib(X, metric, M, finger, cache, key, lib=None, **extra):
     import annlib
 
     path = cache / f"{key}-annlib-M{M}-f{int(finger)}{''.join(f'-{k}{v}' for k, v in extra.items())}.annlib"
     if path.exists():
-        return annlib.load(str(path)), None
+        return (lib or annlib).load(str(path)), None
     t = time.perf_counter()
     index = annlib.HNSW(metric=metric, M=M, ef_construction=200, finger=finger, default_recall=None,
                         **extra).build(X)
@@ -119,9 +125,12 @@ def _points(args, X, Q, metric):
     n = X.shape[0]
     out = {}
     methods = args.methods.split(",")
-    if "annlib" in methods:
+    libs = [("annlib", None)] if "annlib" in methods else []
+    for name in args.also:
+        libs.append((name, importlib.import_module(name)))
+    for libname, lib in libs:
         for M in args.M:
-            index, built = _build_annlib(X, metric, M, True, cache, key)
+            index, built = _build_annlib(X, metric, M, True, cache, key, lib)
             fp = index._graph.finger
             payload = 0 if fp is None else fp.codes[:index._graph.n].nbytes + fp.basis.nbytes + fp.table.nbytes
             plain_bytes = index.memory_bytes() - payload
@@ -135,7 +144,7 @@ def _points(args, X, Q, metric):
                         return np.stack([index.search(q, K, ef=ef, finger=finger)[0][0] for q in Q])
 
                     pts.append((f"ef={ef}", batch, single, index))
-                name = f"annlib M={M} " + ("FINGER" if finger else "plain")
+                name = f"{libname} M={M} " + ("FINGER" if finger else "plain")
                 out[name] = (pts, (plain_bytes + (payload if finger else 0)) / n, built)
     if "hnswlib" in methods:
         for M in args.M:
@@ -192,6 +201,9 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", default="annlib,hnswlib,pynndescent")
     p.add_argument("--M", type=lambda s: [int(v) for v in s.split(",")], default=[16, 32])
     p.add_argument("--modes", default="batch,single")
+    p.add_argument("--also", action="append", default=[],
+                   help="another importable copy of the library (e.g. an older commit installed under "
+                        "another package name), measured on the same cached graphs in the same rounds")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "hnsw_gap_cache"))
     p.add_argument("--out", default=None)
@@ -244,7 +256,7 @@ def main(argv=None) -> dict:
             pr = [(v["recall"], v[f"qps_{mode}"]) for v in entry["points"].values()]
             entry[f"at_{mode}"] = {str(lv): _frontier_qps(pr, lv) for lv in LEVELS}
         # exact evaluations at the first point reaching each recall level (annlib only)
-        if name.startswith("annlib"):
+        if next(iter(entry["points"].values()))["exact"] is not None:
             ev = {}
             for lv in LEVELS:
                 hit = [v for v in entry["points"].values() if v["recall"] >= lv]
