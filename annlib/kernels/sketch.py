@@ -24,6 +24,7 @@ the block's arrays unpacked, because a tuple argument costs microseconds of disp
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, NamedTuple
 
 import numba
@@ -133,7 +134,7 @@ def sketch_points(
         with the current maps has none pending).
     threads : int, default 1
         Worker threads, each sketching a contiguous range of the copies with single-threaded GEMM
-        (the result does not depend on it; ``report`` is then called once, at the end).
+        (the result does not depend on it; ``report`` still sees 1, 2, ..., L in order).
 
     Returns
     -------
@@ -144,15 +145,19 @@ def sketch_points(
     S[:, m:] = 0.0
     sn = np.empty((L, X.shape[0]), dtype=np.float32)
 
+    done = [0]
+    lock = threading.Lock()
+
     def copies(lo, hi):
         for j in range(lo, hi):
             np.dot(P[j], X.T, out=S[j, :m])  # the first m rows of a copy are contiguous
             column_sqnorms(S[j, :m], sn[j])
-            if report is not None and hi - lo == L:
-                report(j + 1)
+            if report is not None:
+                with lock:  # workers finish copies in any order; the count only goes up by one
+                    done[0] += 1
+                    report(done[0])
 
-    if len(run_split(copies, L, threads)) > 1 and report is not None:
-        report(L)
+    run_split(copies, L, threads)
     return S, sn
 
 
