@@ -120,3 +120,31 @@ def test_smallest_sorted_matches_a_stable_sort(L, t):
         np.testing.assert_array_equal(out_i[:n], order)
         np.testing.assert_array_equal(out_d[:n], row[order])
         assert (out_i[n:] == -1).all() and np.isinf(out_d[n:]).all()
+
+
+@pytest.mark.parametrize("keep", [1, 7, 100, 250])
+def test_candidate_buffer_shrink_keeps_every_entry_at_or_below_its_bar(keep):
+    from annlib.kernels.fastscan import _shrink
+
+    g = np.random.default_rng(keep)
+    for case in range(4):
+        n = 2 * keep + g.integers(0, 33)
+        bd = g.standard_normal(n + 5).astype(np.float32)
+        if case == 1:
+            bd = np.round(bd * 2).astype(np.float32)  # ties
+        elif case == 2:
+            bd[:] = 0.25  # all equal: the exact fallback
+        bi = g.permutation(10 * n)[: n + 5].astype(np.int64)
+        slots = np.zeros(10 * n, dtype=np.int32)
+        slots[bi[:n]] = np.arange(1, n + 1)
+        before_d, before_i = bd[:n].copy(), bi[:n].copy()
+        bar, kept = _shrink(bd, bi, n, keep, slots)
+        assert keep <= kept <= keep + keep // 4
+        kept_i = bi[:kept]
+        # every entry better than the kept worst survives, and the best `keep` are among them
+        assert set(before_i[np.argsort(before_d, kind="stable")[:keep]]) <= set(kept_i.tolist()) or \
+            np.sort(bd[:kept])[:keep].tolist() == np.sort(before_d)[:keep].tolist()
+        assert (bd[:kept] <= bar).all() and (before_d[~np.isin(before_i, kept_i)] >= bd[:kept].max()).all()
+        np.testing.assert_array_equal(slots[kept_i], np.arange(1, kept + 1))
+        gone = np.setdiff1d(before_i, kept_i)
+        assert (slots[gone] == 0).all()

@@ -23,6 +23,7 @@ __all__ = [
     "rescore_union_ip",
     "smallest_sorted",
     "sorted_insert",
+    "count_at_most",
 ]
 
 
@@ -95,8 +96,9 @@ def sort_pairs_stable(dist, ids, m):
 
 
 @numba.njit(cache=True, nogil=True)
-def _count_at_most(row, bar):
-    # a branch-free pass the compiler vectorises (a NaN counts as above every bar)
+def count_at_most(row, bar):
+    """Entries of ``row`` at or below ``bar``: a branch-free pass the compiler vectorises (a NaN
+    counts as above every bar)."""
     c = 0
     for j in range(row.shape[0]):
         c += row[j] <= bar
@@ -141,7 +143,7 @@ def smallest_sorted(row, t, out_d, out_i):
             mid = lo + (high - lo) * np.float32(0.5)
             if not (lo < mid < high):
                 break  # the interval cannot shrink further in float32
-            c = _count_at_most(row, mid)
+            c = count_at_most(row, mid)
             if c < t:
                 lo = mid
             else:
