@@ -30,7 +30,7 @@ from .lut16 import lut16_block, lut16_block_generic, lut16_block_mask
 from .query import BAD_QUERY, finish_one, prepare_query
 from .table import f32_1d, f32_2d, f32_3d, f64_at, i32_1d, i64_1d, int_at, make_table, u8_3d
 from .threads import run_split
-from .topk import count_at_most, heap_push, heap_sort_inplace, new_heaps, smallest_sorted, sorted_insert
+from .topk import bisect_bar, heap_push, heap_sort_inplace, new_heaps, smallest_sorted, sorted_insert
 
 __all__ = [
     "POINT_BLOCK",
@@ -238,7 +238,7 @@ def _shrink(bd, bi, n, keep, slots):
     ``keep`` and at most ``keep + keep // 4`` of the ``n`` entries reach, in their order.
 
     Returns ``(bar, kept)``: the new admission threshold and fill count. The bar is found by
-    bisection on the value, each step one vectorised counting pass (:func:`.topk.count_at_most`);
+    bisection on the value, each step one vectorised counting pass (:func:`.topk.bisect_bar`);
     a quickselect mispredicts a branch per element and pass, and ran once per ``keep`` admissions
     (about half the scan's cost per admitted candidate). Nothing among the best ``keep`` is
     dropped (at least ``keep`` entries reach the bar), so the final exact selection
@@ -252,21 +252,7 @@ def _shrink(bd, bi, n, keep, slots):
         lo = min(lo, entries[j])
         high = max(high, entries[j])
     most = keep + keep // 4
-    bar = high
-    reached = n
-    for _ in range(40):
-        mid = lo + (high - lo) * np.float32(0.5)
-        if not (lo < mid < high):
-            break
-        c = count_at_most(entries, mid)
-        if c < keep:
-            lo = mid
-        else:
-            high = mid
-            bar = mid
-            reached = c
-            if c <= most:
-                break
+    bar, reached = bisect_bar(entries, lo, high, n, keep, most)
     if reached > most:
         return _compact(bd, bi, n, keep, slots), keep
     w = 0

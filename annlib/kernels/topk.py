@@ -24,6 +24,7 @@ __all__ = [
     "smallest_sorted",
     "sorted_insert",
     "count_at_most",
+    "bisect_bar",
 ]
 
 
@@ -106,6 +107,33 @@ def count_at_most(row, bar):
 
 
 @numba.njit(cache=True, nogil=True)
+def bisect_bar(row, lo, high, reached, at_least, at_most):
+    """A value bar that at least ``at_least`` entries of ``row`` reach (``<=``), by bisection.
+
+    ``high`` must be reached by at least ``at_least`` entries (``reached`` of them) and ``lo`` by
+    fewer. Each step is one vectorised counting pass (:func:`count_at_most`); the search stops at
+    the first bar reached by at most ``at_most`` entries, or when float32 cannot split the
+    interval further (ties). Returns ``(bar, entries reaching it)``; the count may exceed
+    ``at_most`` when it stopped on ties.
+    """
+    bar = high
+    for _ in range(40):
+        mid = lo + (high - lo) * np.float32(0.5)
+        if not (lo < mid < high):
+            break
+        c = count_at_most(row, mid)
+        if c < at_least:
+            lo = mid
+        else:
+            high = mid
+            bar = mid
+            reached = c
+            if c <= at_most:
+                break
+    return bar, reached
+
+
+@numba.njit(cache=True, nogil=True)
 def smallest_sorted(row, t, out_d, out_i):
     """The ``t`` smallest entries of one row, ascending, for ``t`` much smaller than the row.
 
@@ -139,18 +167,7 @@ def smallest_sorted(row, t, out_d, out_i):
         return
     bar = high
     if t < L and lo < high and np.isfinite(high - lo):
-        for _ in range(40):
-            mid = lo + (high - lo) * np.float32(0.5)
-            if not (lo < mid < high):
-                break  # the interval cannot shrink further in float32
-            c = count_at_most(row, mid)
-            if c < t:
-                lo = mid
-            else:
-                bar = mid
-                high = mid
-                if c <= 2 * t:
-                    break
+        bar, _ = bisect_bar(row, lo, high, L, t, 2 * t)
     n = 0
     for j in range(L):
         v = row[j]
