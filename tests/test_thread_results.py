@@ -116,3 +116,24 @@ def test_run_split_ranges_and_nesting():
     # a split inside a worker runs on that worker (waiting on its own pool could never finish)
     inner = run_split(lambda lo, hi: run_split(lambda a, b: (a, b), hi - lo, 2), 100, 2)
     assert inner == [[(0, 50)], [(0, 50)]]
+
+
+def test_hnsw_build_inside_a_worker_thread_runs_its_parts_inline(data):
+    # a two-thread HNSW build started from a thread of the worker pool must not wait on the
+    # pool it is running in: its parts run on the calling thread instead
+    X, Q = data
+    ref = annlib.HNSW(metric="l2", M=8, ef_construction=40, random_state=0).build(X[:2000], threads=2)
+    import threading
+
+    box = []
+    runner = threading.Thread(target=lambda: box.append(run_split(
+        lambda lo, hi: annlib.HNSW(metric="l2", M=8, ef_construction=40, random_state=0).build(X[lo:hi], threads=2),
+        4000, 2)), daemon=True)
+    runner.start()
+    runner.join(300)
+    assert box, "a build inside a worker thread waited on its own pool"
+    out = box[0]
+    assert len(out) == 2
+    res = out[0].search(Q, k=5, ef=40)
+    truth = ref.search(Q, k=5, ef=40)
+    assert (np.asarray(res.ids) == np.asarray(truth.ids)).mean() > 0.9

@@ -52,7 +52,7 @@ from .finger import FingerArrays, _finger_layer0, project_query, projected_desce
 from .query import BAD_QUERY, finish_one, prepare_query
 from .table import (bool_1d, bool_view, f32_1d, f32_2d, f32_view, f64_at, i32_1d, i32_2d, i64_1d, i64_view, int_at, make_table,
                     u16_view_2d, u64_2d, unowned)
-from .threads import worker_pool
+from .threads import run_split
 from .topk import heap_push, heap_sort_inplace, sort_pairs_stable
 
 __all__ = [
@@ -271,10 +271,13 @@ def _on_workers(kernel, parts, args_of):
 
     Serial kernels run by a pool rather than ``prange``: a parallel region costs seconds of
     compilation on first use, and a small build or a single-threaded process never needs it.
+    Called from a thread of that pool (a nested split), every part runs on the calling thread
+    (:func:`.threads.run_split`), so the pool never waits on itself.
     """
     if parts <= 1:
         return int(kernel(*args_of(0)))
-    return int(sum(worker_pool(parts).map(lambda t: kernel(*args_of(t)), range(parts))))
+    done = run_split(lambda lo, hi: sum(int(kernel(*args_of(t))) for t in range(lo, hi)), parts, parts)
+    return int(sum(done))
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
