@@ -269,47 +269,53 @@ def _environment() -> dict:
     return info
 
 
+def _method_names(results: dict, labels: list[str], notes: bool = True) -> list[str]:
+    # every method any worker timed, in first-seen order ("(...)" rows are notes, not methods)
+    names = []
+    for label in labels:
+        names += [m for m in results[label] if m not in names and (notes or not m.startswith("("))]
+    return names
+
+
+def _rows(names: list[str], cells) -> list[str]:
+    return [f"| {name.strip()} | " + " | ".join(cells(name)) + " |" for name in names]
+
+
 def _table(size: str, results: dict, labels: list[str]) -> str:
     n, d = SIZES[size]
     head = f"| {n:,} × {d}: µs per call (median [quartiles]) | " + " | ".join(labels) + " |"
-    lines = [head, "|---|" + "---|" * len(labels)]
-    names = []
-    for label in labels:
-        names += [m for m in results[label] if m not in names]
-    for name in names:
-        cells = []
+
+    def cells(name):
+        out = []
         for label in labels:
             samples = results[label].get(name)
             if samples:
                 med, lo, hi = _quartiles(samples)
-                cells.append(f"{med:.2f} [{lo:.2f}–{hi:.2f}]")
+                out.append(f"{med:.2f} [{lo:.2f}–{hi:.2f}]")
             else:
-                cells.append("")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                out.append("")
+        return out
+
+    return "\n".join([head, "|---|" + "---|" * len(labels), *_rows(_method_names(results, labels), cells)])
+
+
+def _same_round_ratio(results: dict, label: str, name: str, base: str) -> str:
+    # median over rounds of this method's time over base's in the same worker and round
+    import numpy as np
+
+    samples, ref = results[label].get(name), results[label].get(base)
+    if not (samples and ref):
+        return ""
+    return f"{float(np.median(np.asarray(samples) / np.asarray(ref))):.2f}"
 
 
 def _ratio_table(size: str, results: dict, labels: list[str], base: str) -> str:
     """Per round, each method's time over ``base``'s in the same worker and round; medians."""
-    import numpy as np
-
     n, d = SIZES[size]
-    lines = [f"| {n:,} × {d}: per call ÷ {base}, same round (median) | " + " | ".join(labels) + " |",
-             "|---|" + "---|" * len(labels)]
-    names = []
-    for label in labels:
-        names += [m for m in results[label] if m not in names]
-    for name in names:
-        cells = []
-        for label in labels:
-            ref = results[label].get(base)
-            samples = results[label].get(name)
-            if samples and ref:
-                cells.append(f"{float(np.median(np.asarray(samples) / np.asarray(ref))):.2f}")
-            else:
-                cells.append("")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    head = f"| {n:,} × {d}: per call ÷ {base}, same round (median) | " + " | ".join(labels) + " |"
+    rows = _rows(_method_names(results, labels),
+                 lambda name: [_same_round_ratio(results, label, name, base) for label in labels])
+    return "\n".join([head, "|---|" + "---|" * len(labels), *rows])
 
 
 def _combined_table(size: str, results: dict, labels: list[str], base: str) -> str:
@@ -318,18 +324,16 @@ def _combined_table(size: str, results: dict, labels: list[str], base: str) -> s
 
     n, d = SIZES[size]
     head = " | ".join([f"{label}: µs" for label in labels] + [f"{label}: ÷ {base.split()[0]}" for label in labels])
-    lines = [f"| {n:,} × {d} | {head} |", "|---|" + "---:|" * (2 * len(labels))]
-    names = []
-    for label in labels:
-        names += [m for m in results[label] if m not in names and not m.startswith("(")]
-    for name in names:
-        us, ratio = [], []
+
+    def cells(name):
+        us = []
         for label in labels:
-            samples, ref = results[label].get(name), results[label].get(base)
+            samples = results[label].get(name)
             us.append(f"{float(np.median(samples)):,.2f}" if samples else "")
-            ratio.append(f"{float(np.median(np.asarray(samples) / np.asarray(ref))):.2f}" if samples and ref else "")
-        lines.append(f"| {name.strip()} | " + " | ".join(us + ratio) + " |")
-    return "\n".join(lines)
+        return us + [_same_round_ratio(results, label, name, base) for label in labels]
+
+    rows = _rows(_method_names(results, labels, notes=False), cells)
+    return "\n".join([f"| {n:,} × {d} | {head} |", "|---|" + "---:|" * (2 * len(labels)), *rows])
 
 
 def main(argv=None) -> int:
