@@ -670,6 +670,15 @@ def check_capacity(family: str, total: int, limit: int) -> None:
         raise ValueError(f"{family} holds at most {limit} vectors; this call would make it hold {total}")
 
 
+def avq_needs_inner_product(metric: str) -> ValueError:
+    """Partitioned's ``avq`` (re-fit of leaf centres) with a metric that does not score by inner
+    product; returned, for the caller to raise."""
+    return ValueError(
+        f"avq re-fits leaf centres for inner-product scores and applies to metric 'cosine' or 'ip'; "
+        f"got metric {metric!r} (leave avq=None)"
+    )
+
+
 # ----------------------------------------------------------------------------- tuning
 def not_an_index(value: Any) -> TypeError:
     """``annlib.tune`` given something that is not an annlib index."""

@@ -32,6 +32,7 @@ from .._state import (
 from ..api import Index, _ClassOrInstanceMethod
 from ..config import get_num_threads
 from ..kernels import fastscan
+from ..kernels.avq import avq_refit
 from ..kernels.cluster import assign_nearest, kmeans
 from ..kernels.distances import sqnorms
 from ..kernels.query import RAW_TERMS
@@ -459,6 +460,14 @@ class Partitioned(Index):
         Score-aware (anisotropic) PQ encoding threshold T, relative to the median vector norm
         (so it is absolute for cosine). "auto" means 0.2 for "cosine"/"ip" and plain PQ for "l2";
         None means plain PQ. Ignored by the int8 quantizer.
+    avq : float or None, default None
+        Anisotropic re-fit of the leaf centres (ScaNN's tree AVQ): after k-means, each centre is
+        re-fitted to minimise the score-aware loss ``eta ||e_par||^2 + ||e_perp||^2`` of its
+        primary members (weighted by ``||x||^(eta - 1)``), then all centres are scaled by one
+        least-squares factor; spilling and the codes use the re-fitted centres. A finite
+        ``eta > 0`` (1 gives the member means; ScaNN's released configs use 1.6-2.5); None is
+        off. Only for "cosine" and "ip": the loss is defined for inner-product scores, and
+        squared L2 has no preferred direction (ValueError for "l2").
     spherical : bool or None, default None
         Unit-norm centres (spherical k-means); None means True for "cosine".
     training_sample : int, default 100000
@@ -527,7 +536,7 @@ class Partitioned(Index):
         "num_leaves": None, "spill": "soar", "soar_lambda": 1.0, "spills": 1,
         "soar_exclude_primary": False, "quantizer": "pq4", "dims_per_block": 2,
         "anisotropic_threshold": "auto", "spherical": None, "training_sample": 100_000,
-        "kmeans_iters": 10, "random_state": 0, "default_recall": 0.92,
+        "kmeans_iters": 10, "random_state": 0, "default_recall": 0.92, "avq": None,
     }
     search_defaults = {"leaves": None, "reorder": 100}
 
@@ -555,6 +564,10 @@ class Partitioned(Index):
             p["spherical"] = V.check_bool("spherical", p["spherical"])
         p["training_sample"] = V.check_int("training_sample", p["training_sample"], 1)
         p["kmeans_iters"] = V.check_int("kmeans_iters", p["kmeans_iters"], 1, 1000)
+        if p["avq"] is not None:
+            p["avq"] = V.check_float("avq", p["avq"], 0.0, low_open=True)
+            if self._metric.proxy == PROXY_L2SQ:
+                raise V.avq_needs_inner_product(self.metric)
         return p
 
     def _check_build_data(self, n):
@@ -593,21 +606,32 @@ class Partitioned(Index):
             C = kmeans(np.ascontiguousarray(sample), L, iters=p["kmeans_iters"], rng=rng,
                        spherical=self._spherical(), progress=lambda done, total: report(50 * done // total),
                        threads=get_num_threads())
-            coder = self._train_coder(X, C, rng)
+            primary = None
+            if p["avq"] is not None:
+                # ScaNN's order: primaries by the k-means centres, the re-fit over those members,
+                # then spilling and codes against the re-fitted centres; the primaries are kept
+                # (the re-fit is optimal for exactly these members)
+                primary, _ = assign_nearest(X, C, threads=get_num_threads())
+                C = avq_refit(X, C, primary, p["avq"], threads=get_num_threads())
+            coder = self._train_coder(X, C, rng, primary)
             report(55)
             placed = self._place(X, 0, C, coder, None, n / L, rng,
-                                 lambda done, total: report(55 + 44 * done // max(total, 1)))
+                                 lambda done, total: report(55 + 44 * done // max(total, 1)), primary)
             state = self._assemble(placed, coder, X)
             report(100)
         self._st = state
 
-    def _train_coder(self, X, C, rng) -> _Coder:
-        """Train the residual quantizer (PQ codebooks or int8 scales) on a sample of residuals."""
+    def _train_coder(self, X, C, rng, primary=None) -> _Coder:
+        """Train the residual quantizer (PQ codebooks or int8 scales) on a sample of residuals
+        (against each point's leaf in ``primary``, or its nearest centre when None)."""
         p = self.params
         n, d = X.shape
         rows = np.arange(n) if n <= PQ_SAMPLE else np.sort(rng.choice(n, PQ_SAMPLE, replace=False))
         threads = get_num_threads()
-        prim, _ = assign_nearest(np.ascontiguousarray(X[rows]), C, threads=threads)
+        if primary is None:
+            prim, _ = assign_nearest(np.ascontiguousarray(X[rows]), C, threads=threads)
+        else:
+            prim = primary[rows]
         R = X[rows] - C[prim]
         # a few extreme residuals (outliers of the build data) would stretch the codewords or
         # the int8 range for everyone; they are left out, and placed as outliers later
@@ -640,15 +664,17 @@ class Partitioned(Index):
                 who.append(rows[ok])
         return np.concatenate(leaf), np.concatenate(who)
 
-    def _place(self, X, first, C, coder: _Coder, limit, typical_leaf, rng, report) -> "_Placed":
+    def _place(self, X, first, C, coder: _Coder, limit, typical_leaf, rng, report, primary=None) -> "_Placed":
         """Entries of the vectors ``X`` (positions ``first, first + 1, ...``).
 
         The centres come back grown by the leaves made for outliers; ``limit`` None (at build)
-        sets the outlier error limit from these entries' errors.
+        sets the outlier error limit from these entries' errors. ``primary`` gives each vector's
+        leaf (None: its nearest centre).
         """
         m = X.shape[0]
         threads = get_num_threads()
-        primary, _ = assign_nearest(X, C, threads=threads)
+        if primary is None:
+            primary, _ = assign_nearest(X, C, threads=threads)
         leaf, rows = self._spread(X, C, primary)
         codes, err, half = coder.encode(X, C, leaf, rows, report, threads)
         if limit is None:
