@@ -31,7 +31,7 @@ from .._state import (
 )
 from ..api import Index, _ClassOrInstanceMethod
 from ..config import get_num_threads
-from ..kernels import fastscan
+from ..kernels import fastscan, rerank_int8
 from ..kernels.avq import avq_refit
 from ..kernels.cluster import assign_nearest, kmeans
 from ..kernels.distances import sqnorms
@@ -52,6 +52,7 @@ _I64 = np.dtype(np.int64)
 
 SPILL_MODES = ("soar", "nearest", "none")
 QUANTIZERS = ("pq4", "int8")
+RERANK_MODES = ("float32", "int8")
 ENCODE_CHUNK = 65536  # entries encoded per step (bounds the residual buffer)
 ENCODE_MIN_SPLIT = 4096  # fewest entries a worker thread of the encoding gets
 PQ_SAMPLE = 65536  # residuals used to train the PQ codebooks
@@ -108,6 +109,13 @@ class PartitionedState:
         PQ codewords per sub-space ("pq4"); ``M * w == padded_dim``.
     int8_multipliers : float32 (d,) or None
         Per-dimension int8 scales ("int8").
+    rerank_int8_codes : int8 (n, d) or None
+        With ``rerank="int8"``: the re-ranking vectors as int8, ``x ~= scale * codes``
+        (:func:`annlib.kernels.rerank_int8.int8_rows`); None with float32 re-ranking.
+    rerank_int8_scales : float32 (n,) or None
+        Per-row scale of ``rerank_int8_codes`` (positive, finite).
+    rerank_int8_half_sqnorms : float32 (n,) or (0,) or None
+        For squared L2, ``||scale * codes||^2 / 2`` of each row; empty for the inner products.
     padded_dim : int
         Dimension after zero-padding to whole pairs of sub-spaces.
     anisotropic_scale_threshold : float or None
@@ -117,7 +125,8 @@ class PartitionedState:
 
     The remaining attributes are derived by :meth:`derive` (never saved): ``centre_sqnorms``
     (squared L2 only) and the kernels' views ``packed``
-    (:class:`~annlib.kernels.fastscan.PackedLeaves`) and ``pq_arrays``.
+    (:class:`~annlib.kernels.fastscan.PackedLeaves`), ``pq_arrays`` and ``rerank_rows``
+    (:class:`~annlib.kernels.rerank_int8.Int8Rows` of the three ``rerank_int8_*`` fields, or None).
     """
 
     centres: np.ndarray
@@ -132,9 +141,13 @@ class PartitionedState:
     padded_dim: int
     anisotropic_scale_threshold: float | None
     outlier_error_limit: float
+    rerank_int8_codes: np.ndarray | None = None
+    rerank_int8_scales: np.ndarray | None = None
+    rerank_int8_half_sqnorms: np.ndarray | None = None
     centre_sqnorms: np.ndarray | None = field(default=None, repr=False, compare=False)
     packed: Any = field(default=None, repr=False, compare=False)
     pq_arrays: Any = field(default=None, repr=False, compare=False)
+    rerank_rows: Any = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ shape
     @property
@@ -168,13 +181,18 @@ class PartitionedState:
         if self.codebooks is not None:
             self.pq_arrays = fastscan.PQIndexArrays.of(self.centres, self.centre_sqnorms, self.codebooks,
                                                        self.packed, self.vectors)
+        self.rerank_rows = None
+        if self.rerank_int8_codes is not None:
+            self.rerank_rows = rerank_int8.Int8Rows(self.rerank_int8_codes, self.rerank_int8_scales,
+                                                    self.rerank_int8_half_sqnorms)
         return self
 
     def nbytes(self) -> int:
         """Bytes of every array held, derived ones included."""
         arrays = [self.centres, self.leaf_block_offsets, self.entry_positions, self.codes, self.vectors,
                   self.exact_positions, self.point_terms]
-        arrays += [a for a in (self.codebooks, self.int8_multipliers, self.centre_sqnorms) if a is not None]
+        arrays += [a for a in (self.codebooks, self.int8_multipliers, self.centre_sqnorms, self.rerank_int8_codes,
+                               self.rerank_int8_scales, self.rerank_int8_half_sqnorms) if a is not None]
         if self.packed is not None:
             arrays.append(self.packed.point_term_block_min)
         return int(sum(a.nbytes for a in arrays))
@@ -214,11 +232,21 @@ class PartitionedState:
             arrays["codebooks"] = self.codebooks
         else:
             arrays["int8_multipliers"] = self.int8_multipliers
+        if self.rerank_int8_codes is not None:
+            # only an index built with rerank="int8" writes them: a float32 index's file is
+            # unchanged, and files written before the option load as float32 indexes
+            arrays["rerank_int8_codes"] = self.rerank_int8_codes
+            arrays["rerank_int8_scales"] = self.rerank_int8_scales
+            arrays["rerank_int8_half_sqnorms"] = self.rerank_int8_half_sqnorms
         return meta, arrays
 
     @classmethod
-    def from_file(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], quantizer: str) -> "PartitionedState":
+    def from_file(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], quantizer: str,
+                  rerank: str = "float32") -> "PartitionedState":
         """Read the fields back (types and the counts in ``meta`` checked; call :meth:`validate`).
+
+        ``quantizer`` and ``rerank`` are the index's build parameters: they say which fields
+        the file must hold (the ``rerank_int8_*`` arrays only for ``rerank="int8"``).
 
         Raises
         ------
@@ -238,6 +266,11 @@ class PartitionedState:
         else:
             codes = take_array(arrays, "codes", np.int8, 2)
             codebooks, mults = None, take_array(arrays, "int8_multipliers", np.float32, 1)
+        codes8 = scales8 = half8 = None
+        if rerank == "int8":
+            codes8 = take_array(arrays, "rerank_int8_codes", np.int8, 2)
+            scales8 = take_array(arrays, "rerank_int8_scales", np.float32, 1)
+            half8 = take_array(arrays, "rerank_int8_half_sqnorms", np.float32, 1)
         # Each count is stated by the metadata and implied by several arrays; the one that
         # disagrees with the others is the field named.
         require(offsets.shape[0] >= 1, "leaf_block_offsets", "is empty")
@@ -258,6 +291,7 @@ class PartitionedState:
             int8_multipliers=mults,
             padded_dim=take_meta(meta, "padded_dim"), anisotropic_scale_threshold=threshold,
             outlier_error_limit=take_meta(meta, "outlier_error_limit", float),
+            rerank_int8_codes=codes8, rerank_int8_scales=scales8, rerank_int8_half_sqnorms=half8,
         )
 
     def validate(self, dim: int, n_positions: int, *, l2: bool, max_abs: float = math.inf,
@@ -335,6 +369,16 @@ class PartitionedState:
                 f"must be None or a finite number >= 0; got {t}")
         e = self.outlier_error_limit
         require(math.isfinite(e) and e >= 0, "outlier_error_limit", f"must be a finite number >= 0; got {e}")
+        if self.rerank_int8_codes is not None:
+            check_array(self.rerank_int8_codes, "rerank_int8_codes", np.int8, (n_positions, dim))
+            check_array(self.rerank_int8_scales, "rerank_int8_scales", np.float32, (n_positions,))
+            check_finite(self.rerank_int8_scales, "rerank_int8_scales")
+            require(bool((self.rerank_int8_scales > 0).all()), "rerank_int8_scales", "must be positive")
+            check_range(self.rerank_int8_scales, "rerank_int8_scales", 0, max_abs)
+            check_array(self.rerank_int8_half_sqnorms, "rerank_int8_half_sqnorms", np.float32,
+                        (n_positions if l2 else 0,))
+            check_finite(self.rerank_int8_half_sqnorms, "rerank_int8_half_sqnorms")
+            check_range(self.rerank_int8_half_sqnorms, "rerank_int8_half_sqnorms", 0, math.inf)
 
 
 # ===================================================================================== encoding
@@ -456,6 +500,12 @@ class Partitioned(Index):
     dims_per_block : int, default 2
         Dimensions per PQ sub-space (1-8). 2 is ScaNN's choice; 4 halves codes and scan time at
         some loss of accuracy (more re-ranking needed).
+    rerank : {"float32", "int8"}, default "float32"
+        How the ``reorder`` candidates are re-scored. "float32": exactly, from the float32
+        vectors. "int8": first from an int8 copy of the vectors (one scale per row, ``d + 4``
+        more bytes per vector, ``+ 4`` for "l2"), then the best ``k + 8`` exactly from the
+        float32 vectors, so returned distances are still exact and ordered by exact distance
+        (docs/benchmarks-partitioned.md, round 4, for where it is faster).
     anisotropic_threshold : float, "auto" or None, default "auto"
         Score-aware (anisotropic) PQ encoding threshold T, relative to the median vector norm
         (so it is absolute for cosine). "auto" means 0.2 for "cosine"/"ip" and plain PQ for "l2";
@@ -534,7 +584,7 @@ class Partitioned(Index):
     first_kernels = ("annlib.kernels.cluster:_argmin_block",)
     build_defaults = {
         "num_leaves": None, "spill": "soar", "soar_lambda": 1.0, "spills": 1,
-        "soar_exclude_primary": False, "quantizer": "pq4", "dims_per_block": 2,
+        "soar_exclude_primary": False, "quantizer": "pq4", "dims_per_block": 2, "rerank": "float32",
         "anisotropic_threshold": "auto", "spherical": None, "training_sample": 100_000,
         "kmeans_iters": 10, "random_state": 0, "default_recall": 0.92, "avq": None,
     }
@@ -557,6 +607,7 @@ class Partitioned(Index):
         p["soar_exclude_primary"] = V.check_bool("soar_exclude_primary", p["soar_exclude_primary"])
         V.check_choice("quantizer", p["quantizer"], QUANTIZERS)
         p["dims_per_block"] = V.check_int("dims_per_block", p["dims_per_block"], 1, 8)
+        V.check_choice("rerank", p["rerank"], RERANK_MODES)
         t = p["anisotropic_threshold"]
         if t is not None and t != "auto":
             p["anisotropic_threshold"] = V.check_float("anisotropic_threshold", t, 0.0, 1.0, high_open=True)
@@ -712,8 +763,14 @@ class Partitioned(Index):
             exact_rows = out_rows[~ok]
         return _Placed(C, leaf, rows + first, codes, half, exact_rows + first, limit)
 
-    def _assemble(self, placed: "_Placed", coder: _Coder, vectors, exact_before=None) -> PartitionedState:
-        """Lay the entries out leaf by leaf in padded blocks and make the state."""
+    def _assemble(self, placed: "_Placed", coder: _Coder, vectors, exact_before=None,
+                  int8_before=None) -> PartitionedState:
+        """Lay the entries out leaf by leaf in padded blocks and make the state.
+
+        With ``rerank="int8"`` the int8 rows of ``vectors`` are made too; ``int8_before`` (an
+        add) holds those of its first rows, which are kept as they are (each row is coded on its
+        own).
+        """
         exact = placed.exact_positions
         if exact_before is not None:
             exact = np.concatenate([exact_before.astype(np.int64), exact])
@@ -745,6 +802,12 @@ class Partitioned(Index):
             padded_dim=coder.padded_dim, anisotropic_scale_threshold=coder.anisotropic_scale_threshold,
             outlier_error_limit=float(placed.limit),
         )
+        if self.params["rerank"] == "int8":
+            n0 = 0 if int8_before is None else int8_before.codes.shape[0]
+            rows = rerank_int8.int8_rows(vectors[n0:], l2)
+            if int8_before is not None:
+                rows = rerank_int8.Int8Rows(*(np.concatenate([a, b]) for a, b in zip(int8_before, rows)))
+            state.rerank_int8_codes, state.rerank_int8_scales, state.rerank_int8_half_sqnorms = rows
         return state.derive(l2)
 
     # ----------------------------------------------------------------- add
@@ -765,7 +828,8 @@ class Partitioned(Index):
             placed = _Placed(new.centres, np.concatenate([leaf_old, new.leaf]),
                              np.concatenate([pos_old, new.position]), np.concatenate([codes_old, new.codes]),
                              np.concatenate([half_old, new.half_sqnorms]), new.exact_positions, new.limit)
-            state = self._assemble(placed, coder, np.concatenate([st.vectors, X]), st.exact_positions)
+            state = self._assemble(placed, coder, np.concatenate([st.vectors, X]), st.exact_positions,
+                                   st.rerank_rows)
         self._st = state
 
     # ----------------------------------------------------------------- search
@@ -782,10 +846,10 @@ class Partitioned(Index):
         if plan[0] is not st or plan[1] is not self._ids:  # made again after every change
             if st.pq_arrays is None:
                 return None  # int8 codes: the ordinary path
-            table = fastscan.pq_one_query_table(st.pq_arrays, st.exact_positions, self._ids_array(),
-                                                self._metric.proxy, self._one_query_terms())
+            table, kernel = _one_query_kernel(st, self._ids_array(), self._metric.proxy, self._one_query_terms())
             L = st.num_leaves
-            plan = self._one_plan = (st, self._ids, table, table.words, st.num_vectors, L, _default_probes(L))
+            plan = self._one_plan = (st, self._ids, table, table.words, st.num_vectors, L, _default_probes(L),
+                                     kernel)
         n = plan[4]
         if type(k) is not int or not 0 < k <= n:
             return None
@@ -796,7 +860,7 @@ class Partitioned(Index):
             return None
         out_d = np.empty(k, _F32)
         out_i = np.empty(k, _I64)
-        if fastscan.search_pq_one(q, plan[3], t, n_cand, k, _NO_MASK, out_d, out_i):
+        if plan[7](q, plan[3], t, n_cand, k, _NO_MASK, out_d, out_i):
             return None
         return out_i, out_d
 
@@ -811,12 +875,11 @@ class Partitioned(Index):
             # the one-query kernel (see _search_one), on the prepared query
             plan = self._raw_plan
             if plan[0] is not st:
-                table = fastscan.pq_one_query_table(st.pq_arrays, st.exact_positions, _NO_IDS, self._metric.proxy,
-                                                    RAW_TERMS)
-                plan = self._raw_plan = (st, table, table.words)
+                table, kernel = _one_query_kernel(st, _NO_IDS, self._metric.proxy, RAW_TERMS)
+                plan = self._raw_plan = (st, table, table.words, kernel)
             out_d = np.empty((1, k), _F32)
             out_i = np.empty((1, k), _I64)
-            fastscan.search_pq_one(Q[0], plan[2], t, n_cand, k, mask_arr, out_d[0], out_i[0])
+            plan[3](Q[0], plan[2], t, n_cand, k, mask_arr, out_d[0], out_i[0])
             return out_d, out_i
         d, i = self._search_probed(Q, k, mask_arr, t, n_cand, st)
         # A row is short only when its probed leaves hold fewer than k allowed vectors: probe
@@ -831,6 +894,9 @@ class Partitioned(Index):
 
     def _search_probed(self, Q, k, mask, t, n_cand, st: PartitionedState):
         if st.pq_arrays is not None and Q.shape[0] <= FEW_QUERIES:
+            if st.rerank_rows is not None:
+                return rerank_int8.search_pq_few_int8(Q, st.pq_arrays, st.rerank_rows, t, mask, n_cand, k,
+                                                      self._metric.proxy)
             return fastscan.search_pq_few(Q, st.pq_arrays, t, mask, n_cand, k, self._metric.proxy)
         # Many queries: one contiguous range of them per worker thread, each running the whole
         # serial pipeline below (single-threaded GEMM, leaf selection, tables, scan, re-ranking)
@@ -861,6 +927,8 @@ class Partitioned(Index):
         else:
             Qs = np.ascontiguousarray(Q / st.int8_multipliers[None, :], dtype=np.float32)
             _, cand = fastscan.scan_int8(Qs, probes, st.packed, mask, n_cand, st.num_vectors)
+        if st.rerank_rows is not None:
+            return rerank_int8.rerank_int8(Q, st.rerank_rows, st.vectors, cand, k, self._metric.proxy)
         return fastscan.rerank(Q, st.vectors, cand, k, self._metric.proxy)
 
     def stage_ranks(self, queries, true_ids, leaves, max_reorder: int):
@@ -923,7 +991,7 @@ class Partitioned(Index):
 
     def _restore(self, meta, arrays):
         l2 = self._metric.proxy == PROXY_L2SQ
-        state = PartitionedState.from_file(meta, arrays, self.params["quantizer"])
+        state = PartitionedState.from_file(meta, arrays, self.params["quantizer"], self.params["rerank"])
         state.validate(self._dim, self._n_positions, l2=l2, max_abs=self._metric.max_abs(self._dim),
                        dims_per_block=self.params["dims_per_block"])
         self._st = state.derive(l2)
@@ -943,7 +1011,8 @@ class Partitioned(Index):
             ``num_leaves`` (leaves of the built index), ``copies`` (stored code entries),
             ``spill_fraction`` (spilled copies per vector), ``exact_points`` (vectors the codes
             cannot represent, compared exactly), ``bytes_per_vector`` (everything) and
-            ``bytes_per_vector_without_reorder`` (without the float32 re-ranking vectors).
+            ``bytes_per_vector_without_reorder`` (without the re-ranking vectors: the float32
+            ones and, with ``rerank="int8"``, their int8 copy).
         """
         self._require_built()
         total = self.memory_bytes()
@@ -955,7 +1024,7 @@ class Partitioned(Index):
             return {"num_leaves": st.num_leaves, "copies": copies,
                     "spill_fraction": copies / max(n - n_exact, 1) - 1.0, "exact_points": n_exact,
                     "bytes_per_vector": total / n,
-                    "bytes_per_vector_without_reorder": (total - st.vectors.nbytes) / n}
+                    "bytes_per_vector_without_reorder": (total - st.vectors.nbytes - _int8_rows_bytes(st)) / n}
 
     @classmethod
     def _search_space(cls, n, dim):
@@ -1002,6 +1071,21 @@ def _check_counts(what: str, counts: dict[str, Any]) -> None:
         name, value = next(iter(counts.items()))
     stated = ", ".join(f"{k}: {v:g}" for k, v in counts.items())
     raise bad_field(name, f"disagrees on the number of {what} ({stated})")
+
+
+def _int8_rows_bytes(st: PartitionedState) -> int:
+    """Bytes of the int8 re-ranking rows (0 with float32 re-ranking)."""
+    return 0 if st.rerank_rows is None else int(sum(a.nbytes for a in st.rerank_rows))
+
+
+def _one_query_kernel(st: PartitionedState, ids: np.ndarray, proxy: int, terms: tuple):
+    """(table, kernel) of the one-query path for the state's re-ranking: the float32 kernel
+    (:func:`~annlib.kernels.fastscan.search_pq_one`) or the int8 one, which only an index built
+    with ``rerank="int8"`` compiles."""
+    if st.rerank_rows is None:
+        return fastscan.pq_one_query_table(st.pq_arrays, st.exact_positions, ids, proxy, terms), fastscan.search_pq_one
+    table = rerank_int8.pq_int8_one_query_table(st.pq_arrays, st.rerank_rows, st.exact_positions, ids, proxy, terms)
+    return table, rerank_int8.search_pq_one_int8
 
 
 def _default_leaves(n: int) -> int:

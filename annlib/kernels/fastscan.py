@@ -594,7 +594,10 @@ def select_leaves(D, t, *, threads=1):
 
 
 @numba.njit(cache=True, nogil=True)
-def _search_pq_few(Q, index, t, mask, n_cand, k, proxy, out_d, out_i, slot_kind):
+def few_candidates(Q, index, t, mask, n_cand, slot_kind):
+    """The scan stage of :func:`search_pq_few`: int64 (nq, n_cand) candidate positions of each
+    query, distinct, -1 padded (shared with the int8 re-ranking's fused kernels,
+    :mod:`.rerank_int8`)."""
     nq, d = Q.shape
     C = index.centres
     cn = index.centre_sqnorms
@@ -634,7 +637,13 @@ def _search_pq_few(Q, index, t, mask, n_cand, k, proxy, out_d, out_i, slot_kind)
     for q in range(nq):
         for j in range(min(buf.counts[q], n_cand)):
             cand[q, j] = buf.positions[q, j]
-    _rerank_rows(Q, index.vectors, cand, k, proxy, out_d, out_i, first, nq)
+    return cand
+
+
+@numba.njit(cache=True, nogil=True)
+def _search_pq_few(Q, index, t, mask, n_cand, k, proxy, out_d, out_i, slot_kind):
+    cand = few_candidates(Q, index, t, mask, n_cand, slot_kind)
+    _rerank_rows(Q, index.vectors, cand, k, proxy, out_d, out_i, np.int64(0), Q.shape[0])
 
 
 def search_pq_few(Q, index: PQIndexArrays, t: int, mask, n_cand: int, k: int, proxy: int):
@@ -822,16 +831,20 @@ def search_pq_one(q, table, t, n_cand, k, mask, out_d, out_i):
         if t >= L or best_i[0, k - 1] >= 0:
             break
         t = min(L, 2 * t)
-    hd = best_d[0]
-    hi = best_i[0]
+    merge_exact_one(Qp[0], index.vectors, exact, mask, proxy, best_d[0], best_i[0], k)
+    finish_one(best_d[0], best_i[0], k, int_at(table, 47), ids, out_d, out_i)
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def merge_exact_one(qv, X, exact, mask, proxy, hd, hi, k):
+    """Offer the vectors without entries (``exact`` positions allowed by ``mask``), scored
+    exactly, to one query's ascending results ``(hd, hi)`` of length ``k``."""
     use_mask = mask.shape[0] > 0
-    X = index.vectors
     for j in range(exact.shape[0]):
         p = np.int64(exact[j])
         if use_mask and not mask[p]:
             continue
-        v = exact_proxy(Qp[0], X[p], proxy)  # as the batch path's exact scan of these rows
+        v = exact_proxy(qv, X[p], proxy)  # as the batch path's exact scan of these rows
         if v < hd[k - 1]:
             sorted_insert(hd, hi, k - 1, v, p)
-    finish_one(hd, hi, k, int_at(table, 47), ids, out_d, out_i)
-    return 0

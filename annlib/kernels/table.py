@@ -28,7 +28,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 __all__ = ["ArrayTable", "make_table", "f32_1d", "f32_2d", "f32_3d", "f64_1d", "f64_2d", "i32_1d",
-           "i32_2d", "i64_1d", "u8_3d", "u64_2d", "bool_1d", "int_at", "f64_at", "f32_view", "i64_view",
+           "i32_2d", "i64_1d", "i8_2d", "u8_3d", "u64_2d", "bool_1d", "int_at", "f64_at", "f32_view", "i64_view",
            "u16_view_2d", "bool_view", "unowned"]
 
 ARRAY_WORDS = 4
@@ -146,6 +146,11 @@ def i32_2d(tab, s):
 @numba.njit(inline="always", cache=True, nogil=True)
 def i64_1d(tab, s):
     return numba.carray(_address(tab[s]), (tab[s + 1],), np.int64)
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
+def i8_2d(tab, s):
+    return numba.carray(_address(tab[s]), (tab[s + 1], tab[s + 2]), np.int8)
 
 
 @numba.njit(inline="always", cache=True, nogil=True)
