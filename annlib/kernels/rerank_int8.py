@@ -119,22 +119,28 @@ def _rerank_int8_rows(Q, codes, scales, half, X, cand_i, k, keep, proxy, out_d, 
     for q in range(q_lo, q_hi):
         ids = cand_i[q]
         qv = Q[q]
-        # every candidate's int8 row requested first: the misses overlap instead of queueing
-        for j in range(R):
-            if ids[j] >= 0:
-                prefetch_row(codes, ids[j], lines8)
-        for j in range(keep):
-            kd[j] = np.inf
-            ki[j] = -1
-        for j in range(R):
-            p = ids[j]
-            if p < 0:
-                continue
-            v = -scales[p] * _int8_dot(qv, codes[p])
-            if has_half:
-                v += half[p]
-            if v < kd[0]:
-                heap_push(kd, ki, v, p)
+        if keep >= R:  # every candidate goes to the exact stage: no int8 scores needed
+            for j in range(keep):
+                ki[j] = ids[j] if j < R else -1
+        else:
+            # every candidate's int8 row requested first: the misses overlap instead of queueing
+            # (gathering each candidate's scale and term into a local array in this loop as well
+            # measured 5-20 % slower: the scoring loop's loads of them already overlap)
+            for j in range(R):
+                if ids[j] >= 0:
+                    prefetch_row(codes, ids[j], lines8)
+            for j in range(keep):
+                kd[j] = np.inf
+                ki[j] = -1
+            for j in range(R):
+                p = ids[j]
+                if p < 0:
+                    continue
+                v = -scales[p] * _int8_dot(qv, codes[p])
+                if has_half:
+                    v += half[p]
+                if v < kd[0]:
+                    heap_push(kd, ki, v, p)
         for j in range(keep):
             if ki[j] >= 0:
                 prefetch_row(X, ki[j], lines)
