@@ -27,16 +27,17 @@ def _cache_index_path(kernel) -> str | None:
     return getattr(getattr(cache, "_cache_file", None), "_index_path", None)
 
 
-def notice_compilation(family_cls: type) -> None:
+def notice_compilation(family_cls: type) -> bool:
     """Warn (:class:`CompilationNotice`) once per family and process when its kernels compile.
 
     Checks the kernels named by ``family_cls.first_kernels`` (``"module:function"``); never
-    raises: a kernel it cannot find or inspect is skipped.
+    raises: a kernel it cannot find or inspect is skipped. Returns whether it warned (the
+    family's kernels are about to compile).
     """
     name = family_cls.__name__
     with _lock:
         if name in _checked:
-            return
+            return False
         _checked.add(name)
     for ref in getattr(family_cls, "first_kernels", ()):
         try:
@@ -48,4 +49,5 @@ def notice_compilation(family_cls: type) -> None:
             warnings.warn(f"annlib: compiling {name}'s kernels for this machine on first use (seconds, up to "
                           "half a minute); later processes load them from the cache", CompilationNotice,
                           stacklevel=4)
-            return
+            return True
+    return False

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, NamedTuple
 import numpy as np
 
 from . import _validation as V
-from . import config, io
+from . import _compile_ahead, config, io
 from ._locks import ReadWriteLock
 from ._state import bad_field, check_array, check_range, require, take_meta
 from ._compile_notice import notice_compilation
@@ -32,6 +32,8 @@ __version__ = "0.1.0"
 
 _F32 = np.dtype(np.float32)
 _NO_IDS = np.zeros(0, dtype=np.int64)
+# Searches of at most this many queries run the families' few-query kernels (see _compile_ahead).
+_FEW_QUERIES = 4
 
 
 class SearchResult(NamedTuple):
@@ -141,6 +143,9 @@ class Index:
     supports_delete: ClassVar[bool] = False
     # How tuning without a query sample makes queries from the data (annlib.tune.auto).
     tuning_queries: ClassVar[str] = "leave_one_out"
+    # Families that can make an index without kernels for annlib._compile_ahead set this and
+    # implement _compile_ahead_index.
+    compiles_ahead: ClassVar[bool] = False
 
     def __init__(self, metric: str = "l2", **params: Any):
         self._metric: Metric = get_metric(metric)
@@ -327,11 +332,13 @@ class Index:
         if type(self) is Index:
             raise V.abstract_index_build()
         X32, _ = V.as_vectors(X, "X", limit=self._metric.max_abs)
-        notice_compilation(type(self))
+        compiles = notice_compilation(type(self))
         ext = None if ids is None else V.check_ids(ids, X32.shape[0])
         V.check_progress(progress)
         threads = V.check_threads(threads)
         self._check_build_data(X32.shape[0])
+        if compiles:  # a first build on this machine: its search kernels compile on another core
+            _compile_ahead.start(self, X32.shape[0], X32.shape[1])
         Xp = self._owned(self._metric.prepare(X32), X)
         with self._rw.write(), config.threads(threads):
             if self.params.get("default_recall") is None:
@@ -345,6 +352,14 @@ class Index:
                 build_self_tuned(self, Xp, ext, progress)
         release_free_memory()  # the build's temporaries are freed; give their pages back
         return self
+
+    @classmethod
+    def _compile_ahead_index(cls, X: np.ndarray, metric: str, params: dict[str, Any],
+                             shape: tuple[int, int]) -> "Index | None":
+        """An index of ``X`` (a few hundred rows) made without running any kernel, whose searches
+        compile the kernels a build of data of ``shape`` with ``params`` will search with
+        (:mod:`annlib._compile_ahead`); None when the family cannot make one for these params."""
+        return None
 
     def _reset_state(self, dim: int, n_positions: int, ids: np.ndarray | None) -> None:
         """The base's bookkeeping after a (re)build: shape, ids, and no tuned defaults."""
@@ -474,6 +489,8 @@ class Index:
                         sp = None
                 else:
                     sp = self.__dict__.get("_cached_search_defaults")
+                if sp is not None and _compile_ahead.pending:
+                    _compile_ahead.wait(self.family)  # a first build's kernels, compiled aside
                 if sp is not None:
                     found = self._rw.call_read(one, q, k, sp, threads)
                     if found is not None:
@@ -482,6 +499,9 @@ class Index:
                         return _new_result(found)
         # This path runs once per query in one-at-a-time use, so it avoids work it can skip.
         self._require_built()
+        if _compile_ahead.pending:  # a first build's search kernels are being compiled aside
+            few = np.ndim(Q) < 2 or len(Q) <= _FEW_QUERIES
+            _compile_ahead.wait(self.family, _compile_ahead.STAGE_ALL if few else _compile_ahead.STAGE_MANY)
         Q32, was_1d = V.as_vectors(Q, "Q", allow_1d=True, limit=self._metric.max_abs)
         if Q32.shape[1] != self._dim:
             V.check_dim(Q32.shape[1], self._dim)
@@ -537,6 +557,8 @@ class Index:
             As :meth:`search`.
         """
         self._require_built()
+        if _compile_ahead.pending:
+            _compile_ahead.wait(self.family, _compile_ahead.STAGE_MANY)
         Q32, was_1d = V.as_vectors(Q, "Q", allow_1d=True, limit=self._metric.max_abs)
         V.check_dim(Q32.shape[1], self._dim)
         threads = V.check_threads(threads)

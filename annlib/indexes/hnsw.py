@@ -642,6 +642,31 @@ class HNSW(Index):
         return {"build": {"M": [16, 24, 32], "ef_construction": [200]},
                 "search": {"ef": efs, "finger": [False, True]}}
 
+    compiles_ahead = True
+
+    @classmethod
+    def _compile_ahead_index(cls, X, metric, params, shape):
+        # layer 0 links every node to its nearest others (a k-NN graph by numpy): the walk's
+        # kernels compile on it exactly as on a built graph, which only the insertion kernels
+        # being compiled meanwhile could make
+        index = cls(metric=metric, **{k: v for k, v in params.items() if k in cls.build_defaults})
+        if index._wants_finger(*shape):
+            return None  # FINGER's kernels take its payload, which only its fitting kernels make
+        Xp = np.ascontiguousarray(index._metric.prepare(X), dtype=np.float32)
+        m = Xp.shape[0]
+        sq = np.einsum("ij,ij->i", Xp, Xp)
+        D = sq[:, None] + sq[None, :] - 2 * (Xp @ Xp.T)
+        np.fill_diagonal(D, np.inf)
+        width = min(2 * index.params["M"], m - 1)
+        graph = HNSWGraph.empty(index.params["M"], Xp, 0, np.random.default_rng(0))
+        graph.links_layer0[:, 0] = width
+        graph.links_layer0[:, 1:1 + width] = np.argsort(D, axis=1)[:, :width]
+        graph.n, graph.entry, graph.max_level = m, 0, 0
+        cls._reorder(graph)  # the build's last kernels, compiled here before the build needs them
+        index._commit(graph)
+        index._reset_state(X.shape[1], m, None)
+        return index
+
     # ------------------------------------------------------------------ publishing
     def _commit(self, graph: HNSWGraph) -> None:
         """Make ``graph`` the index's state (the last step of every successful change)."""

@@ -175,6 +175,8 @@ def build_self_tuned(index: Any, X: np.ndarray, ids: np.ndarray | None, progress
     parameters and ``index.tuning``; when the target cannot be reached the family's own defaults
     stay and ``index.tuning["note"]`` says why.
     """
+    from .. import _compile_ahead
+
     target = index.params["default_recall"]
     sample_size, k = getattr(index, "_self_tune_plan", (SELF_TUNE_QUERIES, 10))
     seed = int(index.params.get("random_state") or 0)
@@ -187,12 +189,14 @@ def build_self_tuned(index: Any, X: np.ndarray, ids: np.ndarray | None, progress
         if n >= 2:
             rng = np.random.default_rng([seed, 1])
             Q, own = tuning_queries(index, sample_size, rng)
+            _compile_ahead.wait(index.family, _compile_ahead.STAGE_MANY)  # compiled aside on a first build
             _tune_defaults(index, Q, own, target, min(k, n - 1), seed)
         return
     keep, sample = held_out_split(n, m, seed)
     index._build(np.ascontiguousarray(X[keep]), progress)
     index._reset_state(dim, keep.size, None)
     Q = np.ascontiguousarray(X[sample])
+    _compile_ahead.wait(index.family, _compile_ahead.STAGE_MANY)  # compiled aside on a first build
     params = _tune_defaults(index, Q, None, target, min(k, keep.size), seed, held_out=True)
     tuning = index.tuning
     index._add(Q, progress)

@@ -1,0 +1,222 @@
+"""Compile a family's search kernels in a second process while this one compiles its build.
+
+The first build of a family on a machine compiles its numba kernels (seconds each; numba holds
+one compiler lock per process, so one process compiles one kernel at a time). A build with the
+self-tune runs two groups of kernels one after the other: the build's (insertion, clustering,
+encoding) and then the search's (the tuner's searches, the exact ground truth, the one-query
+kernel). The second group does not depend on the first: a child process compiles it on another
+core, from the smallest valid index the family can make without any kernel
+(``Index._compile_ahead_index``), and writes numba's cache; this process finds the kernels there
+when it reaches them (numba looks in its cache before compiling a new signature) and waits for
+the child at that point (:func:`wait`) instead of compiling the same kernels itself.
+
+It runs only when it can help: the build's kernels are not cached yet (the notice of
+:mod:`annlib._compile_notice` is issued), the process may use two or more CPUs, numba's cache is
+enabled, and ``ANNLIB_COMPILE_AHEAD`` is not ``0``. A child that fails or is slow changes nothing
+but time: this process then compiles what it still needs itself.
+
+Run by hand it warms the cache for later processes (every family, or those named)::
+
+    python -m annlib._compile_ahead [family ...]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+__all__ = ["start", "wait", "pending", "run_ahead_calls", "main", "WAIT_LIMIT_S", "STAGE_MANY", "STAGE_ALL"]
+
+# Longest a search waits for the child; past it this process compiles what it needs itself.
+WAIT_LIMIT_S = 120.0
+_ENV_SWITCH = "ANNLIB_COMPILE_AHEAD"
+
+# Stages the child reports on its standard output ("stage 1", "stage 2") as it goes.
+STAGE_MANY, STAGE_ALL = 1, 2
+_children: dict[str, list] = {}
+_lock = threading.Lock()
+# Read by the search paths on every call: a plain module attribute, true while a child runs.
+pending = False
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _enabled() -> bool:
+    if os.environ.get(_ENV_SWITCH, "1").strip() == "0":
+        return False
+    if _usable_cpus() < 2:
+        return False  # one core: the child would only take turns with this process
+    try:
+        from numba.core import config as numba_config
+    except ImportError:  # pragma: no cover - numba is a core dependency
+        return False
+    return not numba_config.DISABLE_JIT
+
+
+def _json_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The build parameters the child can receive (seeds and objects are left out: the
+    kernels' argument types do not depend on them)."""
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            out[key] = value
+    return out
+
+
+def start(index: Any, n: int, dim: int) -> bool:
+    """Start the child that compiles ``index``'s search kernels, if it can help.
+
+    Parameters
+    ----------
+    index : Index
+        The index about to be built (its family, metric and build parameters are used).
+    n, dim : int
+        Size of the data being built (a family may compile different kernels by size).
+
+    Returns
+    -------
+    bool
+        Whether a child was started. Never raises: on any failure nothing is started.
+    """
+    global pending
+    family = getattr(index, "family", None)
+    if not family or not getattr(index, "compiles_ahead", False) or not _enabled():
+        return False
+    try:
+        spec = json.dumps({"family": family, "metric": index.metric, "params": _json_params(index.params),
+                           "n": int(n), "dim": int(dim)})
+        env = {**os.environ, _ENV_SWITCH: "0"}
+        # the child imports this very copy of annlib, wherever it was imported from
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        with _lock:
+            if family in _children:
+                return False
+            child = subprocess.Popen(
+                [sys.executable, "-m", "annlib._compile_ahead", "--spec", spec],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            _children[family] = [child, 0]  # the process and the last stage it reported
+            pending = True
+    except Exception:
+        return False
+    return True
+
+
+def _read_stages(entry: list, stage: int, deadline: float) -> None:
+    """Read the child's progress lines until it reports ``stage``, exits, or time runs out."""
+    child = entry[0]
+    while entry[1] < stage:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([child.stdout], [], [], left)[0]:
+            return
+        line = child.stdout.readline()
+        if not line:  # the child has finished (or failed): nothing more will come
+            entry[1] = STAGE_ALL
+            return
+        if line.startswith(b"stage "):
+            entry[1] = max(entry[1], int(line.split()[1]))
+
+
+def wait(family: str | None = None, stage: int = 2, limit_s: float = WAIT_LIMIT_S) -> None:
+    """Wait (at most ``limit_s`` seconds) until the child compiling ``family``'s kernels has
+    compiled stage ``stage``: 1, the kernels of searches of many queries and of the tuner; 2,
+    also those of one and of a few queries (the child is then done).
+
+    ``None`` waits for every child. Finished children are reaped on the way. Never raises.
+    """
+    global pending
+    deadline = time.monotonic() + limit_s
+    with _lock:
+        for name, entry in list(_children.items()):
+            if family is None or name == family:
+                try:
+                    _read_stages(entry, stage, deadline)
+                except Exception:
+                    entry[1] = STAGE_ALL  # cannot follow it: stop waiting for it
+            if entry[1] >= STAGE_ALL or entry[0].poll() is not None:
+                try:
+                    entry[0].stdout.close()
+                    entry[0].wait(timeout=max(0.0, deadline - time.monotonic()))
+                except Exception:
+                    pass  # too slow to exit: it writes nothing this process still waits for
+                del _children[name]
+        pending = bool(_children)
+
+
+def run_ahead_calls(index: Any, seed: int = 0, report=lambda stage: None) -> None:
+    """The calls whose kernels a child compiles: what a build's self-tune and a user's first
+    searches run on ``index``. Stage 1: the tuner (its exact ground truth and searches of many
+    queries) and a batch search; stage 2: searches of a few queries and of one. ``report(stage)``
+    is called after each. Each call's errors are ignored: only the compilation matters here."""
+    import numpy as np
+
+    from .tune.auto import _tune_defaults
+
+    X = index._vectors_at(np.arange(min(len(index), 64), dtype=np.int64))
+    Q = np.ascontiguousarray(X[:40] + np.float32(1e-3), dtype=np.float32)
+    k = min(10, len(index))
+    stages = ((lambda: _tune_defaults(index, Q, None, 0.9, k, seed, held_out=True),
+               lambda: index.search(Q, k), lambda: index.exact_search(Q, k)),
+              (lambda: index.search(np.ascontiguousarray(Q[0]), k), lambda: index.search(Q[:2], k)))
+    for stage, calls in enumerate(stages, start=1):
+        for call in calls:
+            try:
+                call()
+            except Exception:
+                pass
+        report(stage)
+
+
+def _compile_from_spec(spec: dict[str, Any]) -> None:
+    import numpy as np
+
+    from .api import get_family
+
+    cls = get_family(spec["family"])
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, max(2, min(int(spec["dim"]), 16)))).astype(np.float32)
+    index = cls._compile_ahead_index(X, spec["metric"], spec["params"], (int(spec["n"]), int(spec["dim"])))
+    if index is not None:
+        run_ahead_calls(index, report=lambda stage: print(f"stage {stage}", flush=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m annlib._compile_ahead [family ...]``: compile and cache families' kernels."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--spec"]:
+        _compile_from_spec(json.loads(argv[1]))
+        return 0
+    import numpy as np
+
+    import annlib
+
+    names = argv or annlib.families()
+    X = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
+    failed = 0
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            index = annlib.Index.build(X, method=name)
+            index.search(X[:8], 10)
+            index.search(X[0], 10)
+        except Exception as exc:  # a family that needs more than vectors (a learned metric)
+            print(f"{name}: not compiled ({type(exc).__name__}: {exc})", flush=True)
+            failed += 1
+            continue
+        print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return 1 if failed == len(names) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""Compiling a first build's search kernels in a second process (annlib._compile_ahead)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import annlib
+from annlib import _compile_ahead
+from annlib.api import get_family
+
+AHEAD_FAMILIES = ("hnsw", "partitioned")
+
+
+@pytest.fixture
+def no_children():
+    yield
+    _compile_ahead.wait(None, limit_s=60)
+    assert not _compile_ahead._children and not _compile_ahead.pending
+
+
+@pytest.mark.parametrize("family", AHEAD_FAMILIES)
+@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
+def test_ahead_index_is_valid_and_searches_exactly_enough(family, metric):
+    cls = get_family(family)
+    assert cls.compiles_ahead
+    X = np.random.default_rng(0).standard_normal((200, 12)).astype(np.float32)
+    index = cls._compile_ahead_index(X, metric, {}, (10_000, 12))
+    assert len(index) == 200 and index.metric == metric
+    if family == "hnsw":
+        index._graph.validate(12, 200)
+    else:
+        index._st.validate(12, 200, l2=metric == "l2")
+    Q = X[:20] + 0.01
+    truth = index.exact_search(Q, 5).ids
+    got = index.search(Q, 5, **({"leaves": 2, "reorder": 200} if family == "partitioned" else {"ef": 200})).ids
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(got, truth)]) >= 0.98
+
+
+def test_families_without_an_ahead_index():
+    X = np.zeros((10, 4), np.float32)
+    for name in ("bruteforce", "tpuknn"):
+        cls = get_family(name)
+        assert not cls.compiles_ahead and cls._compile_ahead_index(X, "l2", {}, (10, 4)) is None
+    # kernels it cannot make without running kernels: none, the build compiles them itself
+    assert get_family("hnsw")._compile_ahead_index(X, "l2", {"finger": True}, (10, 4)) is None
+    assert get_family("partitioned")._compile_ahead_index(X, "l2", {"quantizer": "int8"}, (10, 4)) is None
+
+
+def test_switched_off_by_the_environment(monkeypatch, no_children):
+    monkeypatch.setenv("ANNLIB_COMPILE_AHEAD", "0")
+    assert not _compile_ahead.start(annlib.HNSW(), 1000, 8)
+    assert not _compile_ahead.pending
+
+
+def test_one_core_starts_nothing(monkeypatch, no_children):
+    monkeypatch.setattr(_compile_ahead, "_usable_cpus", lambda: 1)
+    assert not _compile_ahead.start(annlib.HNSW(), 1000, 8)
+    assert not _compile_ahead.start(annlib.BruteForce(), 1000, 8)  # no ahead index anyway
+
+
+def test_wait_follows_the_reported_stages(no_children):
+    script = "import time; print('stage 1', flush=True); time.sleep(1.5); print('stage 2', flush=True)"
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    with _compile_ahead._lock:
+        _compile_ahead._children["fake"] = [child, 0]
+        _compile_ahead.pending = True
+    _compile_ahead.wait("other", _compile_ahead.STAGE_ALL)  # another family's: not waited for
+    assert _compile_ahead.pending and child.poll() is None
+    _compile_ahead.wait("fake", _compile_ahead.STAGE_MANY)
+    assert _compile_ahead._children["fake"][1] == 1 and child.poll() is None  # still compiling stage 2
+    _compile_ahead.wait("fake", _compile_ahead.STAGE_ALL)
+    assert "fake" not in _compile_ahead._children and child.returncode == 0
+    assert not _compile_ahead.pending
+
+
+def test_wait_gives_up_at_its_limit_and_a_dead_child_is_reaped(no_children):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], stdout=subprocess.PIPE)
+    with _compile_ahead._lock:
+        _compile_ahead._children["slow"] = [child, 0]
+        _compile_ahead.pending = True
+    _compile_ahead.wait("slow", _compile_ahead.STAGE_MANY, limit_s=0.2)
+    assert _compile_ahead._children["slow"][1] == 0  # still running: kept, the caller compiles itself
+    child.kill()
+    _compile_ahead.wait("slow", limit_s=10)
+    assert not _compile_ahead._children and not _compile_ahead.pending
+
+
+@pytest.mark.skipif(_compile_ahead._usable_cpus() < 2, reason="starts only with two or more CPUs")
+def test_a_started_child_compiles_and_reports_both_stages(monkeypatch, no_children):
+    monkeypatch.delenv("ANNLIB_COMPILE_AHEAD", raising=False)
+    index = annlib.HNSW(M=8)
+    assert _compile_ahead.start(index, 1000, 8)
+    assert _compile_ahead.pending
+    assert not _compile_ahead.start(index, 1000, 8)  # one child per family at a time
+    child = _compile_ahead._children["hnsw"][0]
+    _compile_ahead.wait("hnsw", _compile_ahead.STAGE_ALL, limit_s=300)
+    assert child.returncode == 0 and not _compile_ahead.pending
+
+
+# The kernels the child compiles must be exactly those a real first build and its first searches
+# need: run in a fresh interpreter (signatures accumulate per process), a build without the
+# self-tune and without searches compiles the build's kernels; the ahead calls then compile the
+# search side; a real self-tuned build of the same family and its batch, few- and one-query
+# searches must then need no new signature of any kernel.
+_COVERAGE = textwrap.dedent("""
+    import sys, warnings
+    import numpy as np
+    import numba
+    warnings.simplefilter("ignore")
+    import annlib, annlib.kernels, pkgutil, importlib
+    from annlib import _compile_ahead
+    from annlib.api import get_family
+
+    def signatures():
+        out = set()
+        for info in pkgutil.iter_modules(annlib.kernels.__path__):
+            mod = importlib.import_module("annlib.kernels." + info.name)
+            for name, obj in vars(mod).items():
+                if isinstance(obj, numba.core.registry.CPUDispatcher):
+                    out.update((info.name, name, str(s)) for s in obj.signatures)
+        return out
+
+    family = sys.argv[1]
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((3000, 24)).astype(np.float32)
+    Q = rng.standard_normal((50, 24)).astype(np.float32)
+    annlib.Index.build(X, method=family, default_recall=None)
+    built = signatures()
+    ahead = get_family(family)._compile_ahead_index(X[:200], "l2", {}, X.shape)
+    _compile_ahead.run_ahead_calls(ahead)
+    before = signatures()
+    assert before - built, "the ahead calls compiled nothing"
+    index = annlib.Index.build(X, method=family)
+    index.search(Q, 10); index.search(Q[:2], 10); index.search(Q[0], 10)
+    new = signatures() - before
+    print("NEW", sorted(new))
+    sys.exit(1 if new else 0)
+""")
+
+
+@pytest.mark.parametrize("family", AHEAD_FAMILIES)
+def test_the_child_compiles_every_kernel_a_first_build_searches_with(family):
+    env = {**os.environ, "ANNLIB_COMPILE_AHEAD": "0", "NUMBA_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _COVERAGE, family], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
