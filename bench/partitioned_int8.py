@@ -7,9 +7,14 @@ in one call) and one query per call, so a load change on a shared machine hits b
 Prints the QPS read off each frontier at recall@10 0.90 / 0.95 / 0.99 (:mod:`.pareto`), the
 int8/float32 ratio, bytes per vector, and the per-point table. Single-threaded.
 
+``--stage LEAVES`` also times the re-ranking stage alone (diagnostics, through the index's
+private state): the candidates of a batch scan at ``LEAVES`` probed leaves re-ranked by
+:func:`annlib.kernels.fastscan.rerank` and :func:`annlib.kernels.rerank_int8.rerank_int8` in
+alternating rounds, per ``reorder``.
+
 Usage::
 
-    python -m annlib.bench.partitioned_int8 <file.hdf5> [--rounds 3] [--out results/int8-<set>.json]
+    python -m annlib.bench.partitioned_int8 <file.hdf5> [--rounds 3] [--stage 24] [--out results/int8-<set>.json]
 """
 
 from __future__ import annotations
@@ -58,11 +63,42 @@ def _single(index, Q, leaves, reorder):
     return time.perf_counter() - t, ids
 
 
+def stage_times(index, Q, leaves, rounds):
+    """Microseconds per query of the re-ranking stage alone, float32 and int8, per ``reorder``."""
+    from annlib.kernels import fastscan, rerank_int8
+    from annlib.kernels.quantization import build_luts, pad_columns
+
+    st = index._st
+    Qp = np.ascontiguousarray(index._metric.prepare(Q), dtype=np.float32)
+    S = Qp @ st.centres.T
+    D = st.centre_sqnorms[None, :] - 2.0 * S if st.centre_sqnorms.shape[0] else -S
+    _, leaf_ids = fastscan.select_leaves(D, leaves)
+    probes = fastscan.Probes(leaf_ids, np.ascontiguousarray(-np.take_along_axis(S, leaf_ids, axis=1),
+                                                            dtype=np.float32))
+    tables = build_luts(pad_columns(Qp, st.padded_dim), st.codebooks)
+    proxy = index._metric.proxy
+    out = {}
+    for reorder in REORDER:
+        _, cand = fastscan.scan_pq(tables, probes, st.packed, np.zeros(0, dtype=bool), reorder, st.num_vectors)
+        runs = {"float32": lambda: fastscan.rerank(Qp, st.vectors, cand, K, proxy),
+                "int8": lambda: rerank_int8.rerank_int8(Qp, st.rerank_rows, st.vectors, cand, K, proxy)}
+        best = {m: float("inf") for m in MODES}
+        for _ in range(max(rounds, 5)):
+            for mode in MODES:
+                t = time.perf_counter()
+                runs[mode]()
+                best[mode] = min(best[mode], time.perf_counter() - t)
+        out[reorder] = {m: 1e6 * best[m] / Q.shape[0] for m in MODES}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("path")
     p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per grid point (best kept)")
     p.add_argument("--out", default=None, help="write every point as JSON here")
+    p.add_argument("--stage", type=int, default=None, metavar="LEAVES",
+                   help="also time the re-ranking stage alone at this many probed leaves")
     args = p.parse_args(argv)
     X, Q, kth, metric = _read(args.path)
     name = os.path.splitext(os.path.basename(args.path))[0]
@@ -107,10 +143,17 @@ def main(argv=None) -> int:
         for mode, vals in (("float32", f32), ("int8", i8)):
             cells = " / ".join("-" if v is None else f"{v:,.0f}" for v in vals)
             print(f"| {kind} | {mode} | {cells} | {ratios if mode == 'int8' else ''} |")
+    stage = None
+    if args.stage:
+        stage = stage_times(indexes["int8"], Q, args.stage, args.rounds)
+        print(f"\nre-ranking stage alone, {args.stage} leaves, us per query (float32 / int8 = ratio):")
+        for reorder, t in stage.items():
+            print(f"  reorder {reorder}: {t['float32']:.1f} / {t['int8']:.1f} = {t['float32'] / t['int8']:.2f}x")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"dataset": name, "info": info, "points": points, "summary": summary}, f, indent=1)
+            json.dump({"dataset": name, "info": info, "points": points, "summary": summary, "stage": stage}, f,
+                      indent=1)
     return 0
 
 

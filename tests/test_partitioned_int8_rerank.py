@@ -45,9 +45,10 @@ def test_recall_matches_float32_reranking(pair):
     assert abs(r8 - r32) <= 0.01, (metric, r8, r32)
 
 
-def test_distances_are_exact(pair):
+@pytest.mark.parametrize("reorder", [60, 25])  # 25 <= 2 (k + margin): all scored exactly
+def test_distances_are_exact(pair, reorder):
     metric, (X, Q, _), _, i8 = pair
-    ids, dist = i8.search(Q, K, **SEARCH)
+    ids, dist = i8.search(Q, K, leaves=SEARCH["leaves"], reorder=reorder)
     assert (ids >= 0).all()
     exact = np.take_along_axis(true_distances(X, Q, metric), ids, axis=1)
     assert np.allclose(dist, exact, rtol=1e-4, atol=1e-4)
