@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 import threading
@@ -37,9 +36,9 @@ __all__ = ["start", "wait", "pending", "run_ahead_calls", "main", "WAIT_LIMIT_S"
 WAIT_LIMIT_S = 120.0
 _ENV_SWITCH = "ANNLIB_COMPILE_AHEAD"
 
-# Stages the child reports on its standard output ("stage 1", "stage 2") as it goes.
+# The two stages, each compiled by a child of its own (see run_ahead_calls).
 STAGE_MANY, STAGE_ALL = 1, 2
-_children: dict[str, list] = {}
+_children: dict[tuple[str, int], subprocess.Popen] = {}  # (family, stage) -> its child
 _lock = threading.Lock()
 # Read by the search paths on every call: a plain module attribute, true while a child runs.
 pending = False
@@ -75,7 +74,10 @@ def _json_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def start(index: Any, n: int, dim: int) -> bool:
-    """Start the child that compiles ``index``'s search kernels, if it can help.
+    """Start the children that compile ``index``'s search kernels, if they can help.
+
+    Two children, one per stage (see :func:`run_ahead_calls`), so that the build, the tuner's
+    kernels and the one-query kernels compile side by side.
 
     Parameters
     ----------
@@ -87,78 +89,59 @@ def start(index: Any, n: int, dim: int) -> bool:
     Returns
     -------
     bool
-        Whether a child was started. Never raises: on any failure nothing is started.
+        Whether children were started. Never raises: on any failure nothing is started.
     """
     global pending
     family = getattr(index, "family", None)
     if not family or not getattr(index, "compiles_ahead", False) or not _enabled():
         return False
     try:
-        spec = json.dumps({"family": family, "metric": index.metric, "params": _json_params(index.params),
-                           "n": int(n), "dim": int(dim)})
+        spec = {"family": family, "metric": index.metric, "params": _json_params(index.params),
+                "n": int(n), "dim": int(dim)}
         env = {**os.environ, _ENV_SWITCH: "0"}
-        # the child imports this very copy of annlib, wherever it was imported from
+        # the children import this very copy of annlib, wherever it was imported from
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         with _lock:
-            if family in _children:
+            if any(name == family for name, _ in _children):
                 return False
-            child = subprocess.Popen(
-                [sys.executable, "-m", "annlib._compile_ahead", "--spec", spec],
-                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-            _children[family] = [child, 0]  # the process and the last stage it reported
+            for stage in (STAGE_MANY, STAGE_ALL):
+                _children[(family, stage)] = subprocess.Popen(
+                    [sys.executable, "-m", "annlib._compile_ahead", "--spec", json.dumps({**spec, "stage": stage})],
+                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             pending = True
     except Exception:
         return False
     return True
 
 
-def _read_stages(entry: list, stage: int, deadline: float) -> None:
-    """Read the child's progress lines until it reports ``stage``, exits, or time runs out."""
-    child = entry[0]
-    while entry[1] < stage:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([child.stdout], [], [], left)[0]:
-            return
-        line = child.stdout.readline()
-        if not line:  # the child has finished (or failed): nothing more will come
-            entry[1] = STAGE_ALL
-            return
-        if line.startswith(b"stage "):
-            entry[1] = max(entry[1], int(line.split()[1]))
-
-
 def wait(family: str | None = None, stage: int = 2, limit_s: float = WAIT_LIMIT_S) -> None:
-    """Wait (at most ``limit_s`` seconds) until the child compiling ``family``'s kernels has
-    compiled stage ``stage``: 1, the kernels of searches of many queries and of the tuner; 2,
-    also those of one and of a few queries (the child is then done).
+    """Wait (at most ``limit_s`` seconds) until ``family``'s kernels of stage ``stage`` are
+    compiled: :data:`STAGE_MANY`, those of searches of many queries and of the tuner;
+    :data:`STAGE_ALL`, also those of one and of a few queries.
 
-    ``None`` waits for every child. Finished children are reaped on the way. Never raises.
+    ``None`` waits for every child. Finished children are reaped on the way; one still running
+    at the limit is left running (this process then compiles what it still needs). Never raises.
     """
     global pending
     deadline = time.monotonic() + limit_s
     with _lock:
-        for name, entry in list(_children.items()):
-            if family is None or name == family:
+        for key, child in list(_children.items()):
+            if family is None or (key[0] == family and key[1] <= stage):
                 try:
-                    _read_stages(entry, stage, deadline)
+                    child.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except Exception:
-                    entry[1] = STAGE_ALL  # cannot follow it: stop waiting for it
-            if entry[1] >= STAGE_ALL or entry[0].poll() is not None:
-                try:
-                    entry[0].stdout.close()
-                    entry[0].wait(timeout=max(0.0, deadline - time.monotonic()))
-                except Exception:
-                    pass  # too slow to exit: it writes nothing this process still waits for
-                del _children[name]
+                    continue  # too slow: keep it, wait for it no longer in this call
+            if child.poll() is not None:
+                del _children[key]
         pending = bool(_children)
 
 
-def run_ahead_calls(index: Any, seed: int = 0, report=lambda stage: None) -> None:
-    """The calls whose kernels a child compiles: what a build's self-tune and a user's first
-    searches run on ``index``. Stage 1: the tuner (its exact ground truth and searches of many
-    queries) and a batch search; stage 2: searches of a few queries and of one. ``report(stage)``
-    is called after each. Each call's errors are ignored: only the compilation matters here."""
+def run_ahead_calls(index: Any, stage: int | None = None, seed: int = 0) -> None:
+    """The calls whose kernels the children compile: what a build's self-tune and a user's first
+    searches run on ``index``. Stage :data:`STAGE_MANY`: the tuner (its exact ground truth and
+    searches of many queries) and a batch search; :data:`STAGE_ALL`: searches of a few queries
+    and of one; None: both. Each call's errors are ignored: only the compilation matters here."""
     import numpy as np
 
     from .tune.auto import _tune_defaults
@@ -166,16 +149,15 @@ def run_ahead_calls(index: Any, seed: int = 0, report=lambda stage: None) -> Non
     X = index._vectors_at(np.arange(min(len(index), 64), dtype=np.int64))
     Q = np.ascontiguousarray(X[:40] + np.float32(1e-3), dtype=np.float32)
     k = min(10, len(index))
-    stages = ((lambda: _tune_defaults(index, Q, None, 0.9, k, seed, held_out=True),
-               lambda: index.search(Q, k), lambda: index.exact_search(Q, k)),
-              (lambda: index.search(np.ascontiguousarray(Q[0]), k), lambda: index.search(Q[:2], k)))
-    for stage, calls in enumerate(stages, start=1):
-        for call in calls:
+    calls = {STAGE_MANY: (lambda: _tune_defaults(index, Q, None, 0.9, k, seed, held_out=True),
+                          lambda: index.search(Q, k), lambda: index.exact_search(Q, k)),
+             STAGE_ALL: (lambda: index.search(np.ascontiguousarray(Q[0]), k), lambda: index.search(Q[:2], k))}
+    for s in (STAGE_MANY, STAGE_ALL) if stage is None else (stage,):
+        for call in calls[s]:
             try:
                 call()
             except Exception:
                 pass
-        report(stage)
 
 
 def _compile_from_spec(spec: dict[str, Any]) -> None:
@@ -186,9 +168,12 @@ def _compile_from_spec(spec: dict[str, Any]) -> None:
     cls = get_family(spec["family"])
     rng = np.random.default_rng(0)
     X = rng.standard_normal((200, max(2, min(int(spec["dim"]), 16)))).astype(np.float32)
-    index = cls._compile_ahead_index(X, spec["metric"], spec["params"], (int(spec["n"]), int(spec["dim"])))
+    stage = int(spec["stage"])
+    # the build's own kernels the family can compile without a build go to the first child
+    index = cls._compile_ahead_index(X, spec["metric"], spec["params"], (int(spec["n"]), int(spec["dim"])),
+                                     with_build_kernels=stage == STAGE_MANY)
     if index is not None:
-        run_ahead_calls(index, report=lambda stage: print(f"stage {stage}", flush=True))
+        run_ahead_calls(index, stage)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -274,7 +274,6 @@ class Index:
         memory this needs does not grow with the index.
         """
         from .kernels.blockwise import exact_search
-        from .kernels.distances import sqnorms
         from .kernels.topk import merge_topk
 
         nq = Q.shape[0]
@@ -284,7 +283,7 @@ class Index:
             part = rows[lo:lo + self._EXACT_CHUNK]
             Xs = np.ascontiguousarray(self._vectors_at(part), dtype=np.float32)
             kk = min(k, part.size)
-            d, i = exact_search(Q, Xs, sqnorms(Xs), kk, self._metric.proxy)
+            d, i = exact_search(Q, Xs, None, kk, self._metric.proxy)
             i = np.where(i >= 0, part[np.maximum(i, 0)], -1)
             if lo == 0:
                 out_d[:, :kk] = d
@@ -355,10 +354,12 @@ class Index:
 
     @classmethod
     def _compile_ahead_index(cls, X: np.ndarray, metric: str, params: dict[str, Any],
-                             shape: tuple[int, int]) -> "Index | None":
-        """An index of ``X`` (a few hundred rows) made without running any kernel, whose searches
-        compile the kernels a build of data of ``shape`` with ``params`` will search with
-        (:mod:`annlib._compile_ahead`); None when the family cannot make one for these params."""
+                             shape: tuple[int, int], with_build_kernels: bool = False) -> "Index | None":
+        """An index of ``X`` (a few hundred rows) made without running a search or build kernel,
+        whose searches compile the kernels a build of data of ``shape`` with ``params`` will
+        search with (:mod:`annlib._compile_ahead`); None when the family cannot make one for these
+        params. ``with_build_kernels``: also run the build's kernels that need no trained state
+        (they are then cached before the build reaches them)."""
         return None
 
     def _reset_state(self, dim: int, n_positions: int, ids: np.ndarray | None) -> None:

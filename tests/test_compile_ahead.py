@@ -30,7 +30,7 @@ def test_ahead_index_is_valid_and_searches_exactly_enough(family, metric):
     cls = get_family(family)
     assert cls.compiles_ahead
     X = np.random.default_rng(0).standard_normal((200, 12)).astype(np.float32)
-    index = cls._compile_ahead_index(X, metric, {}, (10_000, 12))
+    index = cls._compile_ahead_index(X, metric, {}, (10_000, 12), with_build_kernels=True)
     assert len(index) == 200 and index.metric == metric
     if family == "hnsw":
         index._graph.validate(12, 200)
@@ -64,43 +64,45 @@ def test_one_core_starts_nothing(monkeypatch, no_children):
     assert not _compile_ahead.start(annlib.BruteForce(), 1000, 8)  # no ahead index anyway
 
 
-def test_wait_follows_the_reported_stages(no_children):
-    script = "import time; print('stage 1', flush=True); time.sleep(1.5); print('stage 2', flush=True)"
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+def _fake_child(family, stage, seconds):
+    child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
     with _compile_ahead._lock:
-        _compile_ahead._children["fake"] = [child, 0]
+        _compile_ahead._children[(family, stage)] = child
         _compile_ahead.pending = True
+    return child
+
+
+def test_wait_waits_for_the_stages_asked_for(no_children):
+    many = _fake_child("fake", _compile_ahead.STAGE_MANY, 0.3)
+    one = _fake_child("fake", _compile_ahead.STAGE_ALL, 2.0)
     _compile_ahead.wait("other", _compile_ahead.STAGE_ALL)  # another family's: not waited for
-    assert _compile_ahead.pending and child.poll() is None
+    assert _compile_ahead.pending and many.poll() is None
     _compile_ahead.wait("fake", _compile_ahead.STAGE_MANY)
-    assert _compile_ahead._children["fake"][1] == 1 and child.poll() is None  # still compiling stage 2
+    assert many.returncode == 0 and one.poll() is None  # the one-query stage still compiling
+    assert list(_compile_ahead._children) == [("fake", _compile_ahead.STAGE_ALL)] and _compile_ahead.pending
     _compile_ahead.wait("fake", _compile_ahead.STAGE_ALL)
-    assert "fake" not in _compile_ahead._children and child.returncode == 0
-    assert not _compile_ahead.pending
+    assert one.returncode == 0 and not _compile_ahead._children and not _compile_ahead.pending
 
 
 def test_wait_gives_up_at_its_limit_and_a_dead_child_is_reaped(no_children):
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], stdout=subprocess.PIPE)
-    with _compile_ahead._lock:
-        _compile_ahead._children["slow"] = [child, 0]
-        _compile_ahead.pending = True
+    child = _fake_child("slow", _compile_ahead.STAGE_MANY, 30)
     _compile_ahead.wait("slow", _compile_ahead.STAGE_MANY, limit_s=0.2)
-    assert _compile_ahead._children["slow"][1] == 0  # still running: kept, the caller compiles itself
+    assert child.poll() is None and _compile_ahead.pending  # kept: the caller compiles itself meanwhile
     child.kill()
     _compile_ahead.wait("slow", limit_s=10)
     assert not _compile_ahead._children and not _compile_ahead.pending
 
 
 @pytest.mark.skipif(_compile_ahead._usable_cpus() < 2, reason="starts only with two or more CPUs")
-def test_a_started_child_compiles_and_reports_both_stages(monkeypatch, no_children):
+def test_started_children_compile_and_exit(monkeypatch, no_children):
     monkeypatch.delenv("ANNLIB_COMPILE_AHEAD", raising=False)
     index = annlib.HNSW(M=8)
     assert _compile_ahead.start(index, 1000, 8)
     assert _compile_ahead.pending
-    assert not _compile_ahead.start(index, 1000, 8)  # one child per family at a time
-    child = _compile_ahead._children["hnsw"][0]
+    assert not _compile_ahead.start(index, 1000, 8)  # one set of children per family at a time
+    children = [_compile_ahead._children[("hnsw", s)] for s in (_compile_ahead.STAGE_MANY, _compile_ahead.STAGE_ALL)]
     _compile_ahead.wait("hnsw", _compile_ahead.STAGE_ALL, limit_s=300)
-    assert child.returncode == 0 and not _compile_ahead.pending
+    assert [c.returncode for c in children] == [0, 0] and not _compile_ahead.pending
 
 
 # The kernels the child compiles must be exactly those a real first build and its first searches
@@ -132,8 +134,10 @@ _COVERAGE = textwrap.dedent("""
     Q = rng.standard_normal((50, 24)).astype(np.float32)
     annlib.Index.build(X, method=family, default_recall=None)
     built = signatures()
-    ahead = get_family(family)._compile_ahead_index(X[:200], "l2", {}, X.shape)
-    _compile_ahead.run_ahead_calls(ahead)
+    for stage in (_compile_ahead.STAGE_MANY, _compile_ahead.STAGE_ALL):  # as the two children do
+        ahead = get_family(family)._compile_ahead_index(X[:200], "l2", {}, X.shape,
+                                                        with_build_kernels=stage == _compile_ahead.STAGE_MANY)
+        _compile_ahead.run_ahead_calls(ahead, stage)
     before = signatures()
     assert before - built, "the ahead calls compiled nothing"
     index = annlib.Index.build(X, method=family)

@@ -148,3 +148,34 @@ def test_candidate_buffer_shrink_keeps_every_entry_at_or_below_its_bar(keep):
         np.testing.assert_array_equal(slots[kept_i], np.arange(1, kept + 1))
         gone = np.setdiff1d(before_i, kept_i)
         assert (slots[gone] == 0).all()
+
+
+@pytest.mark.parametrize("proxy", [0, 1])
+@pytest.mark.parametrize("exact", [True, False])
+def test_small_batches_answered_by_numpy_match_the_fold(monkeypatch, proxy, exact):
+    from annlib.kernels import blockwise
+    from annlib.kernels.distances import sqnorms
+
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((500, 12)).astype(np.float32)
+    X[250:260] = X[0]  # exact ties
+    Q = rng.standard_normal((30, 12)).astype(np.float32)
+    mask = rng.random(500) < 0.5
+    for k, m in ((10, None), (10, mask), (500, mask), (500, None)):
+        assert Q.shape[0] * X.shape[0] <= blockwise.NUMPY_EXACT_WORK
+        d_np, i_np = blockwise.exact_search(Q, X, sqnorms(X), k, proxy, m, exact_distances=exact)
+        monkeypatch.setattr(blockwise, "NUMPY_EXACT_WORK", 0)  # the compiled fold
+        d_fold, i_fold = blockwise.exact_search(Q, X, sqnorms(X), k, proxy, m, exact_distances=exact)
+        monkeypatch.undo()
+        assert d_np.dtype == np.float32 and i_np.dtype == np.int64 and d_np.shape == (30, k)
+        np.testing.assert_allclose(d_np, d_fold, rtol=1e-4, atol=1e-3)
+        assert ((i_np < 0) == (i_fold < 0)).all() and (np.isinf(d_np) == (i_np < 0)).all()
+        assert (np.diff(np.where(np.isinf(d_np), np.float32(3e38), d_np), axis=1) >= 0).all()
+        # same ids wherever the distance is not tied (within rounding) with a neighbour in the row
+        close = np.isclose(d_np[:, 1:], d_np[:, :-1], rtol=1e-4, atol=1e-3)
+        tied = np.zeros(d_np.shape, bool)
+        tied[:, 1:] |= close
+        tied[:, :-1] |= close
+        assert (i_np[~tied] == i_fold[~tied]).all()
+        if m is not None:
+            assert m[i_np[i_np >= 0]].all()

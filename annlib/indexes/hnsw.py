@@ -645,7 +645,7 @@ class HNSW(Index):
     compiles_ahead = True
 
     @classmethod
-    def _compile_ahead_index(cls, X, metric, params, shape):
+    def _compile_ahead_index(cls, X, metric, params, shape, with_build_kernels=False):
         # layer 0 links every node to its nearest others (a k-NN graph by numpy): the walk's
         # kernels compile on it exactly as on a built graph, which only the insertion kernels
         # being compiled meanwhile could make
@@ -662,7 +662,12 @@ class HNSW(Index):
         graph.links_layer0[:, 0] = width
         graph.links_layer0[:, 1:1 + width] = np.argsort(D, axis=1)[:, :width]
         graph.n, graph.entry, graph.max_level = m, 0, 0
-        cls._reorder(graph)  # the build's last kernels, compiled here before the build needs them
+        if with_build_kernels:  # the build's reverse-edge and renumbering kernels
+            link_reverse(graph.kernel_graph(index._metric.proxy), np.arange(m, dtype=np.int64), 0,
+                         2 * index.params["M"], np.zeros(m, np.bool_), np.zeros(m, np.int64))
+            cls._reorder(graph)
+        else:
+            graph.node_positions = np.arange(m, dtype=np.int64)  # as the renumbering leaves it
         index._commit(graph)
         index._reset_state(X.shape[1], m, None)
         return index

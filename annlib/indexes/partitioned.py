@@ -647,7 +647,7 @@ class Partitioned(Index):
     compiles_ahead = True
 
     @classmethod
-    def _compile_ahead_index(cls, X, metric, params, shape):
+    def _compile_ahead_index(cls, X, metric, params, shape, with_build_kernels=False):
         # two leaves, every point a primary copy of its nearest centre, all-zero codes and
         # codebooks: the search kernels compile on it exactly as on a trained index, which only
         # the training kernels being compiled meanwhile could make

@@ -14,14 +14,14 @@ import numpy as np
 from numba import prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-from .distances import L2SQ, _rows_proxy_row, rows_proxy
+from .distances import L2SQ, _rows_proxy_row, rows_proxy, sqnorms
 from .query import BAD_QUERY, finish_one, prepare_query
 from .table import f32_2d, f64_at, i64_1d, int_at, make_table
 from .threads import blas_limit, worker_pool
 from .topk import heap_push, heap_sort_inplace, merge_topk, new_heaps, sort_rows_inplace
 
 __all__ = ["exact_search", "fold_block", "fold_block_serial", "scan_topk", "search_one", "one_query_table",
-           "QUERY_BLOCK", "DB_BLOCK", "SCAN_MAX_QUERIES", "ONE_QUERY_SERIAL_WORK"]
+           "QUERY_BLOCK", "DB_BLOCK", "SCAN_MAX_QUERIES", "ONE_QUERY_SERIAL_WORK", "NUMPY_EXACT_WORK"]
 
 # A 1024 x 1024 float32 block is 4 MiB: large enough for GEMM to run near peak (many queries
 # share each database row), small enough to stay in the last-level cache while it is folded.
@@ -30,6 +30,14 @@ DB_BLOCK = 1024
 # Below this many queries a GEMM cannot reuse database rows across queries, and one fused pass
 # (distance + heap per row, vectors read once) beats GEMV plus a second pass over the scores.
 SCAN_MAX_QUERIES = 4
+
+
+# Up to this many query-row scores (q * n) one numpy pass answers a batch exactly: one GEMM, a
+# partial sort per row and the survivors' distances recomputed. It runs no compiled kernel, so a
+# first build's self-tune and first small batch searches compile nothing for it, and at this size
+# it costs a few milliseconds; past it the fused fold below is faster and never holds the (q, n)
+# score matrix (64 MiB at this limit).
+NUMPY_EXACT_WORK = 1 << 24
 
 
 # Scores are screened in chunks: the chunk's minimum is a branch-free, vectorisable reduction,
@@ -175,10 +183,41 @@ def _partial_topk(Q, X, x_sqnorm, k, proxy, mask, x_start, x_stop, query_block, 
     return _gemm_topk(Q, X, x_sqnorm, k, proxy, mask, x_start, x_stop, query_block, db_block)
 
 
+def _numpy_exact(Q, X, k, proxy, mask, exact_distances):
+    """:func:`exact_search` of a small batch (``q * n <= NUMPY_EXACT_WORK``) with numpy alone."""
+    nq, n = Q.shape[0], X.shape[0]
+    S = Q @ X.T
+    if proxy == L2SQ:
+        S *= np.float32(-2.0)
+        S += np.einsum("ij,ij->i", X, X)[None, :]
+    else:
+        np.negative(S, out=S)
+    if mask.shape[0]:
+        S[:, ~mask] = np.inf
+    if k < n:
+        ids = np.argpartition(S, k - 1, axis=1)[:, :k]
+    else:
+        ids = np.broadcast_to(np.arange(n), (nq, n)).copy()
+    d = np.take_along_axis(S, ids, axis=1)
+    ids = np.where(np.isinf(d), -1, ids).astype(np.int64)
+    if exact_distances:
+        rows = X[np.maximum(ids, 0)]
+        if proxy == L2SQ:
+            diff = rows - Q[:, None, :]
+            d = np.einsum("qkd,qkd->qk", diff, diff)
+        else:
+            d = -np.einsum("qkd,qd->qk", rows, Q)
+        d = np.where(ids < 0, np.inf, d).astype(np.float32)
+    elif proxy == L2SQ:
+        d += np.einsum("ij,ij->i", Q, Q)[:, None]
+    order = np.lexsort((ids, d))  # best first, equal distances by position, padding last
+    return np.take_along_axis(d, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
 def exact_search(
     Q: np.ndarray,
     X: np.ndarray,
-    x_sqnorm: np.ndarray,
+    x_sqnorm: np.ndarray | None,
     k: int,
     proxy: int,
     mask: np.ndarray | None = None,
@@ -194,8 +233,8 @@ def exact_search(
     ----------
     Q : float32 (q, d), C-contiguous
     X : float32 (n, d), C-contiguous (may be a memory map)
-    x_sqnorm : float32 (n,)
-        ``sqnorms(X)``; only read for squared L2.
+    x_sqnorm : float32 (n,) or None
+        ``sqnorms(X)``; only read for squared L2 (None: computed here when needed).
     k : int
         Neighbours per query (``k <= n``); rows with fewer allowed rows are padded (+inf, -1).
     proxy : int
@@ -206,7 +245,8 @@ def exact_search(
         Recompute the proxies of the k survivors directly from the vectors (removes the
         cancellation error of the norm expansion) and re-sort.
     workers : int, default 1
-        Threads. With more than one, the queries (or, for few queries, the database rows) are
+        Threads (batches of at most ``NUMPY_EXACT_WORK`` scores run one numpy pass, whose GEMM
+        is BLAS's). With more than one, the queries (or, for few queries, the database rows) are
         split over worker threads that each run single-threaded BLAS and serial numba code, and
         the partial results are merged; BLAS is held at one thread meanwhile.
     query_block, db_block : int
@@ -218,6 +258,11 @@ def exact_search(
     """
     nq, n = Q.shape[0], X.shape[0]
     mask_arr = np.zeros(0, dtype=np.bool_) if mask is None else mask
+    if SCAN_MAX_QUERIES < nq and nq * n <= NUMPY_EXACT_WORK:
+        with blas_limit(max(1, workers)):
+            return _numpy_exact(Q, X, k, proxy, mask_arr, exact_distances)
+    if x_sqnorm is None:
+        x_sqnorm = sqnorms(X) if proxy == L2SQ else np.zeros(0, dtype=np.float32)
     args = (x_sqnorm, k, proxy, mask_arr)
     workers = max(1, min(workers, n))
     if workers == 1 and nq <= SCAN_MAX_QUERIES:  # no BLAS on this path
