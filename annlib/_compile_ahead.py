@@ -15,9 +15,8 @@ It runs only when it can help: the build's kernels are not cached yet (the notic
 enabled, and ``ANNLIB_COMPILE_AHEAD`` is not ``0``. A child that fails or is slow changes nothing
 but time: this process then compiles what it still needs itself.
 
-Run by hand it warms the cache for later processes (every family, or those named)::
-
-    python -m annlib._compile_ahead [family ...]
+The children run ``python -m annlib.warmup --spec ...``; run by hand, ``python -m annlib.warmup
+[family ...]`` compiles whole families for later processes (:func:`main`).
 """
 
 from __future__ import annotations
@@ -107,7 +106,7 @@ def start(index: Any, n: int, dim: int) -> bool:
                 return False
             for stage in (STAGE_MANY, STAGE_ALL):
                 _children[(family, stage)] = subprocess.Popen(
-                    [sys.executable, "-m", "annlib._compile_ahead", "--spec", json.dumps({**spec, "stage": stage})],
+                    [sys.executable, "-m", "annlib.warmup", "--spec", json.dumps({**spec, "stage": stage})],
                     env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             pending = True
     except Exception:
@@ -177,11 +176,14 @@ def _compile_from_spec(spec: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m annlib._compile_ahead [family ...]``: compile and cache families' kernels."""
+    """``python -m annlib.warmup [family ...]``: compile and cache families' kernels (all by
+    default); ``--spec JSON`` is a child's stage (:func:`start`). Returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--spec"]:
         _compile_from_spec(json.loads(argv[1]))
         return 0
+    import warnings
+
     import numpy as np
 
     import annlib
@@ -192,16 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         t0 = time.perf_counter()
         try:
-            index = annlib.Index.build(X, method=name)
-            index.search(X[:8], 10)
-            index.search(X[0], 10)
-        except Exception as exc:  # a family that needs more than vectors (a learned metric)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", annlib.CompilationNotice)  # compiling is the point here
+                index = annlib.Index.build(X, method=name)
+                index.search(X[:8], 10)
+                index.search(X[:2], 10)
+                index.search(X[0], 10)
+        except Exception as exc:  # a family that needs more than vectors, or an unknown name
             print(f"{name}: not compiled ({type(exc).__name__}: {exc})", flush=True)
             failed += 1
             continue
         print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
     return 1 if failed == len(names) else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -154,3 +154,12 @@ def test_the_child_compiles_every_kernel_a_first_build_searches_with(family):
     done = subprocess.run([sys.executable, "-c", _COVERAGE, family], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_warmup_command_compiles_named_families_and_reports_unknown_ones(capsys):
+    from annlib import warmup  # noqa: F401  (the module `python -m annlib.warmup` runs)
+
+    assert _compile_ahead.main(["bruteforce", "nosuch"]) == 0
+    out = capsys.readouterr().out
+    assert "bruteforce: " in out and "nosuch: not compiled (ValueError: unknown method 'nosuch'" in out
+    assert _compile_ahead.main(["nosuch"]) == 1
