@@ -53,6 +53,8 @@ def _usable_cpus() -> int:
 def _enabled() -> bool:
     if os.environ.get(_ENV_SWITCH, "1").strip() == "0":
         return False
+    if "python" not in os.path.basename(sys.executable or "").lower():
+        return False  # an embedding program, not an interpreter that can run `-m annlib.warmup`
     if _usable_cpus() < 2:
         return False  # one core: the child would only take turns with this process
     try:

@@ -32,11 +32,11 @@ DB_BLOCK = 1024
 SCAN_MAX_QUERIES = 4
 
 
-# Up to this many query-row scores (q * n) one numpy pass answers a batch exactly: one GEMM, a
-# partial sort per row and the survivors' distances recomputed. It runs no compiled kernel, so a
-# first build's self-tune and first small batch searches compile nothing for it, and at this size
-# it costs a few milliseconds; past it the fused fold below is faster and never holds the (q, n)
-# score matrix (64 MiB at this limit).
+# Up to this many query-row scores (q * n) one numpy pass can answer a batch exactly
+# (``small_by_numpy``): one GEMM, a partial sort per row and the survivors' distances recomputed.
+# It runs no compiled kernel, so a first build's self-tune compiles nothing for its ground truth;
+# it takes 1.5-2.5x the fold's time (tens of milliseconds at this size), and never more than this
+# many scores are held at once (64 MiB).
 NUMPY_EXACT_WORK = 1 << 24
 
 
@@ -226,6 +226,7 @@ def exact_search(
     workers: int = 1,
     query_block: int = QUERY_BLOCK,
     db_block: int = DB_BLOCK,
+    small_by_numpy: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact ``k`` nearest rows of ``X`` for every query, by proxy.
 
@@ -245,12 +246,14 @@ def exact_search(
         Recompute the proxies of the k survivors directly from the vectors (removes the
         cancellation error of the norm expansion) and re-sort.
     workers : int, default 1
-        Threads (batches of at most ``NUMPY_EXACT_WORK`` scores run one numpy pass, whose GEMM
-        is BLAS's). With more than one, the queries (or, for few queries, the database rows) are
+        Threads. With more than one, the queries (or, for few queries, the database rows) are
         split over worker threads that each run single-threaded BLAS and serial numba code, and
         the partial results are merged; BLAS is held at one thread meanwhile.
     query_block, db_block : int
         Block sizes of the GEMM.
+    small_by_numpy : bool, default False
+        Answer batches of at most ``NUMPY_EXACT_WORK`` scores with one numpy pass: no kernel
+        compiles for them, at 1.5-2.5x the fold's time (for ground truth, not for search).
 
     Returns
     -------
@@ -258,7 +261,7 @@ def exact_search(
     """
     nq, n = Q.shape[0], X.shape[0]
     mask_arr = np.zeros(0, dtype=np.bool_) if mask is None else mask
-    if SCAN_MAX_QUERIES < nq and nq * n <= NUMPY_EXACT_WORK:
+    if small_by_numpy and SCAN_MAX_QUERIES < nq and nq * n <= NUMPY_EXACT_WORK:
         with blas_limit(max(1, workers)):
             return _numpy_exact(Q, X, k, proxy, mask_arr, exact_distances)
     if x_sqnorm is None:
