@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,9 +48,14 @@ def test_families_without_an_ahead_index():
     for name in ("bruteforce", "tpuknn"):
         cls = get_family(name)
         assert not cls.compiles_ahead and cls._compile_ahead_index(X, "l2", {}, (10, 4)) is None
-    # kernels it cannot make without running kernels: none, the build compiles them itself
-    assert get_family("hnsw")._compile_ahead_index(X, "l2", {"finger": True}, (10, 4)) is None
+    # codes it cannot make without running kernels: none, the build compiles them itself
     assert get_family("partitioned")._compile_ahead_index(X, "l2", {"quantizer": "int8"}, (10, 4)) is None
+    # FINGER (on by a parameter, or by the data's size) is fitted on the ahead index
+    Y = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
+    hnsw = get_family("hnsw")
+    assert hnsw._compile_ahead_index(Y, "l2", {"finger": True}, (10, 8)).finger_built
+    assert hnsw._compile_ahead_index(Y, "l2", {}, (1 << 20, 8)).finger_built
+    assert not hnsw._compile_ahead_index(Y, "l2", {}, (1000, 8)).finger_built
 
 
 def test_switched_off_by_the_environment(monkeypatch, no_children):
@@ -111,7 +117,7 @@ def test_started_children_compile_and_exit(monkeypatch, no_children):
 # search side; a real self-tuned build of the same family and its batch, few- and one-query
 # searches must then need no new signature of any kernel.
 _COVERAGE = textwrap.dedent("""
-    import sys, warnings
+    import json, sys, warnings
     import numpy as np
     import numba
     warnings.simplefilter("ignore")
@@ -128,19 +134,19 @@ _COVERAGE = textwrap.dedent("""
                     out.update((info.name, name, str(s)) for s in obj.signatures)
         return out
 
-    family = sys.argv[1]
+    family, params = sys.argv[1], json.loads(sys.argv[2])
     rng = np.random.default_rng(1)
     X = rng.standard_normal((3000, 24)).astype(np.float32)
     Q = rng.standard_normal((50, 24)).astype(np.float32)
-    annlib.Index.build(X, method=family, default_recall=None)
+    annlib.Index.build(X, method=family, **{**params, "default_recall": None})
     built = signatures()
     for stage in (_compile_ahead.STAGE_MANY, _compile_ahead.STAGE_ALL):  # as the two children do
-        ahead = get_family(family)._compile_ahead_index(X[:200], "l2", {}, X.shape,
+        ahead = get_family(family)._compile_ahead_index(X[:200], "l2", params, X.shape,
                                                         with_build_kernels=stage == _compile_ahead.STAGE_MANY)
         _compile_ahead.run_ahead_calls(ahead, stage)
     before = signatures()
     assert before - built, "the ahead calls compiled nothing"
-    index = annlib.Index.build(X, method=family)
+    index = annlib.Index.build(X, method=family, **params)
     index.search(Q, 10); index.search(Q[:2], 10); index.search(Q[0], 10)
     new = signatures() - before
     print("NEW", sorted(new))
@@ -148,11 +154,11 @@ _COVERAGE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("family", AHEAD_FAMILIES)
-def test_the_child_compiles_every_kernel_a_first_build_searches_with(family):
+@pytest.mark.parametrize("family, params", [("hnsw", {}), ("hnsw", {"finger": True}), ("partitioned", {})])
+def test_the_child_compiles_every_kernel_a_first_build_searches_with(family, params):
     env = {**os.environ, "ANNLIB_COMPILE_AHEAD": "0", "NUMBA_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _COVERAGE, family], env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run([sys.executable, "-c", _COVERAGE, family, json.dumps(params)], env=env,
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 

@@ -650,8 +650,6 @@ class HNSW(Index):
         # kernels compile on it exactly as on a built graph, which only the insertion kernels
         # being compiled meanwhile could make
         index = cls(metric=metric, **{k: v for k, v in params.items() if k in cls.build_defaults})
-        if index._wants_finger(*shape):
-            return None  # FINGER's kernels take its payload, which only its fitting kernels make
         Xp = np.ascontiguousarray(index._metric.prepare(X), dtype=np.float32)
         m = Xp.shape[0]
         sq = np.einsum("ij,ij->i", Xp, Xp)
@@ -668,6 +666,8 @@ class HNSW(Index):
             cls._reorder(graph)
         else:
             graph.node_positions = np.arange(m, dtype=np.int64)  # as the renumbering leaves it
+        if index._wants_finger(*shape):  # the build's FINGER kernels, and searches with FINGER
+            index._fit_finger(graph, np.random.default_rng(0))
         index._commit(graph)
         index._reset_state(X.shape[1], m, None)
         return index
