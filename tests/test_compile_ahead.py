@@ -25,13 +25,13 @@ def no_children():
     assert not _compile_ahead._children and not _compile_ahead.pending
 
 
-@pytest.mark.parametrize("family", AHEAD_FAMILIES)
+@pytest.mark.parametrize("family, params", [("hnsw", {}), ("partitioned", {}), ("partitioned", {"quantizer": "int8"})])
 @pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
-def test_ahead_index_is_valid_and_searches_exactly_enough(family, metric):
+def test_ahead_index_is_valid_and_searches_exactly_enough(family, params, metric):
     cls = get_family(family)
     assert cls.compiles_ahead
     X = np.random.default_rng(0).standard_normal((200, 12)).astype(np.float32)
-    index = cls._compile_ahead_index(X, metric, {}, (10_000, 12), with_build_kernels=True)
+    index = cls._compile_ahead_index(X, metric, params, (10_000, 12), with_build_kernels=True)
     assert len(index) == 200 and index.metric == metric
     if family == "hnsw":
         index._graph.validate(12, 200)
@@ -48,8 +48,6 @@ def test_families_without_an_ahead_index():
     for name in ("bruteforce", "tpuknn"):
         cls = get_family(name)
         assert not cls.compiles_ahead and cls._compile_ahead_index(X, "l2", {}, (10, 4)) is None
-    # codes it cannot make without running kernels: none, the build compiles them itself
-    assert get_family("partitioned")._compile_ahead_index(X, "l2", {"quantizer": "int8"}, (10, 4)) is None
     # FINGER (on by a parameter, or by the data's size) is fitted on the ahead index
     Y = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
     hnsw = get_family("hnsw")
@@ -154,7 +152,9 @@ _COVERAGE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("family, params", [("hnsw", {}), ("hnsw", {"finger": True}), ("partitioned", {})])
+@pytest.mark.parametrize("family, params", [("hnsw", {}), ("hnsw", {"finger": True}), ("partitioned", {}),
+                                            ("partitioned", {"quantizer": "int8"}),
+                                            ("partitioned", {"rerank": "int8"})])
 def test_the_child_compiles_every_kernel_a_first_build_searches_with(family, params):
     env = {**os.environ, "ANNLIB_COMPILE_AHEAD": "0", "NUMBA_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", _COVERAGE, family, json.dumps(params)], env=env,

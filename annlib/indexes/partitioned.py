@@ -648,22 +648,25 @@ class Partitioned(Index):
 
     @classmethod
     def _compile_ahead_index(cls, X, metric, params, shape, with_build_kernels=False):
-        # two leaves, every point a primary copy of its nearest centre, all-zero codes and
-        # codebooks: the search kernels compile on it exactly as on a trained index, which only
-        # the training kernels being compiled meanwhile could make
+        # two leaves, every point a primary copy of its nearest centre, all-zero codes (and
+        # codebooks, or unit int8 scales): the search kernels compile on it exactly as on a trained
+        # index, which only the training kernels being compiled meanwhile could make
         index = cls(metric=metric, **{k: v for k, v in params.items() if k in cls.build_defaults})
         p = index.params
-        if p["quantizer"] != "pq4":
-            return None
         Xp = np.ascontiguousarray(index._metric.prepare(X), dtype=np.float32)
         m, d = Xp.shape
         C = np.ascontiguousarray(Xp[:2])
         leaf = np.argmin(np.einsum("ijk,ijk->ij", Xp[:, None] - C[None], Xp[:, None] - C[None]), axis=1)
-        w = p["dims_per_block"]
-        d_pad = pad_dim(d, w)
-        coder = _Coder(np.zeros((d_pad // w, CODEWORDS, w), np.float32), None, d_pad, None)
-        placed = _Placed(C, leaf.astype(np.int64), np.arange(m, dtype=np.int64), np.zeros((m, d_pad // w), np.uint8),
-                         np.zeros(m, np.float32), np.zeros(0, np.int64), float(np.finfo(np.float32).max))
+        if p["quantizer"] == "int8":
+            coder = _Coder(None, np.ones(d, np.float32), d, None)
+            codes = np.zeros((m, d), np.int8)
+        else:
+            w = p["dims_per_block"]
+            d_pad = pad_dim(d, w)
+            coder = _Coder(np.zeros((d_pad // w, CODEWORDS, w), np.float32), None, d_pad, None)
+            codes = np.zeros((m, d_pad // w), np.uint8)
+        placed = _Placed(C, leaf.astype(np.int64), np.arange(m, dtype=np.int64), codes, np.zeros(m, np.float32),
+                         np.zeros(0, np.int64), float(np.finfo(np.float32).max))
         index._st = index._assemble(placed, coder, Xp)
         index._reset_state(d, m, None)
         return index
