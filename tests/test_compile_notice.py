@@ -62,7 +62,8 @@ def test_fresh_cache_build_warns_and_cached_build_does_not(tmp_path):
         "    warnings.simplefilter('always')\n"
         "    annlib.Partitioned(num_leaves=8, default_recall=None).build(X)\n"
         "print(sum(isinstance(w.message, annlib.CompilationNotice) for w in got))\n")
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "1"}
+    # no compile-ahead children: this build never searches, they would outlive the process
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "1", "ANNLIB_COMPILE_AHEAD": "0"}
     runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                            timeout=600) for _ in range(2)]
     assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-2000:]
