@@ -1,19 +1,23 @@
-"""Compile a family's search kernels in a second process while this one compiles its build.
+"""Compile a family's search kernels in other processes while this one compiles its build.
 
 The first build of a family on a machine compiles its numba kernels (seconds each; numba holds
 one compiler lock per process, so one process compiles one kernel at a time). A build with the
 self-tune runs two groups of kernels one after the other: the build's (insertion, clustering,
-encoding) and then the search's (the tuner's searches, the exact ground truth, the one-query
-kernel). The second group does not depend on the first: a child process compiles it on another
-core, from the smallest valid index the family can make without any kernel
-(``Index._compile_ahead_index``), and writes numba's cache; this process finds the kernels there
-when it reaches them (numba looks in its cache before compiling a new signature) and waits for
-the child at that point (:func:`wait`) instead of compiling the same kernels itself.
+encoding) and then the search's (the tuner's searches, batch searches, the one-query kernel).
+The second group does not depend on the first: two child processes compile it on the other
+cores, one per stage (:data:`STAGE_MANY`: the tuner and batch searches; :data:`STAGE_ALL`: one
+and a few queries), from the smallest valid index the family can make without a build
+(``Index._compile_ahead_index``; the first child also runs the build's kernels that need no
+trained state, such as HNSW's reverse edges and renumbering), and write numba's cache. This
+process finds the kernels there when it reaches them (numba looks in its cache before compiling
+a new signature, callees included) and, at the first call that needs a stage, waits for that
+stage's child (:func:`wait`) instead of compiling the same kernels itself.
 
 It runs only when it can help: the build's kernels are not cached yet (the notice of
-:mod:`annlib._compile_notice` is issued), the process may use two or more CPUs, numba's cache is
+:mod:`annlib._compile_notice` is issued), the process may use two or more CPUs, numba's JIT is
 enabled, and ``ANNLIB_COMPILE_AHEAD`` is not ``0``. A child that fails or is slow changes nothing
-but time: this process then compiles what it still needs itself.
+but time: this process then compiles what it still needs itself. The children write nothing but
+numba's cache and exit; one still running when this process ends finishes on its own.
 
 The children run ``python -m annlib.warmup --spec ...``; run by hand, ``python -m annlib.warmup
 [family ...]`` compiles whole families for later processes (:func:`main`).
