@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write every point as JSON here")
     p.add_argument("--stage", type=int, default=None, metavar="LEAVES",
                    help="also time the re-ranking stage alone at this many probed leaves")
+    p.add_argument("--no-grid", action="store_true", help="skip the (leaves, reorder) sweep (with --stage)")
     args = p.parse_args(argv)
     X, Q, kth, metric = _read(args.path)
     name = os.path.splitext(os.path.basename(args.path))[0]
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
         _batch(indexes[mode], Q[:8], 8, 100)
         _single(indexes[mode], Q[:8], 8, 100)
     points = []
-    for leaves in [v for v in LEAVES if v <= L]:
+    for leaves in [v for v in LEAVES if v <= L and not args.no_grid]:
         for reorder in REORDER:
             row = {"leaves": leaves, "reorder": reorder}
             for kind, run in (("batch", _batch), ("single", _single)):
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     for kind in ("batch", "single"):
         for mode in MODES:
             front = frontier([(r[f"recall_{mode}"], r[f"qps_{kind}_{mode}"]) for r in points])
-            summary[f"{kind}_{mode}"] = [qps_at_recall(front, lv) for lv in RECALL_LEVELS]
+            summary[f"{kind}_{mode}"] = [qps_at_recall(front, lv) if front else None for lv in RECALL_LEVELS]
     print(f"\n{name}: n={X.shape[0]} d={X.shape[1]} q={Q.shape[0]} metric={metric} leaves built={L}")
     print("bytes per vector: " + ", ".join(f"{m} {info[m]['bytes_per_vector']:.1f}" for m in MODES))
     print("| mode | re-ranking | QPS@" + " / ".join(f"{lv:.2f}" for lv in RECALL_LEVELS) + " | int8 / float32 |")
