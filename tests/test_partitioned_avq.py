@@ -67,6 +67,26 @@ def test_refit_is_a_stationary_point_of_the_loss():
     assert np.abs(grad).max() * float(np.linalg.norm(R[j])) < 1e-3 * base
 
 
+@pytest.mark.parametrize("eta", [0.4, 2.5])
+def test_leaves_smaller_than_the_dimension_match_the_direct_solve(eta):
+    # fewer members than dimensions takes the m x m (Woodbury) form of the system
+    g = np.random.default_rng(5)
+    d, L = 96, 6
+    X = (g.normal(size=(200, d)) * g.uniform(0.5, 2.0, (200, 1))).astype(np.float32)
+    C = X[:L].copy()
+    primary = np.arange(len(X)) % L  # any assignment will do; about 33 members per leaf
+    got = avq_refit(X, C, primary, eta, rescale=False)
+    for j in range(L):
+        Xj = X[primary == j].astype(np.float64)
+        norms = np.linalg.norm(Xj, axis=1)
+        w = norms ** (eta - 1.0)
+        A = w.sum() * np.eye(d) + (eta - 1.0) * (Xj * (w / norms ** 2)[:, None]).T @ Xj
+        ref = np.linalg.solve(A, eta * (w @ Xj))
+        np.testing.assert_allclose(got[j], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    before = avq_loss(X, C, primary, eta)
+    assert (avq_loss(X, got, primary, eta) <= before * (1 + 1e-5)).all()
+
+
 def test_eta_one_gives_the_member_means():
     X, C, primary = clustered(n=3000, d=12)
     R = avq_refit(X, C, primary, 1.0, rescale=False)

@@ -56,6 +56,26 @@ def _weights(norms: np.ndarray, eta: float) -> np.ndarray:
     return np.exp(logw - logw[ok].max())
 
 
+def _solve(U, w, total, eta, b, eye):
+    """``(total I + (eta - 1) U^T diag(w) U)^-1 b``.
+
+    With fewer members ``m`` than dimensions (high ``d``) the Woodbury identity turns the
+    ``d x d`` system into an ``m x m`` one: with ``V = sqrt(|eta - 1| w) U`` and ``s`` the sign of
+    ``eta - 1``, the solution is ``(b - V^T (s total I + V V^T)^-1 V b) / total``; the small
+    matrix is definite (positive for ``s = 1``, negative for ``s = -1``, as ``V V^T`` has
+    eigenvalues below ``|eta - 1| total < total`` then), so LAPACK's solve is stable for both.
+    """
+    m, d = U.shape
+    if m < d:
+        V = U * np.sqrt(abs(eta - 1.0) * w)[:, None]
+        small = V @ V.T
+        small[np.diag_indices(m)] += np.copysign(total, eta - 1.0)
+        return (b - V.T @ np.linalg.solve(small, V @ b)) / total
+    A = (eta - 1.0) * ((U * w[:, None]).T @ U)
+    A += total * eye
+    return np.linalg.solve(A, b)
+
+
 def avq_refit(X: np.ndarray, C: np.ndarray, assign: np.ndarray, eta: float, *, rescale: bool = True,
               threads: int = 1) -> np.ndarray:
     """Centres re-fitted to minimise the anisotropic loss of their members.
@@ -107,9 +127,7 @@ def avq_refit(X: np.ndarray, C: np.ndarray, assign: np.ndarray, eta: float, *, r
                 c = Xj.mean(axis=0)
             else:
                 U = Xj / np.where(norms > 0, norms, 1.0)[:, None]
-                A = (eta - 1.0) * ((U * w[:, None]).T @ U)
-                A += total * eye
-                c = np.linalg.solve(A, eta * (w @ Xj))
+                c = _solve(U, w, total, eta, eta * (w @ Xj), eye)
             if not np.isfinite(c).all():
                 continue  # cannot happen for a positive definite system; kept as a guard
             out[j] = c
