@@ -226,3 +226,15 @@ def test_recall_floor_on_a_shared_set():
     rec = {mode: _recall(ix.search(Q, K, leaves=16, reorder=100).ids, exact) for mode, ix in built.items()}
     assert rec["int8"] >= 0.85, rec
     assert abs(rec["int8"] - rec["float32"]) <= 0.01, rec
+
+
+def test_self_tuned_build_and_threads():
+    # the build's self-tune searches the int8 index; a batch split over threads gives the same
+    X, Q, gt, _, _ = synthetic_set(3000, 16, 80, "cosine", k=K, seed=8)
+    index = annlib.Partitioned.build(X, metric="cosine", rerank="int8", num_leaves=40)
+    assert index.tuning is not None
+    one = index.search(Q, K)
+    two = index.search(Q, K, threads=2)
+    np.testing.assert_array_equal(one.ids, two.ids)
+    np.testing.assert_allclose(one.distances, two.distances, rtol=1e-6)
+    assert _recall(one.ids, gt) >= 0.8

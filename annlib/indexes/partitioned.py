@@ -554,7 +554,8 @@ class Partitioned(Index):
     codebooks; the packed layout is rebuilt, O(n)), ``filter=`` (a filter allowing at most
     ``4 * reorder`` points is answered by an exact scan), ids, save/load with mmap; not
     ``delete``. Memory per point: ``d / (2 w)`` code bytes per stored copy (plus 4 bytes for its
-    position and, for "l2", 4 for its norm term), and ``4 d`` bytes for the re-ranking vectors.
+    position and, for "l2", 4 for its norm term), and ``4 d`` bytes for the re-ranking vectors
+    (plus ``d + 4``, ``+ 4`` for "l2", for their int8 copy with ``rerank="int8"``).
 
     Points the trained codes cannot represent (quantization error above 4 times the 99th
     percentile of the build's, e.g. points added far outside the build's distribution) are not
