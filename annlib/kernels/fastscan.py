@@ -23,7 +23,7 @@ import numba
 import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-from .beam import exact_proxy
+from .beam import exact_proxy, prefetch_row, row_lines
 from .distances import exact_pair
 from .quantization import LookupTables, _build_luts_rows
 from .lut16 import lut16_block, lut16_block_generic, lut16_block_mask
@@ -52,6 +52,12 @@ __all__ = [
 ]
 
 POINT_BLOCK = 32  # points per packed block (the layout of quantization.pack_codes)
+# Candidates ahead of the one being scored whose rows the exact re-ranking prefetches: far
+# enough that a row has arrived when its turn comes, near enough that it is still in L1. On
+# glove-50-200k and kdewall-sift-128-100k any distance from 8 to 24 re-ranked at the same speed
+# (6 was slower at reorder 100-250); docs/benchmarks-partitioned.md, "Prefetched float32
+# re-ranking".
+RERANK_AHEAD = 12
 
 
 class PackedLeaves(NamedTuple):
@@ -513,26 +519,23 @@ def _rerank_rows(Q, X, cand_i, k, proxy, out_d, out_i, q_lo, q_hi):
     # candidates are distinct per row (the scans' slot map keeps one entry per position), so
     # nothing is sorted or de-duplicated here: a sort cost ~40 % of the re-ranking
     R = cand_i.shape[1]
+    lines = row_lines(X)
     for q in range(q_lo, q_hi):
         ids = cand_i[q]
         hd = out_d[q]
         hi = out_i[q]
-        # touch every candidate row first: independent loads overlap their cache misses,
-        # where the scoring loop below would wait for one row at a time
-        touch = np.float32(0.0)
-        for j in range(R):
-            p = ids[j]
-            if p >= 0:
-                x = X[p]
-                for t in range(0, x.shape[0], 16):
-                    touch += x[t]
-        # keeps the loads alive: a test against NaN is folded to "false" by the compiler, which
-        # then deleted this whole loop; a finite constant cannot be folded (and is never hit
-        # by real data; if it were, the heap's first slot is overwritten by the scoring below)
-        if touch == np.float32(-3.0e38):
-            hd[0] = np.float32(np.inf)
+        # rows are requested RERANK_AHEAD candidates before they are scored, so their cache
+        # misses overlap with the scoring instead of each being waited for in turn. (It replaced
+        # a loop that loaded every candidate row before scoring, which this measured 1.1-1.8x
+        # faster than; prefetching all rows before scoring gained less at reorder 100-250.)
+        for j in range(min(RERANK_AHEAD, R)):
+            if ids[j] >= 0:
+                prefetch_row(X, ids[j], lines)
         qv = Q[q]
         for j in range(R):
+            a = j + RERANK_AHEAD
+            if a < R and ids[a] >= 0:
+                prefetch_row(X, ids[a], lines)
             p = ids[j]
             if p < 0:
                 continue
