@@ -4,14 +4,14 @@ The first build of a family on a machine compiles its numba kernels (seconds eac
 one compiler lock per process, so one process compiles one kernel at a time). A build with the
 self-tune runs two groups of kernels one after the other: the build's (insertion, clustering,
 encoding) and then the search's (the tuner's searches, batch searches, the one-query kernel).
-The second group does not depend on the first: two child processes compile it on the other
-cores, one per stage (:data:`STAGE_MANY`: the tuner and batch searches; :data:`STAGE_ALL`: one
-and a few queries), from the smallest valid index the family can make without a build
-(``Index._compile_ahead_index``; the first child also runs the build's kernels that need no
-trained state, such as HNSW's reverse edges and renumbering), and write numba's cache. This
+The second group does not depend on the first: a child process compiles it on another core, in
+two stages (:data:`STAGE_MANY`: the tuner and batch searches; :data:`STAGE_ALL`: one and a few
+queries), from the smallest valid index the family can make without a build
+(``Index._compile_ahead_index``; the child first runs the build's kernels that need no trained
+state, such as HNSW's reverse edges and renumbering), and writes numba's cache. This
 process finds the kernels there when it reaches them (numba looks in its cache before compiling
-a new signature, callees included) and, at the first call that needs a stage, waits for that
-stage's child (:func:`wait`) instead of compiling the same kernels itself.
+a new signature, callees included) and, at the first call that needs a stage, waits until the
+child reports it (:func:`wait`) instead of compiling the same kernels itself.
 
 It runs only when it can help: the build's kernels are not cached yet (the notice of
 :mod:`annlib._compile_notice` is issued), the process may use two or more CPUs, numba's JIT is
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -39,9 +40,10 @@ __all__ = ["start", "wait", "pending", "run_ahead_calls", "main", "WAIT_LIMIT_S"
 WAIT_LIMIT_S = 120.0
 _ENV_SWITCH = "ANNLIB_COMPILE_AHEAD"
 
-# The two stages, each compiled by a child of its own (see run_ahead_calls).
+# The two stages of compilation (see run_ahead_calls); a child reports "stage N" on its standard
+# output when its kernels of stage N are compiled.
 STAGE_MANY, STAGE_ALL = 1, 2
-_children: dict[tuple[str, int], subprocess.Popen] = {}  # (family, stage) -> its child
+_children: list = []  # _Child objects of the children still followed
 _lock = threading.Lock()
 # Read by the search paths on every call: a plain module attribute, true while a child runs.
 pending = False
@@ -79,10 +81,10 @@ def _json_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def start(index: Any, n: int, dim: int) -> bool:
-    """Start the children that compile ``index``'s search kernels, if they can help.
+    """Start the child that compiles ``index``'s search kernels, if it can help.
 
-    Two children, one per stage (see :func:`run_ahead_calls`), so that the build, the tuner's
-    kernels and the one-query kernels compile side by side.
+    One child for both stages: a child per stage measured 1.5x the CPU time (each compiles the
+    callees both stages share, and three processes then share two cores), and slower.
 
     Parameters
     ----------
@@ -94,7 +96,7 @@ def start(index: Any, n: int, dim: int) -> bool:
     Returns
     -------
     bool
-        Whether children were started. Never raises: on any failure nothing is started.
+        Whether a child was started. Never raises: on any failure nothing is started.
     """
     global pending
     family = getattr(index, "family", None)
@@ -108,16 +110,49 @@ def start(index: Any, n: int, dim: int) -> bool:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         with _lock:
-            if any(name == family for name, _ in _children):
+            if any(child.family == family for child in _children):  # one per family at a time
                 return False
-            for stage in (STAGE_MANY, STAGE_ALL):
-                _children[(family, stage)] = subprocess.Popen(
-                    [sys.executable, "-m", "annlib.warmup", "--spec", json.dumps({**spec, "stage": stage})],
-                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stages = (STAGE_MANY, STAGE_ALL)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "annlib.warmup", "--spec", json.dumps({**spec, "stages": stages})],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            _children.append(_Child(family, stages, process))
             pending = True
     except Exception:
         return False
     return True
+
+
+class _Child:
+    """A child process, the stages it compiles, and the last one it reported done."""
+
+    def __init__(self, family: str, stages: tuple[int, ...], process: subprocess.Popen):
+        self.family, self.stages, self.process = family, stages, process
+        self.reached = 0
+
+    def follow(self, stage: int, deadline: float) -> None:
+        """Read the child's "stage N" lines until it reports ``stage``, exits, or time is up."""
+        while self.reached < stage:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.process.stdout], [], [], left)[0]:
+                return
+            line = self.process.stdout.readline()
+            if not line:  # exited (done or failed): nothing more will come
+                self.reached = STAGE_ALL
+                return
+            if line.startswith(b"stage "):
+                self.reached = max(self.reached, int(line.split()[1]))
+
+    def reap(self, deadline: float) -> bool:
+        """Collect the exited process (True), or False while it still runs."""
+        if self.reached < max(self.stages) and self.process.poll() is None:
+            return False
+        try:
+            self.process.stdout.close()
+            self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:
+            return False  # reported everything but has not exited yet: collected next time
+        return True
 
 
 def wait(family: str | None = None, stage: int = 2, limit_s: float = WAIT_LIMIT_S) -> None:
@@ -131,22 +166,26 @@ def wait(family: str | None = None, stage: int = 2, limit_s: float = WAIT_LIMIT_
     global pending
     deadline = time.monotonic() + limit_s
     with _lock:
-        for key, child in list(_children.items()):
-            if family is None or (key[0] == family and key[1] <= stage):
-                try:
-                    child.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except Exception:
-                    continue  # too slow: keep it, wait for it no longer in this call
-            if child.poll() is not None:
-                del _children[key]
+        for child in list(_children):
+            if family is None or child.family == family:
+                wanted = max(child.stages) if family is None else min(stage, max(child.stages))
+                if min(child.stages) <= wanted:
+                    try:
+                        child.follow(wanted, deadline)
+                    except Exception:
+                        child.reached = STAGE_ALL  # cannot follow it: wait for it no longer
+            if child.reap(deadline):
+                _children.remove(child)
         pending = bool(_children)
 
 
-def run_ahead_calls(index: Any, stage: int | None = None, seed: int = 0) -> None:
+def run_ahead_calls(index: Any, stages: tuple[int, ...] = (STAGE_MANY, STAGE_ALL), seed: int = 0,
+                    report=lambda stage: None) -> None:
     """The calls whose kernels the children compile: what a build's self-tune and a user's first
     searches run on ``index``. Stage :data:`STAGE_MANY`: the tuner (its exact ground truth and
     searches of many queries) and a batch search; :data:`STAGE_ALL`: searches of a few queries
-    and of one; None: both. Each call's errors are ignored: only the compilation matters here."""
+    and of one. ``report(stage)`` follows each stage. Each call's errors are ignored: only the
+    compilation matters here."""
     import numpy as np
 
     from .tune.auto import _tune_defaults
@@ -157,12 +196,13 @@ def run_ahead_calls(index: Any, stage: int | None = None, seed: int = 0) -> None
     calls = {STAGE_MANY: (lambda: _tune_defaults(index, Q, None, 0.9, k, seed, held_out=True),
                           lambda: index.search(Q, k), lambda: index.exact_search(Q, k)),
              STAGE_ALL: (lambda: index.search(np.ascontiguousarray(Q[0]), k), lambda: index.search(Q[:2], k))}
-    for s in (STAGE_MANY, STAGE_ALL) if stage is None else (stage,):
-        for call in calls[s]:
+    for stage in stages:
+        for call in calls[stage]:
             try:
                 call()
             except Exception:
                 pass
+        report(stage)
 
 
 def _compile_from_spec(spec: dict[str, Any]) -> None:
@@ -173,12 +213,12 @@ def _compile_from_spec(spec: dict[str, Any]) -> None:
     cls = get_family(spec["family"])
     rng = np.random.default_rng(0)
     X = rng.standard_normal((200, max(2, min(int(spec["dim"]), 16)))).astype(np.float32)
-    stage = int(spec["stage"])
-    # the build's own kernels the family can compile without a build go to the first child
+    stages = tuple(int(s) for s in spec["stages"])
+    # the build's own kernels the family can compile without a build go to the first stage's child
     index = cls._compile_ahead_index(X, spec["metric"], spec["params"], (int(spec["n"]), int(spec["dim"])),
-                                     with_build_kernels=stage == STAGE_MANY)
+                                     with_build_kernels=STAGE_MANY in stages)
     if index is not None:
-        run_ahead_calls(index, stage)
+        run_ahead_calls(index, stages, report=lambda stage: print(f"stage {stage}", flush=True))
 
 
 def main(argv: list[str] | None = None) -> int:

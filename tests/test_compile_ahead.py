@@ -68,45 +68,57 @@ def test_one_core_starts_nothing(monkeypatch, no_children):
     assert not _compile_ahead.start(annlib.BruteForce(), 1000, 8)  # no ahead index anyway
 
 
-def _fake_child(family, stage, seconds):
-    child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+def _fake_child(family, stages, script):
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    child = _compile_ahead._Child(family, stages, process)
     with _compile_ahead._lock:
-        _compile_ahead._children[(family, stage)] = child
+        _compile_ahead._children.append(child)
         _compile_ahead.pending = True
-    return child
+    return process
 
 
-def test_wait_waits_for_the_stages_asked_for(no_children):
-    many = _fake_child("fake", _compile_ahead.STAGE_MANY, 0.3)
-    one = _fake_child("fake", _compile_ahead.STAGE_ALL, 2.0)
+def test_wait_waits_for_the_stage_asked_for(no_children):
+    both = _fake_child("fake", (1, 2), "import time; print('stage 1', flush=True); time.sleep(1.5); "
+                                       "print('stage 2', flush=True)")
     _compile_ahead.wait("other", _compile_ahead.STAGE_ALL)  # another family's: not waited for
-    assert _compile_ahead.pending and many.poll() is None
+    assert _compile_ahead.pending and both.poll() is None
     _compile_ahead.wait("fake", _compile_ahead.STAGE_MANY)
-    assert many.returncode == 0 and one.poll() is None  # the one-query stage still compiling
-    assert list(_compile_ahead._children) == [("fake", _compile_ahead.STAGE_ALL)] and _compile_ahead.pending
+    assert both.poll() is None and _compile_ahead._children[0].reached == 1  # stage 2 still compiling
+    _compile_ahead.wait("fake", _compile_ahead.STAGE_ALL)
+    assert both.returncode == 0 and not _compile_ahead._children and not _compile_ahead.pending
+
+
+def test_a_child_per_stage(no_children):
+    many = _fake_child("fake", (1,), "import time; time.sleep(0.3); print('stage 1', flush=True)")
+    one = _fake_child("fake", (2,), "import time; time.sleep(2.0); print('stage 2', flush=True)")
+    _compile_ahead.wait("fake", _compile_ahead.STAGE_MANY)
+    assert many.returncode == 0 and one.poll() is None  # the one-query child is not waited for
+    assert [c.stages for c in _compile_ahead._children] == [(2,)] and _compile_ahead.pending
     _compile_ahead.wait("fake", _compile_ahead.STAGE_ALL)
     assert one.returncode == 0 and not _compile_ahead._children and not _compile_ahead.pending
 
 
 def test_wait_gives_up_at_its_limit_and_a_dead_child_is_reaped(no_children):
-    child = _fake_child("slow", _compile_ahead.STAGE_MANY, 30)
+    process = _fake_child("slow", (1, 2), "import time; time.sleep(30)")
     _compile_ahead.wait("slow", _compile_ahead.STAGE_MANY, limit_s=0.2)
-    assert child.poll() is None and _compile_ahead.pending  # kept: the caller compiles itself meanwhile
-    child.kill()
+    assert process.poll() is None and _compile_ahead.pending  # kept: the caller compiles itself meanwhile
+    process.kill()
     _compile_ahead.wait("slow", limit_s=10)
     assert not _compile_ahead._children and not _compile_ahead.pending
 
 
 @pytest.mark.skipif(_compile_ahead._usable_cpus() < 2, reason="starts only with two or more CPUs")
-def test_started_children_compile_and_exit(monkeypatch, no_children):
+@pytest.mark.parametrize("family", AHEAD_FAMILIES)
+def test_started_children_compile_and_exit(monkeypatch, no_children, family):
     monkeypatch.delenv("ANNLIB_COMPILE_AHEAD", raising=False)
-    index = annlib.HNSW(M=8)
+    index = get_family(family)()
     assert _compile_ahead.start(index, 1000, 8)
     assert _compile_ahead.pending
-    assert not _compile_ahead.start(index, 1000, 8)  # one set of children per family at a time
-    children = [_compile_ahead._children[("hnsw", s)] for s in (_compile_ahead.STAGE_MANY, _compile_ahead.STAGE_ALL)]
-    _compile_ahead.wait("hnsw", _compile_ahead.STAGE_ALL, limit_s=300)
-    assert [c.returncode for c in children] == [0, 0] and not _compile_ahead.pending
+    assert not _compile_ahead.start(index, 1000, 8)  # one child per family at a time
+    children = list(_compile_ahead._children)
+    assert [c.stages for c in children] == [(1, 2)]
+    _compile_ahead.wait(family, _compile_ahead.STAGE_ALL, limit_s=300)
+    assert [c.process.returncode for c in children] == [0] * len(children) and not _compile_ahead.pending
 
 
 # The kernels the child compiles must be exactly those a real first build and its first searches
@@ -138,10 +150,8 @@ _COVERAGE = textwrap.dedent("""
     Q = rng.standard_normal((50, 24)).astype(np.float32)
     annlib.Index.build(X, method=family, **{**params, "default_recall": None})
     built = signatures()
-    for stage in (_compile_ahead.STAGE_MANY, _compile_ahead.STAGE_ALL):  # as the two children do
-        ahead = get_family(family)._compile_ahead_index(X[:200], "l2", params, X.shape,
-                                                        with_build_kernels=stage == _compile_ahead.STAGE_MANY)
-        _compile_ahead.run_ahead_calls(ahead, stage)
+    ahead = get_family(family)._compile_ahead_index(X[:200], "l2", params, X.shape, with_build_kernels=True)
+    _compile_ahead.run_ahead_calls(ahead)  # as the child does
     before = signatures()
     assert before - built, "the ahead calls compiled nothing"
     index = annlib.Index.build(X, method=family, **params)
