@@ -4,7 +4,8 @@ The exact re-ranking (:func:`annlib.kernels.fastscan.rerank`, also inside the fe
 kernels) is timed for the library as it is and as it was at ``--before COMMIT`` (extracted with
 ``git archive``, as :mod:`.per_call` does). One index is built and saved by this process; two
 worker processes load it, one per library, and take turns round by round (the order flipped
-every round), so a load change on a shared machine hits both alike. Each round times:
+every round), so a load change on a shared machine hits both alike; ``--pairs`` fresh pairs of
+workers are started one after the other. Each round times:
 
 * the re-ranking stage alone: the candidates of a batch scan at ``--leaves`` probed leaves,
   ``reorder`` 20 / 100 / 250, re-ranked by ``fastscan.rerank`` (µs per query, best of 3);
@@ -18,7 +19,7 @@ Single-threaded.
 Usage::
 
     taskset -c 1 python -m annlib.bench.rerank_prefetch <file.hdf5> --before COMMIT [--leaves 24]
-        [--after COMMIT] [--rounds 7] [--out results/rerank-prefetch-<set>.json]
+        [--after COMMIT] [--pairs 4] [--rounds 3] [--out results/rerank-prefetch-<set>.json]
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ K = 10
 STAGE_REORDER = (20, 100, 250)
 SEARCH_REORDER = 100
 MODES = ("batch", "three", "one")
+
+
+def _anon_huge_kb() -> int:
+    """Transparent huge pages of this process (kB; -1 where the kernel does not say)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
 
 
 def _worker() -> None:
@@ -95,7 +108,7 @@ def _worker() -> None:
 
             for mode in MODES:  # compile (or load from the cache) and warm
                 search(mode)
-            reply = {"annlib": annlib.__file__, "queries": nq}
+            reply = {"annlib": annlib.__file__, "queries": nq, "anon_huge_kb": _anon_huge_kb()}
         elif cmd["do"] == "round":
             reply = {}
             for r in STAGE_REORDER:
@@ -159,7 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--before", required=True, help="git commit of the library to compare with")
     p.add_argument("--after", default=None, help="git commit to time as 'after' (default: the library this runs from)")
     p.add_argument("--leaves", type=int, default=24, help="probed leaves (stage candidates and searches)")
-    p.add_argument("--rounds", type=int, default=7, help="alternating rounds")
+    p.add_argument("--pairs", type=int, default=4, help="fresh before/after worker pairs")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per worker pair")
     p.add_argument("--out", default=None, help="write every round as JSON here")
     args = p.parse_args(argv)
 
@@ -179,24 +193,33 @@ def main(argv=None) -> int:
     os.close(fd)
     index.save(saved)
     load_start = _load()
-    workers = {"before": _Worker("before", _old_tree(args.before)),
-               "after": _Worker("after", _old_tree(args.after) if args.after else None)}
+    before_tree = _old_tree(args.before)
+    after_tree = _old_tree(args.after) if args.after else None
     rounds = []
     try:
-        for label, w in workers.items():
-            print(label, w.ask(do="setup", index=saved, data=os.path.abspath(args.path), leaves=args.leaves), flush=True)
-        for i in range(args.rounds):
-            order = ("before", "after") if i % 2 == 0 else ("after", "before")
-            row = {label: workers[label].ask(do="round") for label in order}
-            bad = [key for key in row["before"] if key.startswith("digest") and row["before"][key] != row["after"][key]]
-            if bad:
-                raise SystemExit(f"results differ between before and after: {bad}")
-            rounds.append(row)
-            print(json.dumps({lb: {k: round(v, 2) for k, v in r.items() if not k.startswith("digest")}
-                              for lb, r in row.items()}), flush=True)
+        # fresh worker pairs: where a process's arrays land in memory stays with it for its life
+        # and would otherwise count as a difference of the code (with one pair, kdewall's batch
+        # figure of one worker was ~20 % lower in 10 of 11 rounds, not seen with four pairs)
+        for pair in range(args.pairs):
+            workers = {"before": _Worker("before", before_tree), "after": _Worker("after", after_tree)}
+            try:
+                for label, w in workers.items():
+                    print(label, w.ask(do="setup", index=saved, data=os.path.abspath(args.path), leaves=args.leaves),
+                          flush=True)
+                for i in range(args.rounds):
+                    order = ("before", "after") if (pair + i) % 2 == 0 else ("after", "before")
+                    row = {label: workers[label].ask(do="round") for label in order}
+                    bad = [key for key in row["before"]
+                           if key.startswith("digest") and row["before"][key] != row["after"][key]]
+                    if bad:
+                        raise SystemExit(f"results differ between before and after: {bad}")
+                    rounds.append(row)
+                    print(json.dumps({lb: {k: round(v, 2) for k, v in r.items() if not k.startswith("digest")}
+                                      for lb, r in row.items()}), flush=True)
+            finally:
+                for w in workers.values():
+                    w.close()
     finally:
-        for w in workers.values():
-            w.close()
         os.unlink(saved)
     load_end = _load()
     name = os.path.splitext(os.path.basename(args.path))[0]
@@ -210,7 +233,8 @@ def main(argv=None) -> int:
                   (r["after"][key] / r["before"][key]) for r in rounds]
         summary[key] = {"before": before, "after": after, "speedup_median": float(np.median(ratios)),
                         "speedup_min": float(min(ratios)), "speedup_max": float(max(ratios))}
-    print(f"\n{name}: {args.leaves} leaves, {args.rounds} alternating rounds, before = {args.before}, "
+    print(f"\n{name}: {args.leaves} leaves, {args.pairs} worker pairs x {args.rounds} alternating rounds, "
+          f"before = {args.before}, "
           f"after = {args.after or 'this tree'}, "
           f"load average {load_start:.2f} -> {load_end:.2f}")
     print("| figure | before | after | speed-up, median (min-max) of rounds |")
@@ -225,7 +249,7 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"dataset": name, "before": args.before, "leaves": args.leaves, "load": [load_start, load_end],
+            json.dump({"dataset": name, "before": args.before, "leaves": args.leaves, "pairs": args.pairs, "load": [load_start, load_end],
                        "rounds": rounds, "summary": summary}, f, indent=1)
     return 0
 
