@@ -207,6 +207,24 @@ def test_add_after_build(synth):
     assert threshold_recall(ids, X, extra[:50], kth_extra, "ip") >= 0.97
 
 
+@pytest.mark.parametrize("eta", [0.01, 2.5, 1000.0])
+@pytest.mark.parametrize("metric", ["cosine", "ip"])
+def test_extreme_eta_and_data_near_the_float32_limit(tmp_path, metric, eta):
+    # a small eta can put a re-fitted centre beyond its members; such a leaf keeps its k-means
+    # centre, so every centre stays in the metric's float32-safe range and the file loads
+    g = np.random.default_rng(11)
+    base = g.normal(size=(200, 16))
+    big = annlib.metrics.get_metric(metric).max_abs(16)
+    X = (base / np.abs(base).max() * 0.99 * min(big, 1e30)).astype(np.float32)
+    index = build(X, metric=metric, avq=eta)
+    assert np.abs(index._st.centres).max() <= big
+    ids, dist = index.search(X[:5], 5)
+    assert (ids >= 0).all() and np.isfinite(dist).all()
+    index.save(tmp_path / "far.annlib")
+    loaded = annlib.load(tmp_path / "far.annlib")
+    np.testing.assert_array_equal(loaded.search(X[:5], 5).ids, ids)
+
+
 @pytest.mark.parametrize("value, exc, match", [
     (0, ValueError, r"avq must be in \(0\.0, inf\); got 0\.0"),
     (-1.5, ValueError, r"avq must be in \(0\.0, inf\)"),

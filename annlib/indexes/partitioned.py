@@ -691,7 +691,13 @@ class Partitioned(Index):
                 # then spilling and codes against the re-fitted centres; the primaries are kept
                 # (the re-fit is optimal for exactly these members)
                 primary, _ = assign_nearest(X, C, threads=get_num_threads())
-                C = avq_refit(X, C, primary, p["avq"], threads=get_num_threads())
+                refit = avq_refit(X, C, primary, p["avq"], threads=get_num_threads())
+                # a re-fitted centre may lie farther out than its members (small eta, data near
+                # the float32-safe limit); such a leaf keeps its k-means centre, so scores cannot
+                # overflow and the saved centres pass validate()
+                far = (np.abs(refit) > self._metric.max_abs(d)).any(axis=1)
+                refit[far] = C[far]
+                C = refit
             coder = self._train_coder(X, C, rng, primary)
             report(55)
             placed = self._place(X, 0, C, coder, None, n / L, rng,
