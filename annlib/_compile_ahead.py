@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["start", "wait", "pending", "run_ahead_calls", "main", "WAIT_LIMIT_S", "STAGE_MANY", "STAGE_ALL"]
+__all__ = ["start", "wait", "ready", "pending", "run_ahead_calls", "main", "WAIT_LIMIT_S", "STAGE_MANY", "STAGE_ALL"]
 
 # Longest a search waits for the child; past it this process compiles what it needs itself.
 WAIT_LIMIT_S = 120.0
@@ -133,8 +133,8 @@ class _Child:
     def follow(self, stage: int, deadline: float) -> None:
         """Read the child's "stage N" lines until it reports ``stage``, exits, or time is up."""
         while self.reached < stage:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.process.stdout], [], [], left)[0]:
+            left = max(0.0, deadline - time.monotonic())  # 0: only what has arrived already
+            if not select.select([self.process.stdout], [], [], left)[0]:
                 return
             line = self.process.stdout.readline()
             if not line:  # exited (done or failed): nothing more will come
@@ -153,6 +153,23 @@ class _Child:
         except Exception:
             return False  # reported everything but has not exited yet: collected next time
         return True
+
+
+def ready(family: str, stage: int) -> bool:
+    """Whether ``family``'s kernels of stage ``stage`` are compiled (or no child compiles them):
+    :func:`wait` without waiting. Never raises."""
+    now = time.monotonic()
+    with _lock:
+        for child in _children:
+            wanted = min(stage, max(child.stages))
+            if child.family == family and min(child.stages) <= wanted:
+                try:
+                    child.follow(wanted, now)
+                except Exception:
+                    child.reached = STAGE_ALL
+                if child.reached < wanted:
+                    return False
+    return True
 
 
 def wait(family: str | None = None, stage: int = 2, limit_s: float = WAIT_LIMIT_S) -> None:

@@ -32,7 +32,8 @@ __version__ = "0.1.0"
 
 _F32 = np.dtype(np.float32)
 _NO_IDS = np.zeros(0, dtype=np.int64)
-# Searches of at most this many queries run the families' few-query kernels (see _compile_ahead).
+# Searches of at most this many queries run the families' few-query kernels; more run the batch
+# kernels (a first build compiles the two groups separately, see _compile_ahead).
 _FEW_QUERIES = 4
 
 
@@ -491,9 +492,9 @@ class Index:
                         sp = None
                 else:
                     sp = self.__dict__.get("_cached_search_defaults")
-                if sp is not None and _compile_ahead.pending:
-                    _compile_ahead.wait(self.family)  # a first build's kernels, compiled aside
-                if sp is not None:
+                # (while a first build's one-query kernel still compiles aside, the path below)
+                if sp is not None and (not _compile_ahead.pending
+                                       or _compile_ahead.ready(self.family, _compile_ahead.STAGE_ALL)):
                     found = self._rw.call_read(one, q, k, sp, threads)
                     if found is not None:
                         if ndim == 2:
@@ -501,15 +502,20 @@ class Index:
                         return _new_result(found)
         # This path runs once per query in one-at-a-time use, so it avoids work it can skip.
         self._require_built()
-        if _compile_ahead.pending:  # a first build's search kernels are being compiled aside
-            few = np.ndim(Q) < 2 or len(Q) <= _FEW_QUERIES
-            _compile_ahead.wait(self.family, _compile_ahead.STAGE_ALL if few else _compile_ahead.STAGE_MANY)
         Q32, was_1d = V.as_vectors(Q, "Q", allow_1d=True, limit=self._metric.max_abs)
         if Q32.shape[1] != self._dim:
             V.check_dim(Q32.shape[1], self._dim)
         if threads is not None:
             threads = V.check_threads(threads)
         Qp = self._metric.prepare(Q32)
+        asked = 0
+        if _compile_ahead.pending:  # a first build's search kernels are being compiled aside
+            _compile_ahead.wait(self.family, _compile_ahead.STAGE_MANY)
+            if Qp.shape[0] <= _FEW_QUERIES and not _compile_ahead.ready(self.family, _compile_ahead.STAGE_ALL):
+                # the kernels of one and a few queries are still compiling: meanwhile these
+                # queries run through the batch kernels, padded to a batch with the last one
+                asked = Qp.shape[0]
+                Qp = np.concatenate([Qp, np.repeat(Qp[-1:], _FEW_QUERIES + 1 - asked, axis=0)])
         with self._rw.read():
             k = V.check_k(k, len(self))
             sp = self._validated_search_params(params) if params else self._default_search_params()
@@ -519,6 +525,8 @@ class Index:
             else:
                 with config.threads(threads):
                     proxy, pos = self._search_under_policy(Qp, k, mask, sp)
+            if asked:
+                proxy, pos = proxy[:asked], pos[:asked]
             dist = self._metric.to_distance(proxy)
             pos = np.asarray(pos, dtype=np.int64)
             # Rows are sorted with padding last, so a -1 anywhere shows in the last column.

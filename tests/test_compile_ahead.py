@@ -179,3 +179,27 @@ def test_warmup_command_compiles_named_families_and_reports_unknown_ones(capsys)
     out = capsys.readouterr().out
     assert "bruteforce: " in out and "nosuch: not compiled (ValueError: unknown method 'nosuch'" in out
     assert _compile_ahead.main(["nosuch"]) == 1
+
+
+@pytest.mark.parametrize("family", AHEAD_FAMILIES)
+def test_while_the_one_query_kernels_compile_few_queries_use_the_batch_kernels(family, no_children):
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((2000, 16)).astype(np.float32)
+    Q = rng.standard_normal((3, 16)).astype(np.float32)
+    index = annlib.Index.build(X, method=family)
+    expected_one, expected_few = index.search(Q[0], 10), index.search(Q, 10)
+    process = _fake_child(family, (1, 2), "import time; print('stage 1', flush=True); time.sleep(60)")
+    try:
+        import time
+
+        t0 = time.monotonic()
+        one, few = index.search(Q[0], 10), index.search(Q, 10)
+        assert time.monotonic() - t0 < 30  # answered without waiting for stage 2
+        assert process.poll() is None and not _compile_ahead.ready(family, _compile_ahead.STAGE_ALL)
+        assert _compile_ahead.ready(family, _compile_ahead.STAGE_MANY)
+    finally:
+        process.kill()
+    assert one.ids.shape == (10,) and few.ids.shape == (3, 10)
+    for got, want in ((one.ids[None], expected_one.ids[None]), (few.ids, expected_few.ids)):
+        assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)]) >= 0.9
+    np.testing.assert_allclose(few.distances[:, 0], expected_few.distances[:, 0], rtol=1e-4, atol=1e-4)
