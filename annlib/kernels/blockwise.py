@@ -33,8 +33,9 @@ SCAN_MAX_QUERIES = 4
 
 
 # Up to this many query-row scores (q * n) one numpy pass can answer a batch exactly
-# (``small_by_numpy``): one GEMM, a partial sort per row and the survivors' distances recomputed.
-# It runs no compiled kernel, so a first build's self-tune compiles nothing for its ground truth;
+# (``small_by_numpy``): one GEMM and a partial sort per row choose the survivors, whose distances
+# are then recomputed and sorted as the fold path does. The fold kernel itself is not needed, so
+# a first build's self-tune compiles little for its ground truth;
 # it takes 1.5-2.5x the fold's time (tens of milliseconds at this size), and never more than this
 # many scores are held at once (64 MiB).
 NUMPY_EXACT_WORK = 1 << 24
@@ -199,16 +200,13 @@ def _numpy_exact(Q, X, k, proxy, mask, exact_distances):
     else:
         ids = np.broadcast_to(np.arange(n), (nq, n)).copy()
     d = np.take_along_axis(S, ids, axis=1)
-    ids = np.where(np.isinf(d), -1, ids).astype(np.int64)
+    ids = np.ascontiguousarray(np.where(np.isinf(d), -1, ids), dtype=np.int64)
     if exact_distances:
-        rows = X[np.maximum(ids, 0)]
-        if proxy == L2SQ:
-            diff = rows - Q[:, None, :]
-            d = np.einsum("qkd,qkd->qk", diff, diff)
-        else:
-            d = -np.einsum("qkd,qd->qk", rows, Q)
-        d = np.where(ids < 0, np.inf, d).astype(np.float32)
-    elif proxy == L2SQ:
+        # the fold path's own finish, so both paths return the same numbers in the same order
+        d = rows_proxy(Q, X, ids, proxy)
+        sort_rows_inplace(d, ids)
+        return d, ids
+    if proxy == L2SQ:
         d += np.einsum("ij,ij->i", Q, Q)[:, None]
     order = np.lexsort((ids, d))  # best first, equal distances by position, padding last
     return np.take_along_axis(d, order, axis=1), np.take_along_axis(ids, order, axis=1)
@@ -252,8 +250,9 @@ def exact_search(
     query_block, db_block : int
         Block sizes of the GEMM.
     small_by_numpy : bool, default False
-        Answer batches of at most ``NUMPY_EXACT_WORK`` scores with one numpy pass: no kernel
-        compiles for them, at 1.5-2.5x the fold's time (for ground truth, not for search).
+        Choose the survivors of batches of at most ``NUMPY_EXACT_WORK`` scores with one numpy
+        pass instead of the compiled fold (not compiled for them), at 1.5-2.5x the fold's time
+        (for ground truth, not for search). Results equal the fold's up to ties.
 
     Returns
     -------
