@@ -263,14 +263,17 @@ def test_finger_auto_builds_it_from_a_data_size(blobs, monkeypatch):
     assert small.search_stats()["estimated_per_query"] == 0
     assert HNSW(default_recall=None, M=8, finger=True).build(X).finger_built
     monkeypatch.setattr(HNSW, "_FINGER_MIN_NUMBERS", X.shape[0] * X.shape[1])
-    at = HNSW(default_recall=None, M=8).build(X)
+    # enough numbers, but d = 24 < 2 x rank 64: an estimate would cost about an exact distance
+    assert not HNSW(default_recall=None, M=8).build(X).finger_built
+    at = HNSW(default_recall=None, M=8, finger_rank=12).build(X)  # d = 2 x rank: built
     assert at.finger_built
     at.reset_search_stats()
     at.search(Q, 5, ef=32)
     assert at.search_stats()["estimated_per_query"] > 0
     assert not HNSW(default_recall=None, M=8, finger=False).build(X).finger_built
+    assert not HNSW(default_recall=None, M=8, finger_rank=13).build(X).finger_built
     monkeypatch.setattr(HNSW, "_FINGER_MIN_NUMBERS", X.shape[0] * X.shape[1] + 1)
-    assert not HNSW(default_recall=None, M=8).build(X).finger_built
+    assert not HNSW(default_recall=None, M=8, finger_rank=12).build(X).finger_built
 
 
 def test_search_space():

@@ -525,10 +525,12 @@ class HNSW(Index):
         edge a 64-bit sign code and two floats) so layer-0 searches skip exact distances whose
         estimate cannot enter the result set. Costs ``4 r + 16 * 2M`` bytes per vector.
         ``"auto"`` builds it when the data hold at least ``2**22`` numbers (``n * d``, 16 MB of
-        float32): on smaller sets (SIFT-10k, 5 MB) every FINGER setting measured was slower
-        than the plain walk, on larger ones (MNIST-10k, kdewall-SIFT-100k, GloVe-200k,
-        WordNet-50k) FINGER was faster (docs/benchmarks-hnsw.md). ``index.params["finger"]``
-        keeps what was asked; ``index.finger_built`` says what was built.
+        float32) and ``d >= 2 * finger_rank``: on smaller sets (SIFT-10k, 5 MB) every FINGER
+        setting measured was slower than the plain walk, and so it was on GloVe-200k (d=50,
+        an estimate there costs nearly an exact distance: 0.77x); on MNIST-10k (d=784),
+        kdewall-SIFT-100k (d=128) and WordNet-50k (d=384) FINGER was faster
+        (docs/benchmarks-hnsw.md). ``index.params["finger"]`` keeps what was asked;
+        ``index.finger_built`` says what was built.
     finger_rank : int, default 64
         Rank of the FINGER basis = bits per edge code; clipped to the dimension. Range 1..64.
     random_state : int, None or numpy Generator, default 0
@@ -605,6 +607,8 @@ class HNSW(Index):
     _FINGER_SLACK = 0.1
     # finger="auto" builds FINGER from this many numbers (n * d) on (see the class notes)
     _FINGER_MIN_NUMBERS = 1 << 22
+    # ... and from a dimension of this many times finger_rank on (see _wants_finger)
+    _FINGER_MIN_DIM_PER_RANK = 2
     # FINGER searches descend the upper layers on the basis projections (r floats per node)
     # instead of the vectors (d floats) when d >= this many times r: on MNIST (d=784, r=64)
     # 1.08-1.14x faster at ef 10-16 with equal recall; on kdewall-SIFT (d=128, r=64) 0.88-0.93x
@@ -846,7 +850,11 @@ class HNSW(Index):
         """Whether a build of ``n`` vectors of dimension ``d`` gets FINGER (``finger`` param)."""
         choice = self.params["finger"]
         if choice == "auto":
-            return n * d >= self._FINGER_MIN_NUMBERS
+            # an estimate costs about a rank-r dot product: it only saves work when the exact
+            # distance it replaces is several times dearer (GloVe, d=50 at rank 50: FINGER 0.77x
+            # the plain walk on an idle machine; kdewall d=128: 1.05x; MNIST d=784: 1.40x)
+            rank = self.params["finger_rank"]
+            return n * d >= self._FINGER_MIN_NUMBERS and d >= self._FINGER_MIN_DIM_PER_RANK * rank
         return bool(choice)
 
     def _descends_projected(self, graph: HNSWGraph) -> bool:
