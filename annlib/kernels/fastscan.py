@@ -782,6 +782,24 @@ def pq_one_query_table(index: PQIndexArrays, exact_positions: np.ndarray, ids: n
     return make_table(*index, exact_positions, ids, proxy, *terms)
 
 
+@numba.njit(inline="always", cache=True, nogil=True)
+def pq_one_query_prologue(q, table):
+    """What every one-query kernel over a :func:`pq_one_query_table` layout starts with: the
+    index's arrays, the exact positions, the ids and the proxy read back from ``table``, and
+    the raw query checked and prepared. Returns ``(index, exact, ids, proxy, Qp (1, d), ok)``;
+    ``ok`` is False for a query of the wrong length (the caller checked; a rebuild may have come
+    in between) or one :func:`.query.prepare_query` refuses."""
+    index = PQIndexArrays(f32_2d(table, 0), f32_1d(table, 4), f32_3d(table, 8), i64_1d(table, 12),
+                          u8_3d(table, 16), i32_1d(table, 20), f32_1d(table, 24), f32_1d(table, 28),
+                          f32_2d(table, 32))
+    d = q.shape[0]
+    Qp = np.empty((1, d), dtype=np.float32)
+    ok = d == index.vectors.shape[1]
+    if ok:
+        ok = not prepare_query(q, f64_at(table, 45), int_at(table, 46) != 0, Qp[0])
+    return index, i32_1d(table, 36), i64_1d(table, 40), int_at(table, 44), Qp, ok
+
+
 @numba.njit(cache=True, nogil=True)
 def search_pq_one(q, table, t, n_cand, k, mask, out_d, out_i):
     """The whole 4-bit PQ search of one query, from the raw query to the returned ids and
@@ -809,17 +827,8 @@ def search_pq_one(q, table, t, n_cand, k, mask, out_d, out_i):
     int
         0, or :data:`.query.BAD_QUERY` (nothing searched).
     """
-    index = PQIndexArrays(f32_2d(table, 0), f32_1d(table, 4), f32_3d(table, 8), i64_1d(table, 12),
-                          u8_3d(table, 16), i32_1d(table, 20), f32_1d(table, 24), f32_1d(table, 28),
-                          f32_2d(table, 32))
-    exact = i32_1d(table, 36)
-    ids = i64_1d(table, 40)
-    proxy = int_at(table, 44)
-    d = q.shape[0]
-    if d != index.vectors.shape[1]:  # (the caller checked; a rebuild may have come in between)
-        return BAD_QUERY
-    Qp = np.empty((1, d), dtype=np.float32)
-    if prepare_query(q, f64_at(table, 45), int_at(table, 46) != 0, Qp[0]):
+    index, exact, ids, proxy, Qp, ok = pq_one_query_prologue(q, table)
+    if not ok:
         return BAD_QUERY
     L = index.centres.shape[0]
     best_d = np.empty((1, k), dtype=np.float32)

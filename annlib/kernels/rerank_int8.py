@@ -29,9 +29,9 @@ import numpy as np
 
 from .beam import FASTMATH, prefetch_row, row_lines
 from .distances import exact_pair
-from .fastscan import PQIndexArrays, _slot_kind, few_candidates, merge_exact_one
-from .query import BAD_QUERY, finish_one, prepare_query
-from .table import f32_1d, f32_2d, f32_3d, f64_at, i8_2d, i32_1d, i64_1d, int_at, make_table, u8_3d
+from .fastscan import PQIndexArrays, _slot_kind, few_candidates, merge_exact_one, pq_one_query_prologue
+from .query import BAD_QUERY, finish_one
+from .table import f32_1d, i8_2d, int_at, make_table
 from .threads import run_split
 from .topk import heap_push, heap_sort_inplace, new_heaps
 
@@ -253,21 +253,12 @@ def search_pq_one_int8(q, table, t, n_cand, k, mask, out_d, out_i):
     int
         0, or :data:`.query.BAD_QUERY` (nothing searched).
     """
-    index = PQIndexArrays(f32_2d(table, 0), f32_1d(table, 4), f32_3d(table, 8), i64_1d(table, 12),
-                          u8_3d(table, 16), i32_1d(table, 20), f32_1d(table, 24), f32_1d(table, 28),
-                          f32_2d(table, 32))
-    exact = i32_1d(table, 36)
-    ids = i64_1d(table, 40)
-    proxy = int_at(table, 44)
+    index, exact, ids, proxy, Qp, ok = pq_one_query_prologue(q, table)  # the same layout first
+    if not ok:
+        return BAD_QUERY
     codes = i8_2d(table, 48)
     scales = f32_1d(table, 52)
     half = f32_1d(table, 56)
-    d = q.shape[0]
-    if d != index.vectors.shape[1]:  # (the caller checked; a rebuild may have come in between)
-        return BAD_QUERY
-    Qp = np.empty((1, d), dtype=np.float32)
-    if prepare_query(q, f64_at(table, 45), int_at(table, 46) != 0, Qp[0]):
-        return BAD_QUERY
     L = index.centres.shape[0]
     best_d = np.empty((1, k), dtype=np.float32)
     best_i = np.empty((1, k), dtype=np.int64)
