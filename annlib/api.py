@@ -284,7 +284,7 @@ class Index:
             part = rows[lo:lo + self._EXACT_CHUNK]
             Xs = np.ascontiguousarray(self._vectors_at(part), dtype=np.float32)
             kk = min(k, part.size)
-            # small batches by numpy: the self-tune's ground truth then compiles no kernel
+            # small batches choose their survivors by numpy: the self-tune needs no fold kernel
             d, i = exact_search(Q, Xs, None, kk, self._metric.proxy, small_by_numpy=True)
             i = np.where(i >= 0, part[np.maximum(i, 0)], -1)
             if lo == 0:
