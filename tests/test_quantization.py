@@ -19,7 +19,7 @@ def numpy_lut_sums(T, codes):
     return T[np.arange(T.shape[0])[None, :], codes].astype(np.int64).sum(1)
 
 
-@pytest.mark.parametrize("M", [2, 26, 96])
+@pytest.mark.parametrize("M", [2, 26, 96, 256])
 def test_lut_kernel_equals_numpy_exactly(M):
     g = np.random.default_rng(M)
     codes = g.integers(0, 16, (320, M)).astype(np.uint8)
@@ -34,14 +34,18 @@ def test_lut_kernel_equals_numpy_exactly(M):
         np.testing.assert_array_equal(mins, ref.reshape(-1, 32).min(1))
 
 
-@pytest.mark.parametrize("M", [2, 26, 96])
+@pytest.mark.parametrize("M", [2, 26, 96, 256])
 def test_every_lut16_implementation_scores_like_numpy(M):
     """Each variant this CPU can run (not only the one picked at import) gives the exact sums,
-    their minimum and the mask of the sums under a bar; a bar of 0 admits none."""
+    their minimum and the mask of the sums under a bar; a bar of 0 admits none. With M = 256 a
+    point's sum reaches 256 * 255 = 65,280, the largest a 16-bit sum holds here (the AVX-512
+    kernel's even / odd split is exact only modulo 2^16)."""
     g = np.random.default_rng(M + 1)
     codes = g.integers(0, 16, (32, M)).astype(np.uint8)
     T = g.integers(0, 256, (M, 16)).astype(np.uint8)
     T[:, 3] = 255
+    codes[5] = 3  # one point, odd, at the largest sum
+    codes[10] = 3  # and one even
     ref = numpy_lut_sums(T, codes)
     block = pack_codes(codes)[0]
     for impl in lut16.available():

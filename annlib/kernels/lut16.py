@@ -70,6 +70,8 @@ def _codegen(width: int, masked: bool = False):
     ``masked``: the kernel takes one more argument, a uint16 bar, and returns the 32-bit mask of
     the points whose sum is below it (bit ``p`` for point ``p``) instead of the smallest sum.
     """
+    if width == 64:
+        return _codegen_512(masked)
     i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
     v32i8 = ir.VectorType(i8, 32)
 
@@ -78,15 +80,12 @@ def _codegen(width: int, masked: bool = False):
         codes = context.make_array(signature.args[0])(context, builder, codes_v)
         table = context.make_array(signature.args[2])(context, builder, table_v)
         acc = context.make_array(signature.args[5])(context, builder, acc_v)
-        vw = ir.VectorType(i8, width)
-        shuf = _declare(builder.module, ir.FunctionType(vw, [vw, vw]),
-                        "llvm.x86.avx512.pshuf.b.512" if width == 64 else "llvm.x86.avx2.pshuf.b")
+        shuf = _declare(builder.module, ir.FunctionType(v32i8, [v32i8, v32i8]), "llvm.x86.avx2.pshuf.b")
         nibble = _const_vec(i8, 32, [15] * 32)
         four = _const_vec(i8, 32, [4] * 32)
-        halves = 1 if width == 64 else 2  # accumulators of 32 (AVX-512) or 2 x 16 (AVX2) lanes
-        lanes = 32 // halves
+        lanes = 16  # accumulators of 2 x 16 lanes
         vacc = ir.VectorType(i16, lanes)
-        slots = [cgutils.alloca_once_value(builder, ir.Constant(vacc, [0] * lanes)) for _ in range(halves)]
+        slots = [cgutils.alloca_once_value(builder, ir.Constant(vacc, [0] * lanes)) for _ in range(2)]
         cbase = builder.gep(codes.data, [c_off])
         tbase = builder.gep(table.data, [t_off])
         with cgutils.for_range(builder, n_pairs) as loop:
@@ -95,45 +94,113 @@ def _codegen(width: int, masked: bool = False):
             t = builder.load(builder.bitcast(builder.gep(tbase, [off]), v32i8.as_pointer()), align=1)
             lo = builder.and_(c, nibble)
             hi = builder.and_(builder.lshr(c, four), nibble)
-            if width == 64:
-                # table lanes [T2j, T2j, T2j+1, T2j+1] meet index lanes [lo 0-15, lo 16-31, hi 0-15, hi 16-31]
-                t64 = builder.shuffle_vector(t, t, _const_vec(i32, 64, [*range(16), *range(16), *range(16, 32), *range(16, 32)]))
-                idx = builder.shuffle_vector(lo, hi, _const_vec(i32, 64, range(64)))
-                r = builder.call(shuf, [t64, idx])
-                parts = [(r, range(32), range(32, 64))]
-            else:
-                # table lanes [T2j, T2j+1]; points 0-15 then 16-31
-                ra = builder.call(shuf, [t, builder.shuffle_vector(lo, hi, _const_vec(i32, 32, [*range(16), *range(32, 48)]))])
-                rb = builder.call(shuf, [t, builder.shuffle_vector(lo, hi, _const_vec(i32, 32, [*range(16, 32), *range(48, 64)]))])
-                parts = [(ra, range(16), range(16, 32)), (rb, range(16), range(16, 32))]
-            for slot, (r, first, second) in zip(slots, parts):
+            # table lanes [T2j, T2j+1]; points 0-15 then 16-31
+            ra = builder.call(shuf, [t, builder.shuffle_vector(lo, hi, _const_vec(i32, 32, [*range(16), *range(32, 48)]))])
+            rb = builder.call(shuf, [t, builder.shuffle_vector(lo, hi, _const_vec(i32, 32, [*range(16, 32), *range(48, 64)]))])
+            for slot, r in zip(slots, (ra, rb)):
                 undef = ir.Constant(r.type, None)
-                x0 = builder.zext(builder.shuffle_vector(r, undef, _const_vec(i32, lanes, first)), vacc)
-                x1 = builder.zext(builder.shuffle_vector(r, undef, _const_vec(i32, lanes, second)), vacc)
+                x0 = builder.zext(builder.shuffle_vector(r, undef, _const_vec(i32, lanes, range(16))), vacc)
+                x1 = builder.zext(builder.shuffle_vector(r, undef, _const_vec(i32, lanes, range(16, 32))), vacc)
                 builder.store(builder.add(builder.load(slot), builder.add(x0, x1)), slot)
-        if masked:
-            bar = builder.insert_element(ir.Constant(vacc, None), args[7], ir.Constant(i32, 0))
-            bar = builder.shuffle_vector(bar, ir.Constant(vacc, None), _const_vec(i32, lanes, [0] * lanes))
-            bits = ir.Constant(i32, 0)
-            for h, slot in enumerate(slots):
-                v = builder.load(slot)
-                dst = builder.gep(acc.data, [builder.add(a_off, ir.Constant(a_off.type, h * lanes))])
-                builder.store(v, builder.bitcast(dst, vacc.as_pointer()), align=2)
-                below = builder.bitcast(builder.icmp_unsigned("<", v, bar), ir.IntType(lanes))
-                part = builder.zext(below, i32) if lanes < 32 else below
-                if h:
-                    part = builder.shl(part, ir.Constant(i32, h * lanes))
-                bits = builder.or_(bits, part)
-            return bits
-        reduce = _declare(builder.module, ir.FunctionType(i16, [vacc]), f"llvm.vector.reduce.umin.v{lanes}i16")
-        smallest = None
+        sums = []
         for h, slot in enumerate(slots):
             v = builder.load(slot)
             dst = builder.gep(acc.data, [builder.add(a_off, ir.Constant(a_off.type, h * lanes))])
             builder.store(v, builder.bitcast(dst, vacc.as_pointer()), align=2)
-            m = builder.call(reduce, [v])
-            smallest = m if smallest is None else builder.select(builder.icmp_unsigned("<", m, smallest), m, smallest)
-        return smallest
+            sums.append(v)
+        if masked:
+            return _below_mask(builder, sums, args[7])
+        return _smallest(builder, sums)
+
+    return codegen
+
+
+def _below_mask(builder, sums, bar_value):
+    """The 32-bit mask of the lanes of ``sums`` (uint16 vectors, point order) below the bar."""
+    i32 = ir.IntType(32)
+    bits = ir.Constant(i32, 0)
+    first = 0
+    for v in sums:
+        lanes = v.type.count
+        bar = builder.insert_element(ir.Constant(v.type, None), bar_value, ir.Constant(i32, 0))
+        bar = builder.shuffle_vector(bar, ir.Constant(v.type, None), _const_vec(i32, lanes, [0] * lanes))
+        below = builder.bitcast(builder.icmp_unsigned("<", v, bar), ir.IntType(lanes))
+        part = builder.zext(below, i32) if lanes < 32 else below
+        if first:
+            part = builder.shl(part, ir.Constant(i32, first))
+        bits = builder.or_(bits, part)
+        first += lanes
+    return bits
+
+
+def _smallest(builder, sums):
+    """The smallest lane of ``sums`` (uint16 vectors)."""
+    i16 = ir.IntType(16)
+    smallest = None
+    for v in sums:
+        reduce = _declare(builder.module, ir.FunctionType(i16, [v.type]), f"llvm.vector.reduce.umin.v{v.type.count}i16")
+        m = builder.call(reduce, [v])
+        smallest = m if smallest is None else builder.select(builder.icmp_unsigned("<", m, smallest), m, smallest)
+    return smallest
+
+
+def _codegen_512(masked: bool):
+    """The AVX-512BW block kernel: one 64-byte shuffle per pair of sub-spaces, no widening.
+
+    Per pair, the 32 code bytes are read into both halves of a 512-bit register and the high
+    nibbles shifted down in the upper half (a variable word shift: no shuffle-port work); the
+    table ``[T2j, T2j+1]`` is spread to ``[T2j, T2j, T2j+1, T2j+1]``, one lane per 16 indices.
+    The 64 looked-up bytes are then added as 32 words into one accumulator and, shifted right
+    by 8, into a second: the second holds the exact sums of the odd bytes (odd points), and the
+    first minus 256 times the second those of the even bytes, modulo 2^16, which is exact
+    because every point's whole sum fits 16 bits (``build_luts`` scales for that). The two
+    halves (sub-space ``2j`` and ``2j+1``) and the even / odd points are put together once per
+    block. Against widening every looked-up byte to 16 bits (two zero-extensions and an extract
+    per pair, all on the shuffle port) this measured 1.5x faster per block (23.9 -> 15.7 ns at
+    13 pairs, 57.6 -> 35.5 ns at 32), the same sums.
+    """
+    i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+    v32i8, v64i8 = ir.VectorType(i8, 32), ir.VectorType(i8, 64)
+    v32i16 = ir.VectorType(i16, 32)
+
+    def codegen(context, builder, signature, args):
+        codes_v, c_off, table_v, t_off, n_pairs, acc_v, a_off = args[:7]
+        codes = context.make_array(signature.args[0])(context, builder, codes_v)
+        table = context.make_array(signature.args[2])(context, builder, table_v)
+        acc = context.make_array(signature.args[5])(context, builder, acc_v)
+        shuf = _declare(builder.module, ir.FunctionType(v64i8, [v64i8, v64i8]), "llvm.x86.avx512.pshuf.b.512")
+        nibble_shift = _const_vec(i16, 32, [0] * 16 + [4] * 16)
+        nibble = _const_vec(i8, 64, [15] * 64)
+        eight = _const_vec(i16, 32, [8] * 32)
+        words = cgutils.alloca_once_value(builder, ir.Constant(v32i16, [0] * 32))
+        odd = cgutils.alloca_once_value(builder, ir.Constant(v32i16, [0] * 32))
+        cbase = builder.gep(codes.data, [c_off])
+        tbase = builder.gep(table.data, [t_off])
+        with cgutils.for_range(builder, n_pairs) as loop:
+            off = builder.mul(loop.index, ir.Constant(loop.index.type, 32))
+            c = builder.load(builder.bitcast(builder.gep(cbase, [off]), v32i8.as_pointer()), align=1)
+            t = builder.load(builder.bitcast(builder.gep(tbase, [off]), v32i8.as_pointer()), align=1)
+            both = builder.shuffle_vector(c, c, _const_vec(i32, 64, [*range(32), *range(32)]))
+            idx = builder.and_(builder.bitcast(builder.lshr(builder.bitcast(both, v32i16), nibble_shift), v64i8), nibble)
+            # index lanes [lo 0-15, lo 16-31, hi 0-15, hi 16-31] meet table lanes [T2j, T2j, T2j+1, T2j+1]
+            t64 = builder.shuffle_vector(t, t, _const_vec(i32, 64, [*range(16), *range(16), *range(16, 32), *range(16, 32)]))
+            r = builder.bitcast(builder.call(shuf, [t64, idx]), v32i16)
+            builder.store(builder.add(builder.load(words), r), words)
+            builder.store(builder.add(builder.load(odd), builder.lshr(r, eight)), odd)
+        a_odd = builder.load(odd)
+        a_even = builder.sub(builder.load(words), builder.shl(a_odd, eight))
+        undef = ir.Constant(v32i16, None)
+        # word w < 16 holds points 2w, 2w+1 of sub-space 2j, word 16 + w the same of 2j+1
+        even = builder.add(builder.shuffle_vector(a_even, undef, _const_vec(i32, 16, range(16))),
+                           builder.shuffle_vector(a_even, undef, _const_vec(i32, 16, range(16, 32))))
+        odd_sums = builder.add(builder.shuffle_vector(a_odd, undef, _const_vec(i32, 16, range(16))),
+                               builder.shuffle_vector(a_odd, undef, _const_vec(i32, 16, range(16, 32))))
+        v = builder.shuffle_vector(even, odd_sums, _const_vec(i32, 32, [x for w in range(16) for x in (w, 16 + w)]))
+        dst = builder.gep(acc.data, [a_off])
+        builder.store(v, builder.bitcast(dst, v32i16.as_pointer()), align=2)
+        if masked:
+            return _below_mask(builder, [v], args[7])
+        return _smallest(builder, [v])
 
     return codegen
 
