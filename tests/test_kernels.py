@@ -122,6 +122,29 @@ def test_smallest_sorted_matches_a_stable_sort(L, t):
         assert (out_i[n:] == -1).all() and np.isinf(out_d[n:]).all()
 
 
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 7, 216, 894])
+def test_finite_range_skips_inf_and_nan(n):
+    from annlib.kernels.topk import finite_range
+
+    g = np.random.default_rng(n)
+    for case in range(4):
+        row = g.standard_normal(n + 5).astype(np.float32)  # entries past n must not count
+        row[n:] = np.float32(-100.0)
+        if case >= 1:
+            row[:n][g.random(n) < 0.3] = np.inf
+            row[:n][g.random(n) < 0.2] = np.nan
+        if case == 2:
+            row[:n][g.random(n) < 0.2] = -np.inf
+        if case == 3:
+            row[:n] = np.inf
+        lo, high = finite_range(row, n)
+        ok = row[:n][row[:n] < np.inf]
+        if ok.size == 0:
+            assert lo == np.inf and high == -np.inf
+        else:
+            assert lo == ok.min() and high == ok.max()
+
+
 @pytest.mark.parametrize("keep", [1, 7, 100, 250])
 def test_candidate_buffer_shrink_keeps_every_entry_at_or_below_its_bar(keep):
     from annlib.kernels.fastscan import _shrink
