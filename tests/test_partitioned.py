@@ -203,6 +203,28 @@ def test_spill_modes_store_each_point_once_per_leaf(synth, spill):
         assert len(set(row.tolist())) == 10  # spilled copies de-duplicated
 
 
+def test_l2_entries_ascend_by_point_term_within_each_leaf(synth):
+    """Squared L2 lays each leaf's entries out by ||x||^2 / 2 (the scan's per-block bar is then
+    tight), after an add too; each block's bar term is its smallest real entry's, padding left
+    out; the search stays exact with every leaf and candidate."""
+    X, Q = synth
+    index = build(X[:2500], metric="l2", num_leaves=30)
+    index.add(X[2500:3000])
+    st = index._st
+    offsets = st.leaf_block_offsets * 32
+    real = st.entry_positions >= 0
+    for leaf in range(st.num_leaves):
+        part = slice(offsets[leaf], offsets[leaf + 1])
+        terms = st.point_terms[part][real[part]]
+        assert (np.diff(terms) >= 0).all(), leaf
+        assert real[part][:terms.shape[0]].all()  # padding last
+    want = np.where(real, st.point_terms, np.inf).reshape(-1, 32).min(axis=1)
+    np.testing.assert_array_equal(st.packed.point_term_block_min, want)
+    exact = annlib.BruteForce.build(X[:3000], metric="l2").search(Q, 10)
+    got = index.search(Q, 10, leaves=30, reorder=3000)
+    np.testing.assert_array_equal(np.sort(got.ids, axis=1), np.sort(exact.ids, axis=1))
+
+
 def test_anisotropic_threshold_is_applied():
     """The threshold must change the codes: anisotropic codes have a smaller error along the
     vector (the part that changes inner products) at the price of a larger orthogonal one. This

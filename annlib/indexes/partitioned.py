@@ -176,7 +176,8 @@ class PartitionedState:
         else:
             self.centre_sqnorms = _EMPTY_F32
         self.packed = fastscan.PackedLeaves(self.leaf_block_offsets, self.codes, self.entry_positions,
-                                            self.point_terms, fastscan.block_min(self.point_terms))
+                                            self.point_terms,
+                                            fastscan.block_min(self.point_terms, self.entry_positions))
         self.pq_arrays = None
         if self.codebooks is not None:
             self.pq_arrays = fastscan.PQIndexArrays.of(self.centres, self.centre_sqnorms, self.codebooks,
@@ -810,7 +811,15 @@ class Partitioned(Index):
             exact = np.concatenate([exact_before.astype(np.int64), exact])
         L = placed.centres.shape[0]
         B = fastscan.POINT_BLOCK
-        order = np.argsort(placed.leaf, kind="stable")
+        l2 = self._metric.proxy == PROXY_L2SQ
+        # Squared L2 adds a per-entry term ||x||^2 / 2 that the scan bounds per block by the
+        # block's smallest: entries sorted by it within each leaf make that bound tight (kdewall
+        # at 24 leaves: 2,152 -> 757 sums under the bar per query for 529 under the threshold,
+        # the scan 1.24x faster, the same candidates). Other metrics keep the placement order.
+        if l2:
+            order = np.lexsort((placed.half_sqnorms, placed.leaf))
+        else:
+            order = np.argsort(placed.leaf, kind="stable")
         leaf, pos, codes = placed.leaf[order], placed.position[order], placed.codes[order]
         counts = np.bincount(leaf, minlength=L)
         blocks = (counts + B - 1) // B
@@ -822,7 +831,6 @@ class Partitioned(Index):
         entry_positions[slot] = pos
         full = np.zeros((E_pad, codes.shape[1]), dtype=codes.dtype)
         full[slot] = codes
-        l2 = self._metric.proxy == PROXY_L2SQ
         terms = _EMPTY_F32
         if l2:
             terms = np.zeros(E_pad, dtype=np.float32)

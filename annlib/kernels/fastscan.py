@@ -434,15 +434,20 @@ def scan_pq(tables: LookupTables, probes: Probes, leaves: PackedLeaves, mask: np
     return _candidates(buf, n_cand)
 
 
-def block_min(pt):
+def block_min(pt, entry_positions=None):
     """Smallest per-entry term of each packed block (float32 (nb,)), empty for an empty ``pt``.
 
-    The scan turns it into a per-block integer bar on the 16-bit sums.
+    The scan turns it into a per-block integer bar on the 16-bit sums. With ``entry_positions``
+    (int (nb * 32,)), padding entries (-1) are left out: they are never admitted, and their term
+    (0) would otherwise loosen the bar of every leaf's last block (a block of padding only gets
+    +inf: nothing to admit).
     """
     pt = np.asarray(pt, dtype=np.float32)
     if pt.shape[0] == 0:
         return np.zeros(0, dtype=np.float32)
-    return np.ascontiguousarray(pt.reshape(-1, POINT_BLOCK).min(axis=1))
+    if entry_positions is not None:
+        pt = np.where(np.asarray(entry_positions) >= 0, pt, np.float32(np.inf))
+    return np.ascontiguousarray(pt.reshape(-1, POINT_BLOCK).min(axis=1), dtype=np.float32)
 
 
 @numba.njit(cache=True, nogil=True)
