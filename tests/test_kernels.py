@@ -173,6 +173,41 @@ def test_candidate_buffer_shrink_keeps_every_entry_at_or_below_its_bar(keep):
         assert (slots[gone] == 0).all()
 
 
+@pytest.mark.parametrize("keep", [1, 7, 100, 250])
+def test_final_candidate_selection_keeps_exactly_the_best(keep):
+    """fastscan._select_best keeps the `keep` smallest (any of equal ones at the boundary), in the
+    buffer's order when no tie straddles the boundary, returns the worst kept and keeps the slot
+    map right."""
+    from annlib.kernels.fastscan import _select_best
+
+    g = np.random.default_rng(keep + 1)
+    for case in range(4):
+        n = keep + 1 + g.integers(0, keep + 33)
+        bd = g.standard_normal(n + 5).astype(np.float32)
+        if case == 1:
+            bd = np.round(bd * 2).astype(np.float32)  # ties: the quickselect fallback
+        elif case == 2:
+            bd[:] = 0.25
+        elif case == 3:
+            bd *= np.float32(1e-30)  # a range the bisection cannot split far
+        bi = g.permutation(10 * n)[: n + 5].astype(np.int64)
+        slots = np.zeros(10 * n, dtype=np.int32)
+        slots[bi[:n]] = np.arange(1, n + 1)
+        before_d, before_i = bd[:n].copy(), bi[:n].copy()
+        worst = _select_best(bd, bi, n, keep, slots)
+        best = np.sort(before_d)[:keep]
+        np.testing.assert_array_equal(np.sort(bd[:keep]), best)
+        assert worst == best[-1]
+        kept_i = bi[:keep]
+        lookup = dict(zip(before_i.tolist(), before_d.tolist()))
+        assert [lookup[i] for i in kept_i.tolist()] == bd[:keep].tolist()  # ids travel with values
+        if case == 0:  # no ties: the buffer's order
+            order = np.flatnonzero(before_d <= best[-1])
+            np.testing.assert_array_equal(kept_i, before_i[order])
+        np.testing.assert_array_equal(slots[kept_i], np.arange(1, keep + 1))
+        assert (slots[np.setdiff1d(before_i, kept_i)] == 0).all()
+
+
 @pytest.mark.parametrize("proxy", [0, 1])
 @pytest.mark.parametrize("exact", [True, False])
 def test_small_batches_answered_by_numpy_match_the_fold(proxy, exact):
