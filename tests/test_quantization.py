@@ -172,6 +172,26 @@ def test_tables_at_extreme_magnitudes(magnitude):
         assert np.abs(approx - exact).max() <= 8 * float(scale[q]) / 2 * 1.001 + 1e-6 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("magnitude", [1e-20, 1.0, 1e17])
+@pytest.mark.parametrize("M,w", [(8, 2), (25, 2), (64, 2), (386, 2), (12, 1), (6, 4)])
+def test_tables_of_a_batch_equal_those_built_one_query_at_a_time(magnitude, M, w):
+    """Eight queries or more take the loop across sub-spaces; its tables, scales and bases are
+    bit-identical to the per-query loop's (which one or a few queries take), ties, zero rows
+    and sub-spaces of equal codewords included."""
+    g = np.random.default_rng(M * w)
+    cb = (g.normal(size=(M, 16, w)) * magnitude).astype(np.float32)
+    cb[0] = cb[0, :1]  # every codeword alike: a zero range
+    cb[1, 5:9] = cb[1, 4]  # ties for the minimum or maximum
+    Q = (g.normal(size=(13, M * w)) * magnitude).astype(np.float32)
+    Q[3] = 0.0
+    Q[4, :w] = -0.0
+    batch = build_luts(Q, cb)
+    for q in range(Q.shape[0]):
+        one = build_luts(Q[q:q + 1], cb)
+        np.testing.assert_array_equal(batch.tables[q], one.tables[0])
+        assert batch.scale[q] == one.scale[0] and batch.base[q] == one.base[0]
+
+
 def test_many_subspaces_never_overflow_16_bits():
     """With M > 255 the 8-bit entries are scaled so that their rounded sum stays below 65536."""
     g = np.random.default_rng(4)

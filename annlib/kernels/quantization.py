@@ -315,6 +315,11 @@ def _build_luts_rows(Q, cb, T, scale, base, lo, hi):
     # The table values are formed in float64: float32 products of two entries near 1e-20 would
     # underflow and those near the float32-safe limit would leave no room for the offsets, and
     # the scale is then chosen so that rounding can never push a 16-bit sum past 65535.
+    # Eight queries or more go through _luts_across_subspaces (the same values, faster); a few
+    # (the one-query kernels) would spend more on its set-up than they gain.
+    if hi - lo >= 8:
+        _luts_across_subspaces(Q, cb, T, scale, base, lo, hi)
+        return
     M, k, w = cb.shape
     G = np.empty((M, k), dtype=np.float64)
     limit = 65535.0 - M  # each of the M rounded entries may add 1/2 unit
@@ -353,6 +358,77 @@ def _build_luts_rows(Q, cb, T, scale, base, lo, hi):
                 T[q, s, j] = np.uint8(v)
         # a > 0 and finite here (float64 cannot overflow on float32 inputs); a scale that
         # underflows float32 only makes every sum of this query score alike
+        scale[q] = np.float32(1.0 / a)
+        base[q] = np.float32(bsum)
+
+
+@numba.njit(cache=True, nogil=True)
+def _luts_across_subspaces(Q, cb, T, scale, base, lo, hi):
+    # _build_luts_rows's values, each step running across the M sub-spaces (sub-space last in
+    # the scratch arrays) so that it vectorises: every value is formed by the same operations
+    # in the same order (products summed over t in order, minimum and maximum over j in order
+    # with the same strict compares), only the loops are exchanged. The per-sub-space loops of
+    # 16 codewords with a branch per compare took 1.2-1.4 us per glove-50 query and 2.7-3.2 us
+    # per kdewall-128 one; this 0.8 and 1.2 us, with bit-identical tables.
+    M, k, w = cb.shape
+    cbt = np.empty((k, w, M), dtype=np.float64)
+    for s in range(M):
+        for j in range(k):
+            for t in range(w):
+                cbt[j, t, s] = np.float64(cb[s, j, t])
+    qt = np.empty((w, M), dtype=np.float64)
+    G = np.empty((k, M), dtype=np.float64)
+    U = np.empty((k, M), dtype=np.uint8)
+    mn = np.empty(M, dtype=np.float64)
+    mx = np.empty(M, dtype=np.float64)
+    limit = 65535.0 - M  # each of the M rounded entries may add 1/2 unit
+    for q in range(lo, hi):
+        for s in range(M):
+            for t in range(w):
+                qt[t, s] = np.float64(Q[q, s * w + t])
+        for s in range(M):
+            mn[s] = np.inf
+            mx[s] = 0.0
+        for j in range(k):
+            g = G[j]
+            for s in range(M):
+                g[s] = 0.0
+            for t in range(w):
+                c = cbt[j, t]
+                x = qt[t]
+                for s in range(M):
+                    g[s] += x[s] * c[s]
+            for s in range(M):
+                v = -g[s]
+                g[s] = v
+                mn[s] = v if v < mn[s] else mn[s]
+        for j in range(k):
+            g = G[j]
+            for s in range(M):
+                v = g[s] - mn[s]
+                g[s] = v
+                mx[s] = v if v > mx[s] else mx[s]
+        gmax = 0.0
+        gsum = 0.0
+        bsum = 0.0
+        for s in range(M):
+            bsum += mn[s]
+            gsum += mx[s]
+            if mx[s] > gmax:
+                gmax = mx[s]
+        a = 1.0
+        if gmax > 0.0:
+            a = 255.0 / gmax
+            if gsum * a > limit:
+                a = limit / gsum
+        for j in range(k):
+            g = G[j]
+            u = U[j]
+            for s in range(M):
+                u[s] = np.uint8(min(np.floor(g[s] * a + 0.5), 255.0))
+        for s in range(M):
+            for j in range(k):
+                T[q, s, j] = U[j, s]
         scale[q] = np.float32(1.0 / a)
         base[q] = np.float32(bsum)
 
