@@ -670,6 +670,13 @@ def check_capacity(family: str, total: int, limit: int) -> None:
         raise ValueError(f"{family} holds at most {limit} vectors; this call would make it hold {total}")
 
 
+def finger_with_sq8() -> ValueError:
+    """HNSW asked for FINGER together with the walk on 8-bit codes; returned, for the caller
+    to raise."""
+    return ValueError("finger=True cannot be combined with walk='sq8' (the walk on 8-bit codes has no "
+                      "FINGER variant); use finger='auto' or False with walk='sq8'")
+
+
 def avq_needs_inner_product(metric: str) -> ValueError:
     """Partitioned's ``avq`` (re-fit of leaf centres) with a metric that does not score by inner
     product; returned, for the caller to raise."""

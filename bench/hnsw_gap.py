@@ -1,4 +1,5 @@
-"""HNSW (+FINGER) against hnswlib and pynndescent on one data set, timed in alternating rounds.
+"""HNSW (+FINGER, or walking 8-bit codes) against hnswlib and pynndescent on one data set, timed
+in alternating rounds.
 
 For each method and search setting the script first measures recall@10 and (annlib only) the
 exact distance evaluations and FINGER estimates per query, which do not depend on the load of
@@ -14,8 +15,11 @@ Builds are cached in ``--cache`` (annlib's file format, hnswlib's ``save_index``
 set and build parameters, so a change to the walk can be measured against the same graphs.
 
     taskset -c 0 python -m bench.hnsw_gap kdewall-sift-128-euclidean-100k --queries 500
-        [--modes batch,single] [--rounds 5] [--methods annlib,hnswlib,pynndescent] [--out f.json]
+        [--modes batch,single] [--rounds 5] [--methods annlib,sq8,hnswlib,pynndescent] [--out f.json]
         [--also annlib_before]
+
+Method ``sq8`` is annlib built with ``walk="sq8"`` (the same graph: the build inserts on the
+float32 vectors with the same seed), searched at ``rescore`` 2 (the default) and 1.5.
 
 ``--also NAME`` adds the annlib methods of another importable copy of the library (e.g. an
 earlier commit extracted with ``git archive`` and renamed), so before and after are timed in
@@ -146,6 +150,20 @@ def _points(args, X, Q, metric):
                     pts.append((f"ef={ef}", batch, single, index))
                 name = f"{libname} M={M} " + ("FINGER" if finger else "plain")
                 out[name] = (pts, (plain_bytes + (payload if finger else 0)) / n, built)
+    if "sq8" in methods:
+        for M in args.M:
+            index, built = _build_annlib(X, metric, M, False, cache, key, walk="sq8")
+            for rescore in (2.0, 1.5):
+                pts = []
+                for ef in EFS:
+                    def batch(ef=ef, rescore=rescore, index=index):
+                        return index.search(Q, K, ef=ef, rescore=rescore)[0]
+
+                    def single(ef=ef, rescore=rescore, index=index):
+                        return np.stack([index.search(q, K, ef=ef, rescore=rescore)[0][0] for q in Q])
+
+                    pts.append((f"ef={ef}", batch, single, index))
+                out[f"annlib M={M} sq8 r{rescore:g}"] = (pts, index.memory_bytes() / n, built)
     if "hnswlib" in methods:
         for M in args.M:
             index, built = _build_hnswlib(X, metric, M, cache, key)
@@ -198,7 +216,7 @@ def main(argv=None) -> dict:
     p.add_argument("dataset")
     p.add_argument("--data-dir", default=os.environ.get("ANNLIB_DATA", "data"))
     p.add_argument("--queries", type=int, default=None)
-    p.add_argument("--methods", default="annlib,hnswlib,pynndescent")
+    p.add_argument("--methods", default="annlib,sq8,hnswlib,pynndescent")
     p.add_argument("--M", type=lambda s: [int(v) for v in s.split(",")], default=[16, 32])
     p.add_argument("--modes", default="batch,single")
     p.add_argument("--also", action="append", default=[],
