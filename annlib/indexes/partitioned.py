@@ -124,7 +124,8 @@ class PartitionedState:
         Quantization error above which an added vector gets a leaf of its own.
 
     The remaining attributes are derived by :meth:`derive` (never saved): ``centre_sqnorms``
-    (squared L2 only) and the kernels' views ``packed``
+    (squared L2 only), ``negated_centres`` (``-centres``, for the batch search's leaf scores)
+    and the kernels' views ``packed``
     (:class:`~annlib.kernels.fastscan.PackedLeaves`), ``pq_arrays`` and ``rerank_rows``
     (:class:`~annlib.kernels.rerank_int8.Int8Rows` of the three ``rerank_int8_*`` fields, or None).
     """
@@ -145,6 +146,7 @@ class PartitionedState:
     rerank_int8_scales: np.ndarray | None = None
     rerank_int8_half_sqnorms: np.ndarray | None = None
     centre_sqnorms: np.ndarray | None = field(default=None, repr=False, compare=False)
+    negated_centres: np.ndarray | None = field(default=None, repr=False, compare=False)
     packed: Any = field(default=None, repr=False, compare=False)
     pq_arrays: Any = field(default=None, repr=False, compare=False)
     rerank_rows: Any = field(default=None, repr=False, compare=False)
@@ -175,6 +177,7 @@ class PartitionedState:
                                                        dtype=np.float32)
         else:
             self.centre_sqnorms = _EMPTY_F32
+        self.negated_centres = np.ascontiguousarray(-self.centres, dtype=np.float32)
         self.packed = fastscan.PackedLeaves(self.leaf_block_offsets, self.codes, self.entry_positions,
                                             self.point_terms,
                                             fastscan.block_min(self.point_terms, self.entry_positions))
@@ -192,7 +195,8 @@ class PartitionedState:
         """Bytes of every array held, derived ones included."""
         arrays = [self.centres, self.leaf_block_offsets, self.entry_positions, self.codes, self.vectors,
                   self.exact_positions, self.point_terms]
-        arrays += [a for a in (self.codebooks, self.int8_multipliers, self.centre_sqnorms, self.rerank_int8_codes,
+        arrays += [a for a in (self.codebooks, self.int8_multipliers, self.centre_sqnorms, self.negated_centres,
+                               self.rerank_int8_codes,
                                self.rerank_int8_scales, self.rerank_int8_half_sqnorms) if a is not None]
         if self.packed is not None:
             arrays.append(self.packed.point_term_block_min)
@@ -958,10 +962,12 @@ class Partitioned(Index):
 
     def _search_batch(self, Q, k, mask, t, n_cand, st: PartitionedState):
         # the serial kernels: threads split the queries (see _search_probed)
-        S = Q @ st.centres.T
-        D = st.centre_sqnorms[None, :] - 2.0 * S if st.centre_sqnorms.shape[0] else -S
+        # N = -<q, c> exactly (a product with the negated centres: negation is exact and the
+        # same GEMM rounds symmetrically), so inner-product scores need no pass of their own
+        N = Q @ st.negated_centres.T
+        D = st.centre_sqnorms[None, :] + 2.0 * N if st.centre_sqnorms.shape[0] else N
         _, leaf_ids = fastscan.select_leaves(D, t)
-        probes = fastscan.Probes(leaf_ids, np.ascontiguousarray(-np.take_along_axis(S, leaf_ids, axis=1),
+        probes = fastscan.Probes(leaf_ids, np.ascontiguousarray(np.take_along_axis(N, leaf_ids, axis=1),
                                                                 dtype=np.float32))
         if st.codebooks is not None:
             tables = build_luts(pad_columns(Q, st.padded_dim), st.codebooks)
