@@ -194,6 +194,14 @@ def main(argv=None) -> int:
         os.close(fd)
         index.save(saved)
     load_start = _load()
+    root = Path(__file__).resolve().parents[1]
+
+    def commit_of(ref):  # recorded as a hash: HEAD moves on
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", ref], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    before_commit = commit_of(args.before)
+    after_commit = commit_of(args.after) if args.after else f"the tree at {commit_of('HEAD')}"
     before_tree = _old_tree(args.before)
     after_tree = _old_tree(args.after) if args.after else None
     rounds, setups = [], []
@@ -241,8 +249,8 @@ def main(argv=None) -> int:
                   (r["after"][key] / r["before"][key]) for r in rounds]
         summary[key] = {"before": before, "after": after, "speedup_median": float(np.median(ratios)),
                         "speedup_min": float(min(ratios)), "speedup_max": float(max(ratios))}
-    print(f"\n{name}: {args.pairs} worker pairs x {args.rounds} alternating rounds, before = {args.before}, "
-          f"after = {args.after or 'this tree'}, load average {load_start:.2f} -> {load_end:.2f}")
+    print(f"\n{name}: {args.pairs} worker pairs x {args.rounds} alternating rounds, before = {before_commit}, "
+          f"after = {after_commit}, load average {load_start:.2f} -> {load_end:.2f}")
     print("| figure | before | after | speed-up, median (min-max) of rounds |")
     print("|---|---|---|---|")
     for key in keys:
@@ -257,7 +265,7 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"dataset": name, "before": args.before, "after": args.after, "points": points, "build": args.build,
+            json.dump({"dataset": name, "before": before_commit, "after": after_commit, "points": points, "build": args.build,
                        "load": [load_start, load_end], "setups": setups, "rounds": rounds, "summary": summary}, f, indent=1)
     return 0
 
