@@ -114,7 +114,10 @@ def sq8_fit(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     hi = X.max(axis=0).astype(np.float64)
     span = hi - lo
     step = span / CODE_MAX
-    integral = np.all(X == np.round(X), axis=0) & (span <= CODE_MAX)
+    integral = span <= CODE_MAX
+    for lo_row in range(0, X.shape[0], 1 << 14):  # blocks: the temporaries stay small
+        block = X[lo_row:lo_row + (1 << 14)]
+        integral &= np.all(block == np.round(block), axis=0)
     step = np.where(integral | (span <= 0), 1.0, step)
     # a step that rounds to zero in float32 (a tiny but non-constant range) is raised to the
     # smallest one that keeps (x - o) / s finite
