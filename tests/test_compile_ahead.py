@@ -163,7 +163,8 @@ _COVERAGE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("family, params", [("hnsw", {}), ("hnsw", {"finger": True}), ("partitioned", {}),
+@pytest.mark.parametrize("family, params", [("hnsw", {}), ("hnsw", {"finger": True}), ("hnsw", {"walk": "sq8"}),
+                                            ("partitioned", {}),
                                             ("partitioned", {"quantizer": "int8"}),
                                             ("partitioned", {"rerank": "int8"})])
 def test_the_child_compiles_every_kernel_a_first_build_searches_with(family, params):
