@@ -70,10 +70,20 @@ def _codegen(width: int, masked: bool = False):
     ``masked``: the kernel takes one more argument, a uint16 bar, and returns the 32-bit mask of
     the points whose sum is below it (bit ``p`` for point ``p``) instead of the smallest sum.
     """
-    if width == 64:
-        return _codegen_512(masked)
+    return _codegen_512(masked) if width == 64 else _codegen_256(masked)
+
+
+def _codegen_256(masked: bool):
+    """The AVX2 block kernel: two 32-byte shuffles per pair of sub-spaces (points 0-15, 16-31).
+
+    Each shuffle's table lanes are ``[T2j, T2j+1]`` and its index lanes the low and the high
+    nibbles of 16 points; the looked-up bytes are added as words, as in :func:`_codegen_512`
+    (odd bytes by a shift, even ones by difference, exact modulo 2^16). Against widening every
+    byte (zero-extensions and extracts, all shuffle-port work) 27 -> 19 ns per block at 13
+    pairs and 66 -> 42 ns at 32 on an AVX-512 machine running this kernel; the same sums.
+    """
     i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-    v32i8 = ir.VectorType(i8, 32)
+    v32i8, v16i16 = ir.VectorType(i8, 32), ir.VectorType(i16, 16)
 
     def codegen(context, builder, signature, args):
         codes_v, c_off, table_v, t_off, n_pairs, acc_v, a_off = args[:7]
@@ -82,10 +92,10 @@ def _codegen(width: int, masked: bool = False):
         acc = context.make_array(signature.args[5])(context, builder, acc_v)
         shuf = _declare(builder.module, ir.FunctionType(v32i8, [v32i8, v32i8]), "llvm.x86.avx2.pshuf.b")
         nibble = _const_vec(i8, 32, [15] * 32)
-        four = _const_vec(i8, 32, [4] * 32)
-        lanes = 16  # accumulators of 2 x 16 lanes
-        vacc = ir.VectorType(i16, lanes)
-        slots = [cgutils.alloca_once_value(builder, ir.Constant(vacc, [0] * lanes)) for _ in range(2)]
+        four = _const_vec(i16, 16, [4] * 16)
+        eight = _const_vec(i16, 16, [8] * 16)
+        # per half (points 0-15, 16-31): the word sums and the odd bytes' sums
+        slots = [cgutils.alloca_once_value(builder, ir.Constant(v16i16, [0] * 16)) for _ in range(4)]
         cbase = builder.gep(codes.data, [c_off])
         tbase = builder.gep(table.data, [t_off])
         with cgutils.for_range(builder, n_pairs) as loop:
@@ -93,20 +103,27 @@ def _codegen(width: int, masked: bool = False):
             c = builder.load(builder.bitcast(builder.gep(cbase, [off]), v32i8.as_pointer()), align=1)
             t = builder.load(builder.bitcast(builder.gep(tbase, [off]), v32i8.as_pointer()), align=1)
             lo = builder.and_(c, nibble)
-            hi = builder.and_(builder.lshr(c, four), nibble)
-            # table lanes [T2j, T2j+1]; points 0-15 then 16-31
-            ra = builder.call(shuf, [t, builder.shuffle_vector(lo, hi, _const_vec(i32, 32, [*range(16), *range(32, 48)]))])
-            rb = builder.call(shuf, [t, builder.shuffle_vector(lo, hi, _const_vec(i32, 32, [*range(16, 32), *range(48, 64)]))])
-            for slot, r in zip(slots, (ra, rb)):
-                undef = ir.Constant(r.type, None)
-                x0 = builder.zext(builder.shuffle_vector(r, undef, _const_vec(i32, lanes, range(16))), vacc)
-                x1 = builder.zext(builder.shuffle_vector(r, undef, _const_vec(i32, lanes, range(16, 32))), vacc)
-                builder.store(builder.add(builder.load(slot), builder.add(x0, x1)), slot)
+            hi = builder.and_(builder.bitcast(builder.lshr(builder.bitcast(c, v16i16), four), v32i8), nibble)
+            for h in range(2):
+                idx = builder.shuffle_vector(lo, hi, _const_vec(i32, 32, [*range(16 * h, 16 * h + 16),
+                                                                          *range(32 + 16 * h, 48 + 16 * h)]))
+                r = builder.bitcast(builder.call(shuf, [t, idx]), v16i16)
+                words, odd = slots[2 * h], slots[2 * h + 1]
+                builder.store(builder.add(builder.load(words), r), words)
+                builder.store(builder.add(builder.load(odd), builder.lshr(r, eight)), odd)
+        undef = ir.Constant(v16i16, None)
         sums = []
-        for h, slot in enumerate(slots):
-            v = builder.load(slot)
-            dst = builder.gep(acc.data, [builder.add(a_off, ir.Constant(a_off.type, h * lanes))])
-            builder.store(v, builder.bitcast(dst, vacc.as_pointer()), align=2)
+        for h in range(2):
+            a_odd = builder.load(slots[2 * h + 1])
+            a_even = builder.sub(builder.load(slots[2 * h]), builder.shl(a_odd, eight))
+            # word w < 8 holds points 2w, 2w+1 (of this half) of sub-space 2j, word 8 + w of 2j+1
+            even = builder.add(builder.shuffle_vector(a_even, undef, _const_vec(i32, 8, range(8))),
+                               builder.shuffle_vector(a_even, undef, _const_vec(i32, 8, range(8, 16))))
+            odd_sums = builder.add(builder.shuffle_vector(a_odd, undef, _const_vec(i32, 8, range(8))),
+                                   builder.shuffle_vector(a_odd, undef, _const_vec(i32, 8, range(8, 16))))
+            v = builder.shuffle_vector(even, odd_sums, _const_vec(i32, 16, [x for w in range(8) for x in (w, 8 + w)]))
+            dst = builder.gep(acc.data, [builder.add(a_off, ir.Constant(a_off.type, 16 * h))])
+            builder.store(v, builder.bitcast(dst, v16i16.as_pointer()), align=2)
             sums.append(v)
         if masked:
             return _below_mask(builder, sums, args[7])
