@@ -3,20 +3,20 @@
 The scan (:func:`annlib.kernels.fastscan.scan_pq`: the shuffle look-ups and the candidate
 admissions) and the whole batch search are timed for the library as it is and as it was at
 ``--before COMMIT``, at a few ``leaves:reorder`` operating points (``--points``; the defaults
-are glove-50-200k's frontier points near recall@10 0.90, 0.95 and 0.99 in round 4). The
+are glove-50-200k's frontier points near recall@10 0.90, 0.95 and 0.98 in round 4). The
 plumbing is :mod:`.rerank_prefetch`'s: one index built and saved here, two worker processes
 (one per library) loading it and taking turns round by round, the order flipped every round,
 ``--pairs`` fresh pairs one after the other (``--build each``: each worker builds its own index
-instead, for a change of the layout; then the searches are compared and each worker's recall@10
-is printed). Each round times, per point:
+instead, for a change of the layout; the scans' candidates are then not compared). Each worker
+reports its recall@10 at every point. Each round times, per point:
 
 * the scan stage alone on the point's probed leaves and tables (µs per query, best of 3);
 * the batch search of every query in one call (QPS, best of 3).
 
 The candidates (as a set per query, with their approximate scores) and the results' distances
 of both workers must be identical, else it stops; ids that differ (only possible among equal
-distances) are reported. Prints the median over rounds of
-each figure and the median of the per-round after / before ratios. Single-threaded.
+distances) are reported. Prints the median over rounds of each figure and the median of the
+per-round after / before ratios. Single-threaded.
 
 Usage::
 
