@@ -15,7 +15,7 @@ import pytest
 
 import annlib
 from annlib.indexes import partitioned as P
-from annlib.kernels.quantization import pad_columns, split_residual_error
+from annlib.kernels.quantization import pad_columns, split_residual_error, unpack_codes
 
 from conftest import assert_valid_rows, read_shared, synthetic_set, threshold_recall, true_distances
 
@@ -201,6 +201,31 @@ def test_spill_modes_store_each_point_once_per_leaf(synth, spill):
     ids = index.search(Q, 10, leaves=8).ids
     for row in ids:
         assert len(set(row.tolist())) == 10  # spilled copies de-duplicated
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_padding_repeats_its_leafs_last_entry(synth, metric):
+    """Each leaf's padding entries carry the codes of the leaf's last real entry (all-zero codes
+    passed the scan's bar together for some queries), after an add too; they stay unreal
+    (position -1), so the search stays exact with every leaf and candidate."""
+    X, Q = synth
+    index = build(X[:2500], metric=metric, num_leaves=30)
+    index.add(X[2500:3000])
+    st = index._st
+    codes = unpack_codes(np.asarray(st.codes))
+    offsets = st.leaf_block_offsets * 32
+    real = st.entry_positions >= 0
+    padded = 0
+    for leaf in range(st.num_leaves):
+        n_real = int(real[offsets[leaf]:offsets[leaf + 1]].sum())
+        last = offsets[leaf] + n_real - 1
+        for e in range(last + 1, offsets[leaf + 1]):
+            np.testing.assert_array_equal(codes[e], codes[last])
+            padded += 1
+    assert padded > 0
+    exact = annlib.BruteForce.build(X[:3000], metric=metric).search(Q, 10)
+    got = index.search(Q, 10, leaves=30, reorder=3000)
+    np.testing.assert_array_equal(np.sort(got.ids, axis=1), np.sort(exact.ids, axis=1))
 
 
 def test_l2_entries_ascend_by_point_term_within_each_leaf(synth):
