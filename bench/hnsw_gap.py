@@ -22,8 +22,9 @@ Method ``sq8`` is annlib built with ``walk="sq8"`` (the same graph: the build in
 float32 vectors with the same seed), searched at ``rescore`` 2 (the default) and 1.5.
 
 ``--also NAME`` adds the annlib methods of another importable copy of the library (e.g. an
-earlier commit extracted with ``git archive`` and renamed), so before and after are timed in
-the same rounds of one process.
+earlier commit extracted with ``git archive`` and renamed: the package directory and the
+``register_family`` targets at the end of its ``api.py``, through which ``load`` finds the class),
+so before and after are timed in the same rounds of one process.
 """
 
 from __future__ import annotations
@@ -94,7 +95,14 @@ def _build_annlib(X, metric, M, finger, cache, key, lib=None, **extra):
 
     path = cache / f"{key}-annlib-M{M}-f{int(finger)}{''.join(f'-{k}{v}' for k, v in extra.items())}.annlib"
     if path.exists():
-        return (lib or annlib).load(str(path)), None
+        index = (lib or annlib).load(str(path))
+        if lib is not None and not type(index).__module__.startswith(lib.__name__ + "."):
+            # load() finds the class through the family targets of api.register_family, which
+            # name the package: an unrenamed copy would time this checkout's code twice
+            raise SystemExit(f"--also {lib.__name__}: load() returned {type(index).__module__}."
+                             f"{type(index).__name__}; rename the register_family targets in its "
+                             f"api.py to {lib.__name__}.*")
+        return index, None
     t = time.perf_counter()
     index = annlib.HNSW(metric=metric, M=M, ef_construction=200, finger=finger, default_recall=None,
                         **extra).build(X)

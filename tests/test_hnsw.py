@@ -333,3 +333,27 @@ def test_tiny_indexes():
         index.add(X[1:])
         ids, _ = index.search(X, 4, ef=4)
         assert sorted(ids[0].tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+@pytest.mark.parametrize("finger", [False, True])
+def test_batch_kernel_equals_the_one_query_kernel(metric, finger):
+    """The batch kernel inlines the layer-0 walks the one-query kernel calls (round 6): same ids
+    (up to exact ties) and distances per query, with FINGER on and off, a filter, deletions,
+    and a batch the worker threads split."""
+    g = np.random.default_rng(5)
+    X = g.normal(size=(700, 12)).astype(np.float32)
+    Q = g.normal(size=(9, 12)).astype(np.float32)
+    index = HNSW(metric=metric, M=8, ef_construction=64, finger=finger, default_recall=None).build(X)
+    index.delete(np.arange(0, 700, 7))
+    mask = g.random(700) < 0.6
+    for search in ({"ef": 24}, {"ef": 24, "filter": mask}, {"ef": 40, "finger": False}):
+        for threads in (1, 2):
+            batch = index.search(Q, 10, threads=threads, **search)
+            for r in range(Q.shape[0]):
+                one = index.search(Q[r:r + 1], 10, **search)
+                np.testing.assert_allclose(one.distances[0], batch.distances[r], rtol=1e-5, atol=1e-5)
+                same = one.ids[0] == batch.ids[r]
+                tied = np.isclose(one.distances[0], batch.distances[r], rtol=1e-6, atol=1e-6)
+                assert (same | tied).all(), (search, threads, r)
+    assert index.search(Q, 10, ef=24).ids.shape == (9, 10)

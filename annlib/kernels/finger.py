@@ -43,6 +43,7 @@ from .topk import heap_push
 
 __all__ = [
     "FingerArrays",
+    "finger_walk",
     "payload_width",
     "new_payload",
     "popcount64",
@@ -335,6 +336,14 @@ def _finger_layer0(q, graph, finger, ep, ep_d, mask, deleted, visited, tag, beam
     one is expanded, and the vectors of the neighbours that pass the filter are prefetched
     together before their exact distances are computed.
     """
+    return finger_walk(q, graph, finger, ep, ep_d, mask, deleted, visited, tag, beam)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True, nogil=True)
+def finger_walk(q, graph, finger, ep, ep_d, mask, deleted, visited, tag, beam):
+    """:func:`_finger_layer0` inlined into its caller (at numba IR level, with the caller's
+    fast-math flags: call it from fast-math kernels only); the batch kernel of
+    :mod:`.graph` inlines it."""
     X = graph.vectors
     links0 = graph.links_layer0
     proxy = graph.proxy

@@ -48,7 +48,7 @@ from numba.extending import overload
 from .beam import (FASTMATH, Beam, _allowed, cand_pop, cand_push, exact_proxy, new_beam, next_tag,
                    prefetch_row, row_lines, score_collected)
 from .distances import proxy_pair
-from .finger import FingerArrays, _finger_layer0, project_query, projected_descend
+from .finger import FingerArrays, _finger_layer0, finger_walk, project_query, projected_descend
 from .query import BAD_QUERY, finish_one, prepare_query
 from .table import (bool_1d, bool_view, f32_1d, f32_2d, f32_view, f64_at, i32_1d, i32_2d, i64_1d, i64_view, int_at, make_table,
                     u16_view_2d, u64_2d, unowned)
@@ -61,6 +61,7 @@ __all__ = [
     "SearchOutput",
     "greedy_descend",
     "search_layer",
+    "walk_layer",
     "select_heuristic",
     "insert_batch",
     "insert_chunk",
@@ -193,6 +194,17 @@ def search_layer(q, graph, level, ep, ep_d, mask, deleted, visited, tag, beam):
     Each expansion first collects the unvisited neighbours and asks the CPU to fetch their
     vectors, then computes the distances: the misses of a row overlap instead of queueing one
     after another (the walk is memory-bound once the vectors outgrow the caches).
+    """
+    return walk_layer(q, graph, level, ep, ep_d, mask, deleted, visited, tag, beam)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True, nogil=True)
+def walk_layer(q, graph, level, ep, ep_d, mask, deleted, visited, tag, beam):
+    """:func:`search_layer` inlined into its caller (at numba IR level, so with the caller's
+    fast-math flags: call it from fast-math kernels only).
+
+    The batch kernel inlines it: called as a function the same walk ran up to 1.15x slower
+    (SIFT-10k; 1.0-1.1x on the larger shared sets; round 6 of docs/benchmarks-hnsw.md).
     """
     X = graph.vectors
     ustart = graph.upper_start
@@ -573,9 +585,39 @@ def _finish(q, X, Wd, Wi, k, proxy, out_d, out_i):
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _descend(q, graph, finger, params, beam):
+    """A query's way down to layer 0: greedy on exact distances, or on FINGER's projections.
+    Returns (node, its exact distance, exact evaluations, estimates); with FINGER on,
+    ``beam.query_proj`` receives the projected query."""
+    X = graph.vectors
+    proxy = graph.proxy
+    cur = graph.entry
+    n_est = 0
+    descended = False
+    # finger is None for a graph without FINGER: numba drops these branches when it compiles
+    # that variant, so the FINGER walk is compiled only for graphs that have it
+    if finger is not None and params.use_finger:
+        project_query(q, finger, beam.query_proj)
+        if params.projected_descent and graph.max_level > 0:
+            cur, n_est = projected_descend(beam.query_proj, graph, finger, cur, graph.max_level, 0)
+            descended = True
+    cur_d = proxy_pair(q, X[cur], proxy)
+    ev = 1
+    if not descended and graph.max_level > 0:
+        cur, cur_d, e1 = greedy_descend(q, graph, cur, cur_d, graph.max_level, 0)
+        ev += e1
+    return cur, cur_d, ev, n_est
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _query(q, graph, finger, params, visited, tag, beam, out_d, out_i):
-    """One query: greedy descent (exact, or on FINGER's projections), then layer 0 (exact or
-    FINGER-filtered); returns (exact evaluations, estimates)."""
+    """One query (the one-query kernel's walk): greedy descent (exact, or on FINGER's
+    projections), then layer 0 (exact or FINGER-filtered); returns (exact evaluations,
+    estimates).
+
+    The batch kernel (:func:`search_serial`) runs the same steps as :func:`_descend` and the
+    inlined walks; this copy of the descent keeps the one-query kernel as it was measured.
+    """
     X = graph.vectors
     proxy = graph.proxy
     cur = graph.entry
@@ -678,7 +720,7 @@ def _ov_finger_on(use_finger, rank):
     return lambda use_finger, rank: use_finger and rank > 0
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def search_serial(Q, graph, finger, params, visited, tags, out, t, n_chunks):
     """The share of :func:`search_queries` of chunk ``t`` of ``n_chunks`` (queries ``t``,
     ``t + n_chunks``, ...; visited set ``visited[t]``), on the calling thread. ``t = 0,
@@ -695,8 +737,8 @@ def search_serial(Q, graph, finger, params, visited, tags, out, t, n_chunks):
     nq = Q.shape[0]
     ef = params.ef
     width = graph.links_layer0.shape[1]
-    finger = _finger_view(finger)  # None (a graph without FINGER) stays None
-    rank = _finger_rank(finger)
+    fview = _finger_view(finger)  # None (a graph without FINGER) stays None
+    rank = _finger_rank(fview)
     owned = new_beam(ef, 4 * ef + 2 * width + 64, width, rank)
     beam = Beam(unowned(owned.cand_dist), unowned(owned.cand_ids), unowned(owned.result_dist),
                 unowned(owned.result_ids), unowned(owned.neighbours), unowned(owned.query_proj))
@@ -711,7 +753,18 @@ def search_serial(Q, graph, finger, params, visited, tags, out, t, n_chunks):
     visited_t = unowned(visited)[t]
     for r in range(t, nq, n_chunks):
         tag = next_tag(visited, tags, t)
-        ev, est = _query(Q[r], graph, finger, params, visited_t, tag, beam, out_d[r], out_i[r])
+        # _query with its layer-0 walks inlined: called as functions they ran up to 1.15x
+        # slower in batch (docs/benchmarks-hnsw.md, round 6). finger is None (an argument never
+        # reassigned) prunes the FINGER branch at compile time.
+        q = Q[r]
+        cur, cur_d, ev, est = _descend(q, graph, fview, params, beam)
+        if finger is not None and params.use_finger:
+            e2, e3 = finger_walk(q, graph, fview, cur, cur_d, params.mask, params.deleted, visited_t, tag, beam)
+            ev += e2
+            est += e3
+        else:
+            ev += walk_layer(q, graph, np.int64(0), cur, cur_d, params.mask, params.deleted, visited_t, tag, beam)
+        _finish(q, graph.vectors, beam.result_dist, beam.result_ids, params.k, graph.proxy, out_d[r], out_i[r])
         counts[r, 0] = ev
         counts[r, 1] = est
     return owned.neighbours.shape[0] * 0  # 0; the read keeps the beam alive to here

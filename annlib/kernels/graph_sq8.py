@@ -235,6 +235,13 @@ def _sq8_layer0(qa, const, graph, sq8, ep, ep_d, mask, deleted, visited, tag, be
     """Best-first search of layer 0 on codes (as :func:`.graph.search_layer`); returns the
     number of approximate evaluations. The result heap holds the ef best allowed nodes by
     approximate distance."""
+    return _sq8_walk_layer0(qa, const, graph, sq8, ep, ep_d, mask, deleted, visited, tag, beam)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True, nogil=True)
+def _sq8_walk_layer0(qa, const, graph, sq8, ep, ep_d, mask, deleted, visited, tag, beam):
+    """:func:`_sq8_layer0` inlined into its caller (fast-math callers only; the batch kernel:
+    see :func:`.graph.walk_layer`)."""
     proxy = graph.proxy
     links = graph.links_layer0
     C = sq8.codes
@@ -309,9 +316,27 @@ def _sq8_rescore(q, X, Wd, Wi, k, rescore, proxy, out_d, out_i):
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _sq8_descend_query(q, graph, sq8, qa):
+    """Prepare ``q`` (codes' terms in ``qa``) and descend to layer 0 on codes; returns
+    (query constant, node, its approximate distance, approximate evaluations)."""
+    proxy = graph.proxy
+    const = sq8_prepare(q, sq8, proxy, qa)
+    cur = graph.entry
+    cur_d = sq8_pair(qa, const, sq8, cur, proxy)
+    ev = 1
+    if graph.max_level > 0:
+        cur, cur_d, e1 = _sq8_descend(qa, const, graph, sq8, cur, cur_d, graph.max_level, 0)
+        ev += e1
+    return const, cur, cur_d, ev
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def sq8_query(q, graph, sq8, params, visited, tag, beam, qa, out_d, out_i):
     """One query (``q`` prepared by the metric): descent and layer 0 on codes, then the exact
-    re-scoring. Returns (exact evaluations, approximate evaluations)."""
+    re-scoring. Returns (exact evaluations, approximate evaluations). The one-query kernel's
+    walk; the batch kernel (:func:`sq8_search_serial`) runs the same steps as
+    :func:`_sq8_descend_query` and the inlined layer-0 walk (the descent is written out here as
+    well, as in :func:`.graph._query`)."""
     proxy = graph.proxy
     const = sq8_prepare(q, sq8, proxy, qa)
     cur = graph.entry
@@ -326,7 +351,7 @@ def sq8_query(q, graph, sq8, params, visited, tag, beam, qa, out_d, out_i):
     return exact, ev
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def sq8_search_serial(Q, graph, sq8, params, visited, tags, out, t, n_chunks):
     """The share of :func:`sq8_search_queries` of chunk ``t`` of ``n_chunks`` (queries ``t``,
     ``t + n_chunks``, ...; visited set ``visited[t]``) on the calling thread. Returns 0.
@@ -356,7 +381,13 @@ def sq8_search_serial(Q, graph, sq8, params, visited, tags, out, t, n_chunks):
     visited_t = unowned(visited)[t]
     for r in range(t, nq, n_chunks):
         tag = next_tag(visited, tags, t)
-        ex, ev = sq8_query(Q[r], graph, sq8, params, visited_t, tag, beam, qa, out_d[r], out_i[r])
+        # sq8_query with its layer-0 walk inlined (see .graph.search_serial)
+        q = Q[r]
+        const, cur, cur_d, ev = _sq8_descend_query(q, graph, sq8, qa)
+        ev += _sq8_walk_layer0(qa, const, graph, sq8, cur, cur_d, params.mask, params.deleted, visited_t, tag,
+                               beam)
+        ex = _sq8_rescore(q, graph.vectors, beam.result_dist, beam.result_ids, params.k, params.rescore,
+                          graph.proxy, out_d[r], out_i[r])
         counts[r, 0] = ex
         counts[r, 1] = ev
     return owned.neighbours.shape[0] * 0  # 0; the read keeps the beam alive to here
