@@ -15,14 +15,16 @@ reports its recall@10 at every point. Each round times, per point:
 
 The candidates (as a set per query, with their approximate scores) and the results' distances
 of both workers must be identical, else it stops; ids that differ (only possible among equal
-distances) are reported. Prints the median over rounds of each figure and the median of the
+distances) are reported; ``--ties`` accepts candidate sets that differ only among equal scores at
+the ``reorder`` boundary (their sorted scores must match; the searches may then differ, and the
+recall shows by how much). Prints the median over rounds of each figure and the median of the
 per-round after / before ratios. Single-threaded.
 
 Usage::
 
     taskset -c 0 python -m annlib.bench.partitioned_scan <file.hdf5> --before COMMIT
         [--after COMMIT] [--points 12:100,24:100,48:160] [--pairs 3] [--rounds 3] [--build once|each]
-        [--out results/partitioned-scan-<set>.json]
+        [--ties] [--out results/partitioned-scan-<set>.json]
 """
 
 from __future__ import annotations
