@@ -321,8 +321,8 @@ def projected_descend(qB, graph, finger, cur, top, bottom):
     return cur, n_est
 
 
-@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _finger_layer0(q, graph, finger, ep, ep_d, mask, deleted, visited, tag, beam):
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True, nogil=True)
+def finger_walk(q, graph, finger, ep, ep_d, mask, deleted, visited, tag, beam):
     """Layer-0 best-first search where, once the result heap is full, a neighbour is evaluated
     exactly only if its FINGER estimate can enter the result heap.
 
@@ -335,15 +335,11 @@ def _finger_layer0(q, graph, finger, ep, ep_d, mask, deleted, visited, tag, beam
     Memory: the links and payload rows of the next candidate are prefetched while the current
     one is expanded, and the vectors of the neighbours that pass the filter are prefetched
     together before their exact distances are computed.
+
+    Inlined into its caller (``inline="always"``, at numba IR level, so with the caller's
+    fast-math flags: call it from fast-math kernels only); the batch and one-query kernels of
+    :mod:`.graph` inline it (round 6 of docs/benchmarks-hnsw.md).
     """
-    return finger_walk(q, graph, finger, ep, ep_d, mask, deleted, visited, tag, beam)
-
-
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True, nogil=True)
-def finger_walk(q, graph, finger, ep, ep_d, mask, deleted, visited, tag, beam):
-    """:func:`_finger_layer0` inlined into its caller (at numba IR level, with the caller's
-    fast-math flags: call it from fast-math kernels only); the batch kernel of
-    :mod:`.graph` inlines it."""
     X = graph.vectors
     links0 = graph.links_layer0
     proxy = graph.proxy

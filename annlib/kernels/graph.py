@@ -48,7 +48,7 @@ from numba.extending import overload
 from .beam import (FASTMATH, Beam, _allowed, cand_pop, cand_push, exact_proxy, new_beam, next_tag,
                    prefetch_row, row_lines, score_collected)
 from .distances import proxy_pair
-from .finger import FingerArrays, _finger_layer0, finger_walk, project_query, projected_descend
+from .finger import FingerArrays, finger_walk, project_query, projected_descend
 from .query import BAD_QUERY, finish_one, prepare_query
 from .table import (bool_1d, bool_view, f32_1d, f32_2d, f32_view, f64_at, i32_1d, i32_2d, i64_1d, i64_view, int_at, make_table,
                     u16_view_2d, u64_2d, unowned)
@@ -203,8 +203,9 @@ def walk_layer(q, graph, level, ep, ep_d, mask, deleted, visited, tag, beam):
     """:func:`search_layer` inlined into its caller (at numba IR level, so with the caller's
     fast-math flags: call it from fast-math kernels only).
 
-    The batch kernel inlines it: called as a function the same walk ran up to 1.15x slower
-    (SIFT-10k; 1.0-1.1x on the larger shared sets; round 6 of docs/benchmarks-hnsw.md).
+    The batch and one-query kernels inline it: called as a function the same walk ran up to
+    1.15x slower (SIFT-10k; 1.0-1.1x on the larger shared sets; round 6 of
+    docs/benchmarks-hnsw.md).
     """
     X = graph.vectors
     ustart = graph.upper_start
@@ -609,44 +610,6 @@ def _descend(q, graph, finger, params, beam):
     return cur, cur_d, ev, n_est
 
 
-@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _query(q, graph, finger, params, visited, tag, beam, out_d, out_i):
-    """One query (the one-query kernel's walk): greedy descent (exact, or on FINGER's
-    projections), then layer 0 (exact or FINGER-filtered); returns (exact evaluations,
-    estimates).
-
-    The batch kernel (:func:`search_serial`) runs the same steps as :func:`_descend` and the
-    inlined walks; this copy of the descent keeps the one-query kernel as it was measured.
-    """
-    X = graph.vectors
-    proxy = graph.proxy
-    cur = graph.entry
-    n_est = 0
-    descended = False
-    # finger is None for a graph without FINGER: numba drops these branches when it compiles
-    # that variant, so the FINGER walk is compiled only for graphs that have it
-    if finger is not None and params.use_finger:
-        project_query(q, finger, beam.query_proj)
-        if params.projected_descent and graph.max_level > 0:
-            cur, n_est = projected_descend(beam.query_proj, graph, finger, cur, graph.max_level, 0)
-            descended = True
-    cur_d = proxy_pair(q, X[cur], proxy)
-    ev = 1
-    if not descended and graph.max_level > 0:
-        cur, cur_d, e1 = greedy_descend(q, graph, cur, cur_d, graph.max_level, 0)
-        ev += e1
-    if finger is not None and params.use_finger:
-        e2, e3 = _finger_layer0(q, graph, finger, cur, cur_d, params.mask, params.deleted,
-                                visited, tag, beam)
-        ev += e2
-        n_est += e3
-    else:
-        # level as a plain integer: the specialization insert_chunk compiles serves both
-        ev += search_layer(q, graph, np.int64(0), cur, cur_d, params.mask, params.deleted, visited, tag, beam)
-    _finish(q, X, beam.result_dist, beam.result_ids, params.k, proxy, out_d, out_i)
-    return ev, n_est
-
-
 def search_queries(Q, graph, finger, params, visited, tags, out) -> None:
     """Search every row of ``Q`` (chunks of queries on the worker pool, one visited set per chunk).
 
@@ -753,9 +716,9 @@ def search_serial(Q, graph, finger, params, visited, tags, out, t, n_chunks):
     visited_t = unowned(visited)[t]
     for r in range(t, nq, n_chunks):
         tag = next_tag(visited, tags, t)
-        # _query with its layer-0 walks inlined: called as functions they ran up to 1.15x
-        # slower in batch (docs/benchmarks-hnsw.md, round 6). finger is None (an argument never
-        # reassigned) prunes the FINGER branch at compile time.
+        # the layer-0 walks inlined: called as functions they ran up to 1.15x slower in batch
+        # (docs/benchmarks-hnsw.md, round 6). finger is None (an argument never reassigned)
+        # prunes the FINGER branch at compile time.
         q = Q[r]
         cur, cur_d, ev, est = _descend(q, graph, fview, params, beam)
         if finger is not None and params.use_finger:
@@ -814,7 +777,7 @@ def one_query_table(graph: GraphArrays, finger: FingerArrays, deleted: np.ndarra
                       bool(projected_descent))
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def search_one(q, table, k, ef, use_finger, mask, scratch, out_d, out_i):
     """One query, from the raw query to the returned ids and distances: the walk of
     :func:`search_serial` (the same code) with the query checked and prepared first
@@ -884,7 +847,16 @@ def search_one(q, table, k, ef, use_finger, mask, scratch, out_d, out_i):
         n = scratch.shape[0] - ONE_QUERY_HEADER
         visited = u16_view_2d(scratch.ctypes.data + 2 * ONE_QUERY_HEADER, 1, n)
         tag = next_tag(visited, head, 0)
-        ev, est = _query(qp, graph, finger, params, visited[0], tag, beam, best_d, best_i)
+        # the layer-0 walks inlined and this kernel compiled with their fast-math flags, as in
+        # search_serial: 1.06-1.15x per call (round 6 of docs/benchmarks-hnsw.md)
+        cur, cur_d, ev, est = _descend(qp, graph, finger, params, beam)
+        if use_finger is not None and use:  # (an argument's None prunes the FINGER walk)
+            e2, e3 = finger_walk(qp, graph, finger, cur, cur_d, mask, deleted, visited[0], tag, beam)
+            ev += e2
+            est += e3
+        else:
+            ev += walk_layer(qp, graph, np.int64(0), cur, cur_d, mask, deleted, visited[0], tag, beam)
+        _finish(qp, graph.vectors, beam.result_dist, beam.result_ids, k, graph.proxy, best_d, best_i)
         head[1] += 1
         head[2] += ev
         head[3] += est

@@ -49,7 +49,6 @@ __all__ = [
     "sq8_pair",
     "sq8_search_queries",
     "sq8_search_serial",
-    "sq8_query",
     "sq8_one_query_table",
     "sq8_search_one",
 ]
@@ -230,18 +229,12 @@ def _sq8_descend(qa, const, graph, sq8, cur, cur_d, top, bottom):
     return cur, cur_d, evals
 
 
-@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _sq8_layer0(qa, const, graph, sq8, ep, ep_d, mask, deleted, visited, tag, beam):
-    """Best-first search of layer 0 on codes (as :func:`.graph.search_layer`); returns the
-    number of approximate evaluations. The result heap holds the ef best allowed nodes by
-    approximate distance."""
-    return _sq8_walk_layer0(qa, const, graph, sq8, ep, ep_d, mask, deleted, visited, tag, beam)
-
-
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True, nogil=True)
 def _sq8_walk_layer0(qa, const, graph, sq8, ep, ep_d, mask, deleted, visited, tag, beam):
-    """:func:`_sq8_layer0` inlined into its caller (fast-math callers only; the batch kernel:
-    see :func:`.graph.walk_layer`)."""
+    """Best-first search of layer 0 on codes (as :func:`.graph.walk_layer`); returns the
+    number of approximate evaluations. The result heap holds the ef best allowed nodes by
+    approximate distance. Inlined into its caller (fast-math callers only: the batch and
+    one-query kernels; see :func:`.graph.walk_layer`)."""
     proxy = graph.proxy
     links = graph.links_layer0
     C = sq8.codes
@@ -331,27 +324,6 @@ def _sq8_descend_query(q, graph, sq8, qa):
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
-def sq8_query(q, graph, sq8, params, visited, tag, beam, qa, out_d, out_i):
-    """One query (``q`` prepared by the metric): descent and layer 0 on codes, then the exact
-    re-scoring. Returns (exact evaluations, approximate evaluations). The one-query kernel's
-    walk; the batch kernel (:func:`sq8_search_serial`) runs the same steps as
-    :func:`_sq8_descend_query` and the inlined layer-0 walk (the descent is written out here as
-    well, as in :func:`.graph._query`)."""
-    proxy = graph.proxy
-    const = sq8_prepare(q, sq8, proxy, qa)
-    cur = graph.entry
-    cur_d = sq8_pair(qa, const, sq8, cur, proxy)
-    ev = 1
-    if graph.max_level > 0:
-        cur, cur_d, e1 = _sq8_descend(qa, const, graph, sq8, cur, cur_d, graph.max_level, 0)
-        ev += e1
-    ev += _sq8_layer0(qa, const, graph, sq8, cur, cur_d, params.mask, params.deleted, visited, tag, beam)
-    exact = _sq8_rescore(q, graph.vectors, beam.result_dist, beam.result_ids, params.k, params.rescore, proxy,
-                         out_d, out_i)
-    return exact, ev
-
-
-@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def sq8_search_serial(Q, graph, sq8, params, visited, tags, out, t, n_chunks):
     """The share of :func:`sq8_search_queries` of chunk ``t`` of ``n_chunks`` (queries ``t``,
     ``t + n_chunks``, ...; visited set ``visited[t]``) on the calling thread. Returns 0.
@@ -381,7 +353,7 @@ def sq8_search_serial(Q, graph, sq8, params, visited, tags, out, t, n_chunks):
     visited_t = unowned(visited)[t]
     for r in range(t, nq, n_chunks):
         tag = next_tag(visited, tags, t)
-        # sq8_query with its layer-0 walk inlined (see .graph.search_serial)
+        # the layer-0 walk inlined (see .graph.search_serial)
         q = Q[r]
         const, cur, cur_d, ev = _sq8_descend_query(q, graph, sq8, qa)
         ev += _sq8_walk_layer0(qa, const, graph, sq8, cur, cur_d, params.mask, params.deleted, visited_t, tag,
@@ -428,7 +400,7 @@ def sq8_one_query_table(graph: GraphArrays, sq8: SQ8Arrays, deleted: np.ndarray,
                       int(graph.entry), int(graph.max_level), int(graph.proxy), *terms)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def sq8_search_one(q, table, k, ef, n_exact, mask, scratch, out_d, out_i):
     """One query from the raw query to the returned ids and distances, on codes: the walk of
     :func:`sq8_search_serial` with the query checked and prepared first and the result
@@ -490,7 +462,14 @@ def sq8_search_one(q, table, k, ef, n_exact, mask, scratch, out_d, out_i):
         n = scratch.shape[0] - ONE_QUERY_HEADER
         visited = u16_view_2d(scratch.ctypes.data + 2 * ONE_QUERY_HEADER, 1, n)
         tag = next_tag(visited, head, 0)
-        ex, ev = sq8_query(qp, graph, sq8, params, visited[0], tag, beam, beam.query_proj, best_d, best_i)
+        # the layer-0 walk inlined, this kernel compiled with its fast-math flags (as
+        # sq8_search_serial; round 6 of docs/benchmarks-hnsw.md)
+        qa = beam.query_proj
+        const, cur, cur_d, ev = _sq8_descend_query(qp, graph, sq8, qa)
+        ev += _sq8_walk_layer0(qa, const, graph, sq8, cur, cur_d, params.mask, params.deleted, visited[0], tag,
+                                beam)
+        ex = _sq8_rescore(qp, graph.vectors, beam.result_dist, beam.result_ids, params.k, params.rescore, graph.proxy,
+                          best_d, best_i)
         head[1] += 1
         head[2] += ex
         head[3] += ev
