@@ -637,11 +637,11 @@ class HNSW(Index):
         dimension (per-dimension scalar quantization fitted to the build's range; ``d`` more
         bytes per vector); the walk keeps its beam by these approximate distances, then scores
         its best ``rescore * k`` candidates exactly and returns the ``k`` best of them with
-        exact distances. A quarter of the memory traffic per evaluation: at recall 0.95 on
-        MNIST-10k (d=784) 1.12x the FINGER walk and 1.56x the plain one, on WordNet-MiniLM
-        (d=384) 1.29x FINGER; kdewall-SIFT-100k (d=128) even; SIFT-10k (in cache) 0.90x and
-        GloVe-200k (d=50) 0.78x the plain walk (docs/benchmarks-hnsw.md). The graph is built on the float32 vectors either way. Vectors
-        added later are clipped to the build's range. Excludes ``finger=True`` (``"auto"``
+        exact distances. A quarter of the memory traffic per evaluation: at recall 0.95, batch,
+        on an idle machine 1.15-1.67x the best hnswlib on every shared set against the float
+        walk's 0.94-1.30x; one query per call 0.97-1.52x (docs/benchmarks-hnsw.md, "Round 6,
+        final"). The graph is built on the float32 vectors either way. Vectors added later are
+        clipped to the build's range. Excludes ``finger=True`` (``"auto"``
         builds no FINGER payload with ``"sq8"``).
     random_state : int, None or numpy Generator, default 0
         Seed of the level generator and of FINGER's sampling. Builds with the same seed give
@@ -1164,11 +1164,7 @@ class HNSW(Index):
                            (out_d, out_i, counts))
         finally:
             pool.append((visited, tags))
-        tot = counts[0] if nq == 1 else counts.sum(axis=0)
-        with self._stats_lock:
-            self._stats[0] += nq
-            self._stats[1] += int(tot[0])
-            self._stats[2] += int(tot[1])
+        self._count_batch(counts)
         if g.positions_padded is not None:
             out_i = g.positions_padded[out_i]
         return out_d, out_i
@@ -1197,6 +1193,15 @@ class HNSW(Index):
             view.one_pool.append(scratch)
         return None if status else (out_i, out_d)
 
+    def _count_batch(self, counts: np.ndarray) -> None:
+        """Add a batch walk's per-query counters (int64 (nq, 2): exact evaluations, estimates)
+        to :meth:`search_stats`'s totals."""
+        tot = counts.sum(axis=0)
+        with self._stats_lock:
+            self._stats[0] += counts.shape[0]
+            self._stats[1] += int(tot[0])
+            self._stats[2] += int(tot[1])
+
     def _search_sq8(self, Q, k, mask, ef, rescore):
         """The walk on codes (``walk="sq8"``), every query on the batch kernel."""
         g = self._graph
@@ -1213,11 +1218,7 @@ class HNSW(Index):
             sq8_search_queries(Q, view.graph, view.sq8, params, visited, tags, (out_d, out_i, counts))
         finally:
             pool.append((visited, tags))
-        tot = counts.sum(axis=0)
-        with self._stats_lock:
-            self._stats[0] += nq
-            self._stats[1] += int(tot[0])
-            self._stats[2] += int(tot[1])
+        self._count_batch(counts)
         if g.positions_padded is not None:
             out_i = g.positions_padded[out_i]
         return out_d, out_i
