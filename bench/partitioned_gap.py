@@ -73,6 +73,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 
 from . import adapters
 from .environment import library_versions, limit_threads, load_average, machine_info
@@ -335,13 +336,6 @@ def time_rounds(methods: dict, kept: dict, work: Workload, mode: str, rounds: in
 
 
 # -- figures ----------------------------------------------------------------------------------------
-def _median(values: list) -> float:
-    """Median of a non-empty list."""
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-
-
 def qps_at_levels(rows: list, mode: str, q: int, round_index: int | None = None) -> dict:
     """QPS at each recall level on the frontier of the timed points (median, or one round's)."""
     key = f"seconds_{mode}"
@@ -349,7 +343,7 @@ def qps_at_levels(rows: list, mode: str, q: int, round_index: int | None = None)
     for row in rows:
         if not row.get(key):
             continue
-        seconds = _median(row[key]) if round_index is None else row[key][round_index]
+        seconds = median(row[key]) if round_index is None else row[key][round_index]
         pts.append((row[f"recall_{mode}"], q / seconds))
     front = frontier(pts)
     return {level_key(lv): qps_at_recall(front, lv) for lv in RECALL_LEVELS}
@@ -365,16 +359,16 @@ def mode_figures(methods: dict, mode: str, q: int, rounds: int) -> dict:
     for method in methods.values():
         for row in method.rows:
             if row.get(f"seconds_{mode}"):
-                row[f"qps_{mode}"] = q / _median(row[f"seconds_{mode}"])
+                row[f"qps_{mode}"] = q / median(row[f"seconds_{mode}"])
     at = {name: qps_at_levels(m.rows, mode, q) for name, m in methods.items()}
-    out = {"qps_at": at}
+    per_round = [{name: qps_at_levels(m.rows, mode, q, r) for name, m in methods.items()}
+                 for r in range(rounds)]
+    out = {"qps_at": at, "qps_at_per_round": per_round}
     if REFERENCE not in methods:
         return out
     ref = at[REFERENCE]
     out["ratio_to_scann"] = {name: {lv: _ratio(v, ref[lv]) for lv, v in levels.items()}
                              for name, levels in at.items() if name != REFERENCE}
-    per_round = [{name: qps_at_levels(m.rows, mode, q, r) for name, m in methods.items()}
-                 for r in range(rounds)]
     out["ratio_to_scann_per_round"] = {
         name: {level_key(lv): [_ratio(fig[name][level_key(lv)], fig[REFERENCE][level_key(lv)])
                                for fig in per_round] for lv in RECALL_LEVELS}
