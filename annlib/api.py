@@ -147,6 +147,9 @@ class Index:
     # Families that can make an index without kernels for annlib._compile_ahead set this and
     # implement _compile_ahead_index.
     compiles_ahead: ClassVar[bool] = False
+    # Build parameters added since the first file format, with the value files written before
+    # them were built with (a default that changed since must not change an old file's meaning).
+    earlier_file_params: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, metric: str = "l2", **params: Any):
         self._metric: Metric = get_metric(metric)
@@ -826,7 +829,7 @@ def load(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True) ->
         if not isinstance(header["params"], dict):
             raise bad_field("params", "expected a mapping")
         try:
-            index = cls(metric=header["metric"], **header["params"])
+            index = cls(metric=header["metric"], **{**cls.earlier_file_params, **header["params"]})
         except (TypeError, ValueError) as exc:
             raise bad_field("params", f"not valid for {cls.__name__} ({exc})") from None
         dim = take_meta(meta, "__dim__")

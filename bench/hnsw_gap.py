@@ -104,8 +104,11 @@ def _build_annlib(X, metric, M, finger, cache, key, lib=None, **extra):
                              f"api.py to {lib.__name__}.*")
         return index, None
     t = time.perf_counter()
-    index = annlib.HNSW(metric=metric, M=M, ef_construction=200, finger=finger, default_recall=None,
-                        **extra).build(X)
+    # method "annlib" is the float walk whatever the library's default walk (the cache key
+    # names only what differs from it)
+    walk = {"walk": "float"} if "walk" in (lib or annlib).HNSW.build_defaults else {}
+    index = (lib or annlib).HNSW(metric=metric, M=M, ef_construction=200, finger=finger, default_recall=None,
+                                 **{**walk, **extra}).build(X)
     built = time.perf_counter() - t
     index.save(str(path))
     return index, built

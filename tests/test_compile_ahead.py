@@ -52,9 +52,12 @@ def test_families_without_an_ahead_index():
     Y = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
     hnsw = get_family("hnsw")
     assert hnsw._compile_ahead_index(Y, "l2", {"finger": True}, (10, 8)).finger_built
-    assert hnsw._compile_ahead_index(Y, "l2", {}, (1 << 16, 128)).finger_built  # the build's shape decides
-    assert not hnsw._compile_ahead_index(Y, "l2", {}, (1 << 20, 50)).finger_built
-    assert not hnsw._compile_ahead_index(Y, "l2", {}, (1000, 8)).finger_built
+    # the build's shape decides (for the float walk: walk="auto" walks on codes, without FINGER)
+    assert hnsw._compile_ahead_index(Y, "l2", {"walk": "float"}, (1 << 16, 128)).finger_built
+    ahead = hnsw._compile_ahead_index(Y, "l2", {}, (1 << 16, 128))
+    assert ahead.walk_built == "sq8" and not ahead.finger_built
+    assert not hnsw._compile_ahead_index(Y, "l2", {"walk": "float"}, (1 << 20, 50)).finger_built
+    assert not hnsw._compile_ahead_index(Y, "l2", {"walk": "float"}, (1000, 8)).finger_built
 
 
 def test_switched_off_by_the_environment(monkeypatch, no_children):

@@ -31,9 +31,10 @@ def _writer_cases():
         cls = get_family(f)
         if not (cls.supports_add or cls.supports_delete):
             continue
-        if f == "hnsw":  # item 1 was found with and without FINGER
+        if f == "hnsw":  # item 1 was found with and without FINGER; the default walks on codes
             out += [pytest.param(f, {"finger": True}, id="hnsw-finger"),
-                    pytest.param(f, {"finger": False}, id="hnsw-plain")]
+                    pytest.param(f, {"finger": False, "walk": "float"}, id="hnsw-plain"),
+                    pytest.param(f, {}, id="hnsw-codes")]
         else:
             out.append(pytest.param(f, {}, id=f))
     return out
@@ -156,6 +157,8 @@ def test_searches_during_adds_and_deletes(family, extra, tmp_path):
     ascending, exact distances, no deleted id)."""
     run = _Run(n0=400, pool=6000, d=16, seed=1)
     index = small_index(family, run.base, ids=np.arange(run.n0), **extra)
+    if family == "hnsw":  # each case walks what it is named after
+        assert index.walk_built == ("sq8" if not extra else "float")
     cls = get_family(family)
     # compile the search, add and delete paths outside the timed window
     index.search(run.queries[:2], 5)

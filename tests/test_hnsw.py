@@ -255,25 +255,26 @@ def test_search_stats_count_work(synth, synth_index):
 def test_finger_auto_builds_it_from_a_data_size(blobs, monkeypatch):
     X, Q = blobs
     X = X[:400]
+    # FINGER is a float-walk option: walk="auto" builds it only where the walk resolves to float
     assert HNSW().params["finger"] == "auto"
-    small = HNSW(default_recall=None, M=8).build(X)  # 400 x d numbers: far below the threshold
+    small = HNSW(default_recall=None, walk="float", M=8).build(X)  # 400 x d numbers: far below the threshold
     assert not small.finger_built and small.params["finger"] == "auto"
     small.reset_search_stats()
     small.search(Q, 5, ef=32)  # the default search (finger=True) walks plainly without a payload
     assert small.search_stats()["estimated_per_query"] == 0
-    assert HNSW(default_recall=None, M=8, finger=True).build(X).finger_built
+    assert HNSW(default_recall=None, walk="float", M=8, finger=True).build(X).finger_built
     monkeypatch.setattr(HNSW, "_FINGER_MIN_NUMBERS", X.shape[0] * X.shape[1])
     # enough numbers, but d = 24 < 2 x rank 64: an estimate would cost about an exact distance
-    assert not HNSW(default_recall=None, M=8).build(X).finger_built
-    at = HNSW(default_recall=None, M=8, finger_rank=12).build(X)  # d = 2 x rank: built
+    assert not HNSW(default_recall=None, walk="float", M=8).build(X).finger_built
+    at = HNSW(default_recall=None, walk="float", M=8, finger_rank=12).build(X)  # d = 2 x rank: built
     assert at.finger_built
     at.reset_search_stats()
     at.search(Q, 5, ef=32)
     assert at.search_stats()["estimated_per_query"] > 0
-    assert not HNSW(default_recall=None, M=8, finger=False).build(X).finger_built
-    assert not HNSW(default_recall=None, M=8, finger_rank=13).build(X).finger_built
+    assert not HNSW(default_recall=None, walk="float", M=8, finger=False).build(X).finger_built
+    assert not HNSW(default_recall=None, walk="float", M=8, finger_rank=13).build(X).finger_built
     monkeypatch.setattr(HNSW, "_FINGER_MIN_NUMBERS", X.shape[0] * X.shape[1] + 1)
-    assert not HNSW(default_recall=None, M=8, finger_rank=12).build(X).finger_built
+    assert not HNSW(default_recall=None, walk="float", M=8, finger_rank=12).build(X).finger_built
 
 
 def test_search_space():

@@ -12,7 +12,7 @@ import annlib
 from annlib import io
 from annlib.errors import IndexFormatError
 from annlib.indexes.hnsw import HNSW, SQ8Codes
-from annlib.kernels.graph_sq8 import sq8_encode, sq8_fit
+from annlib.kernels.graph_sq8 import sq8_encode, sq8_fit, sq8_relative_noise
 
 from conftest import synthetic_set, true_distances
 
@@ -137,7 +137,7 @@ def test_save_load_round_trip(built, tmp_path):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_allclose(a.distances, b.distances, rtol=1e-6)
         back.add(X[:5] + 0.01)
-    assert index.memory_bytes() >= HNSW(M=8, default_recall=None).build(X).memory_bytes() + X.shape[0] * X.shape[1]
+    assert index.memory_bytes() >= HNSW(M=8, walk="float", default_recall=None).build(X).memory_bytes() + X.shape[0] * X.shape[1]
 
 
 def _mutations(meta, arrays):
@@ -185,7 +185,7 @@ def test_corrupted_files_are_refused_naming_the_field(built, tmp_path):
 def test_files_without_codes_still_load(tmp_path):
     """Files of earlier releases (no walk parameter, no codes) load as the float walk."""
     X, Q, _, _, _ = synthetic_set(600, 8, 5, k=K, seed=2)
-    index = HNSW(M=6, default_recall=None).build(X)
+    index = HNSW(M=6, walk="float", default_recall=None).build(X)
     path = tmp_path / "old.annlib"
     index.save(path)
     header = io.read_index_file(path)
@@ -219,3 +219,66 @@ def test_self_tuned_build_and_compile_ahead_index():
     assert _recall(index.search(Q, K).ids, gt[:, :K]) >= 0.85
     ahead = HNSW._compile_ahead_index(X[:200], "l2", {"walk": "sq8"}, (1000, 12))
     assert ahead._graph.sq8 is not None and not ahead.finger_built
+
+
+# ------------------------------------------------------------------ walk="auto" (the default)
+def test_auto_walks_on_codes_by_default():
+    X, Q, _, _, _ = synthetic_set(1500, 16, 20, k=K, seed=4)
+    index = HNSW(M=8, default_recall=None).build(X)
+    assert index.params["walk"] == "auto" and index.walk_built == "sq8" and not index.finger_built
+    same = HNSW(M=8, walk="sq8", default_recall=None).build(X)
+    a, b = index.search(Q, K, ef=32), same.search(Q, K, ef=32)
+    np.testing.assert_array_equal(a.ids, b.ids)  # the same build and walk as walk="sq8"
+    assert HNSW().walk_built is None
+
+
+def test_auto_keeps_the_float_walk_for_finger_or_noisy_codes(monkeypatch):
+    X, Q, gt, _, _ = synthetic_set(1500, 16, 20, k=K, seed=5)
+    asked = HNSW(M=8, finger=True, default_recall=None).build(X)
+    assert asked.walk_built == "float" and asked.finger_built
+    # one extreme value stretches a dimension's range: its codes lose that dimension
+    Y = X.copy()
+    Y[7, 3] = 1e5
+    noisy = HNSW(M=8, default_recall=None).build(Y)
+    assert noisy.walk_built == "float" and not noisy.finger_built
+    assert HNSW(M=8, walk="sq8", default_recall=None).build(Y).walk_built == "sq8"  # asked: kept
+    # the threshold decides: with none allowed, clean data walk on floats too
+    monkeypatch.setattr(HNSW, "_SQ8_MAX_RELATIVE_NOISE", 0.0)
+    assert HNSW(M=8, default_recall=None).build(X + 0.5).walk_built == "float"
+
+
+def test_relative_noise_of_codes():
+    rng = np.random.default_rng(0)
+    ints = rng.integers(0, 200, (500, 6)).astype(np.float32)
+    assert sq8_relative_noise(ints, *sq8_fit(ints)) == 0.0  # integer data: exact codes
+    G = rng.standard_normal((4000, 8)).astype(np.float32)
+    g = sq8_relative_noise(G, *sq8_fit(G))
+    step = sq8_fit(G)[1].astype(np.float64)
+    # uniform rounding error: step^2 / 12 per dimension, against a variance of about 1 each
+    assert np.isclose(g, np.sum(step ** 2 / 12) / np.sum(np.var(G, axis=0, dtype=np.float64)), rtol=0.15)
+    G[0, 0] = 1e4
+    assert sq8_relative_noise(G, *sq8_fit(G)) > 100 * g
+
+
+def test_auto_files_round_trip_and_contradictions_are_refused(tmp_path):
+    X, Q, _, _, _ = synthetic_set(800, 8, 5, k=K, seed=6)
+    index = HNSW(M=6, default_recall=None).build(X)
+    path = tmp_path / "auto.annlib"
+    index.save(path)
+    back = annlib.load(path)
+    assert back.params["walk"] == "auto" and back.walk_built == "sq8"
+    np.testing.assert_array_equal(back.search(Q, 5, ef=32).ids, index.search(Q, 5, ef=32).ids)
+    header = io.read_index_file(path)
+    # "auto" with finger=True resolves to the float walk: codes there contradict the parameters
+    bad = tmp_path / "auto_finger.annlib"
+    io.write_index_file(bad, family=header["family"], metric=header["metric"],
+                        params={**header["params"], "finger": True}, meta=header["meta"],
+                        arrays=header["arrays"], library_version="test")
+    with pytest.raises(IndexFormatError, match="sq8_codes"):
+        annlib.load(bad)
+    # an "auto" float-walk index (noisy data) has no codes and loads as such
+    Y = X.copy()
+    Y[3, 1] = 1e6
+    floaty = HNSW(M=6, default_recall=None).build(Y)
+    floaty.save(tmp_path / "float.annlib")
+    assert annlib.load(tmp_path / "float.annlib").walk_built == "float"

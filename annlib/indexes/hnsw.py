@@ -29,8 +29,8 @@ from ..api import Index
 from ..kernels.distances import L2SQ
 from ..kernels.finger import (FingerArrays, cos_table, edge_payload, pair_statistics, payload_width,
                               sample_residuals)
-from ..kernels.graph_sq8 import (SQ8Arrays, sq8_encode, sq8_fit, sq8_norms, sq8_one_query_table, sq8_search_one,
-                                 sq8_search_queries)
+from ..kernels.graph_sq8 import (SQ8Arrays, sq8_encode, sq8_fit, sq8_norms, sq8_one_query_table, sq8_relative_noise,
+                                 sq8_search_one, sq8_search_queries)
 from ..kernels.graph import (GraphArrays, bfs_order, insert_batch, link_reverse, new_one_query_scratch,
                              one_query_table, relabel_rows, repair_deleted, scratch_counts, search_one,
                              search_queries)
@@ -628,11 +628,12 @@ class HNSW(Index):
         setting measured was slower than the plain walk, and so it was on GloVe-200k (d=50,
         an estimate there costs nearly an exact distance: 0.77x); on MNIST-10k (d=784),
         kdewall-SIFT-100k (d=128) and WordNet-50k (d=384) FINGER was faster
-        (docs/benchmarks-hnsw.md). ``index.params["finger"]`` keeps what was asked;
+        (docs/benchmarks-hnsw.md); with ``walk="auto"`` it builds FINGER only where the walk
+        resolves to ``"float"``. ``index.params["finger"]`` keeps what was asked;
         ``index.finger_built`` says what was built.
     finger_rank : int, default 64
         Rank of the FINGER basis = bits per edge code; clipped to the dimension. Range 1..64.
-    walk : {"float", "sq8"}, default "float"
+    walk : {"auto", "float", "sq8"}, default "auto"
         What the search walk scores. ``"float"``: the float32 vectors. ``"sq8"``: one byte per
         dimension (per-dimension scalar quantization fitted to the build's range; ``d`` more
         bytes per vector); the walk keeps its beam by these approximate distances, then scores
@@ -642,7 +643,12 @@ class HNSW(Index):
         walk's 0.94-1.30x; one query per call 0.97-1.52x (docs/benchmarks-hnsw.md, "Round 6,
         final"). The graph is built on the float32 vectors either way. Vectors added later are
         clipped to the build's range. Excludes ``finger=True`` (``"auto"``
-        builds no FINGER payload with ``"sq8"``).
+        builds no FINGER payload with ``"sq8"``). ``"auto"``: ``"sq8"``, unless ``finger=True``
+        was asked or the codes' squared error exceeds 1 % of the data's robust spread (heavy
+        tails, or a few extreme values stretching a dimension's range; at most 9e-5 on the
+        shared sets, where the walk on codes beat the float walk, plain or FINGER, on every set
+        in both modes); then ``"float"``. ``index.params["walk"]`` keeps what was asked; ``index.walk_built``
+        says what was built.
     random_state : int, None or numpy Generator, default 0
         Seed of the level generator and of FINGER's sampling. Builds with the same seed give
         identical graphs for any number of threads (FINGER's basis and payload, products
@@ -704,7 +710,9 @@ class HNSW(Index):
 
     family = "hnsw"
     build_defaults = {"M": 32, "ef_construction": 200, "finger": "auto", "finger_rank": 64,
-                      "walk": "float", "random_state": 0, "default_recall": 0.92}
+                      "walk": "auto", "random_state": 0, "default_recall": 0.92}
+    # files of the releases before walk="sq8" walked on float32 vectors
+    earlier_file_params = {"walk": "float"}
     # A graph links each vector to its near neighbours, so an indexed vector searched
     # leave-one-out starts next to its answer: self-tuning holds a sample out of the build.
     tuning_queries = "held_out"
@@ -730,7 +738,14 @@ class HNSW(Index):
     # 1.08-1.14x faster at ef 10-16 with equal recall; on kdewall-SIFT (d=128, r=64) 0.88-0.93x
     _PROJECTED_DESCENT_RATIO = 4
     _NO_MASK = np.zeros(0, np.bool_)
-    _WALKS = ("float", "sq8")
+    _WALKS = ("auto", "float", "sq8")
+    # walk="auto" walks on codes unless their squared error exceeds this fraction of the data's
+    # robust spread (sq8_relative_noise): 0 (integer data: SIFT, MNIST) to 8.9e-5 (GloVe) on the
+    # shared sets. On 20,000 x 64 synthetic sets (M=16, ef 16-64, recall on codes against the
+    # float walk's): Student-t 3 degrees of freedom 5.6e-3 (within 0.01), 2.5 dof 1.9e-2 and
+    # lognormal sigma 1.5 0.12 (within 0.015), 2 dof 0.14 (0.07-0.12 lower), 1.5 dof 4.7 (0.36-0.41
+    # lower): the float walk from just above the first set that lost nothing
+    _SQ8_MAX_RELATIVE_NOISE = 1e-2
 
     def __init__(self, metric: str = "l2", **params: Any):
         super().__init__(metric=metric, **params)
@@ -791,9 +806,11 @@ class HNSW(Index):
             cls._reorder(graph)
         else:
             graph.node_positions = np.arange(m, dtype=np.int64)  # as the renumbering leaves it
-        if index._wants_finger(*shape):  # the build's FINGER kernels, and searches with FINGER
+        # walk="auto" is predicted without the data's noise check (codes win on most data)
+        on_codes = index._prefers_codes()
+        if index._wants_finger(*shape, on_codes):  # the build's FINGER kernels, and searches with FINGER
             index._fit_finger(graph, np.random.default_rng(0))
-        if index.params["walk"] == "sq8":
+        if on_codes:
             graph.sq8 = SQ8Codes.fit(graph.vectors, m)
         index._commit(graph)
         index._reset_state(X.shape[1], m, None)
@@ -838,10 +855,9 @@ class HNSW(Index):
         graph = HNSWGraph.empty(M, np.asarray(X), int(levels.sum()), rng)
         self._insert(graph, levels, progress, "HNSW build", None)
         self._reorder(graph)
-        if self._wants_finger(X.shape[0], X.shape[1]):
+        graph.sq8 = self._codes_for(graph)
+        if self._wants_finger(X.shape[0], X.shape[1], graph.sq8 is not None):
             self._fit_finger(graph, rng)
-        if self.params["walk"] == "sq8":
-            graph.sq8 = SQ8Codes.fit(graph.vectors, graph.n)
         self._commit(graph)
         with self._stats_lock:
             self._stats = [0, 0, 0]  # the searches of the previous graph (folded by _commit) too
@@ -975,11 +991,36 @@ class HNSW(Index):
         graph.entry = int(inv[graph.entry])
 
     # ------------------------------------------------------------------ FINGER
-    def _wants_finger(self, n: int, d: int) -> bool:
-        """Whether a build of ``n`` vectors of dimension ``d`` gets FINGER (``finger`` param)."""
-        choice = self.params["finger"]
+    def _prefers_codes(self) -> bool:
+        """Whether the build walks on codes before looking at the data: ``walk="sq8"``, or
+        ``"auto"`` without ``finger=True``."""
+        walk = self.params["walk"]
+        return walk == "sq8" or (walk == "auto" and self.params["finger"] is not True)
+
+    def _codes_for(self, graph: HNSWGraph) -> SQ8Codes | None:
+        """The codes a build of ``graph`` walks on, or None for the float walk (``walk`` param:
+        ``"auto"`` keeps the codes only when their noise passes :data:`_SQ8_MAX_RELATIVE_NOISE`)."""
+        if not self._prefers_codes():
+            return None
+        codes = SQ8Codes.fit(graph.vectors, graph.n)
         if self.params["walk"] == "sq8":
-            return False  # the walk on codes has no FINGER variant (True is refused)
+            return codes
+        noise = sq8_relative_noise(graph.vectors[:graph.n], codes.offset, codes.step)
+        return codes if noise <= self._SQ8_MAX_RELATIVE_NOISE else None
+
+    @property
+    def walk_built(self) -> str | None:
+        """What the built index's walk scores: ``"sq8"`` or ``"float"`` (``walk="auto"``
+        resolved at build; see the class notes). None before a build."""
+        g = self._graph
+        return None if g is None else ("float" if g.sq8 is None else "sq8")
+
+    def _wants_finger(self, n: int, d: int, on_codes: bool) -> bool:
+        """Whether a build of ``n`` vectors of dimension ``d`` gets FINGER (``finger`` param);
+        ``on_codes``: the build walks on 8-bit codes."""
+        choice = self.params["finger"]
+        if on_codes:
+            return False  # the walk on codes has no FINGER variant (True with "sq8" is refused)
         if choice == "auto":
             # an estimate costs about a rank-r dot product: it only saves work when the exact
             # distance it replaces is several times dearer (GloVe, d=50 at rank 50: FINGER 0.77x
@@ -1303,12 +1344,24 @@ class HNSW(Index):
         graph = HNSWGraph.from_file(meta, arrays, self.params["M"], self.params["random_state"],
                                     self._n_positions)
         graph.validate(self._dim, self._n_positions, self._metric.max_abs(self._dim))
-        want = self.params["walk"] == "sq8"
-        require(want == (graph.sq8 is not None), "sq8_codes",
-                "present without walk='sq8'" if not want else "missing (the index was built with walk='sq8')")
+        self._check_walk_state(graph)
         if graph.sq8 is not None:
             graph.sq8.encode_norms(graph.n)
         self._commit(graph)
+
+
+    def _check_walk_state(self, graph: HNSWGraph) -> None:
+        """Refuse a loaded graph whose codes contradict its parameters: ``walk="sq8"`` needs
+        them, ``"float"`` (or ``"auto"`` with ``finger=True``) has none, and no graph carries
+        both codes and a FINGER payload. ``"auto"`` otherwise may resolve either way."""
+        walk, has = self.params["walk"], graph.sq8 is not None
+        if walk == "sq8":
+            require(has, "sq8_codes", "missing (the index was built with walk='sq8')")
+        elif not self._prefers_codes():
+            require(not has, "sq8_codes", f"present although walk={walk!r} with finger={self.params['finger']!r} "
+                                          "builds the float walk")
+        require(not (has and graph.finger is not None), "sq8_codes",
+                "present together with a FINGER payload (the walk on codes has no FINGER variant)")
 
 
 _NO_POSITIONS = np.zeros(0, np.int64)

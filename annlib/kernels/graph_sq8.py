@@ -44,6 +44,7 @@ __all__ = [
     "SQ8Params",
     "sq8_fit",
     "sq8_encode",
+    "sq8_relative_noise",
     "sq8_norms",
     "sq8_prepare",
     "sq8_pair",
@@ -122,6 +123,25 @@ def sq8_fit(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # smallest one that keeps (x - o) / s finite
     step = np.maximum(step, np.finfo(np.float32).tiny * 1e6)
     return lo.astype(np.float32), step.astype(np.float32)
+
+
+def sq8_relative_noise(X: np.ndarray, offset: np.ndarray, step: np.ndarray, sample: int = 1 << 14) -> float:
+    """Squared error of the codes of ``X`` relative to its spread: the mean of
+    ``||x - decode(code(x))||^2`` over the sum of the per-dimension squared robust spreads
+    (interquartile range / 1.349, the standard deviation of normal data), on up to ``sample``
+    evenly spaced rows (float32 (n, d), n >= 1). 0 for exact codes (constant or integer data).
+
+    The walk on codes keeps its beam by distances carrying this error; a few extreme values
+    stretching one dimension's range make it large (see ``HNSW``'s ``walk="auto"``). The spread
+    is robust because those same values would inflate a variance as much as the error.
+    """
+    X = np.asarray(X, np.float32)
+    rows = X[::max(1, -(-X.shape[0] // sample))]
+    decoded = offset + step * sq8_encode(rows, offset, step).astype(np.float32)
+    error = float(np.mean(np.sum(np.square(rows - decoded, dtype=np.float64), axis=1)))
+    q1, q3 = np.percentile(rows, [25.0, 75.0], axis=0)
+    spread = float(np.sum(np.square((q3.astype(np.float64) - q1) / 1.349)))
+    return 0.0 if error == 0.0 else error / max(spread, np.finfo(np.float64).tiny)
 
 
 @numba.njit(cache=True, nogil=True)

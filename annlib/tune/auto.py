@@ -32,7 +32,8 @@ def choose_family(n: int, dim: int, metric: str, target_recall: float) -> tuple[
 
     The rule is the measured one (docs/tuning.md, "the auto rule"): the best grid QPS of each
     family at recall@10 0.90 / 0.95 / 0.99 on the four shared sets, single-threaded batch
-    search. HNSW (M=32, FINGER) was 1.3-1.7x Partitioned on 9,000 vectors (mnist-784); the two
+    search. HNSW (M=32, measured with FINGER before the walk on 8-bit codes became its default;
+    that walk was faster still on every set) was 1.3-1.7x Partitioned on 9,000 vectors (mnist-784); the two
     were within 10 % of each other at 50,000 (wordnet-minilm-384); Partitioned was 1.0-1.5x
     HNSW at 100,000 (kdewall-sift-128) and 1.5-1.7x at 200,000 (glove-50), and builds 3-8x
     faster there. Neither d (50 to 784) nor the target changed the order, so the rule uses n.
@@ -43,7 +44,7 @@ def choose_family(n: int, dim: int, metric: str, target_recall: float) -> tuple[
     """
     if n < AUTO_PARTITIONED_FROM:
         return "hnsw", {"M": 32}, (
-            f"n={n:,} < {AUTO_PARTITIONED_FROM:,}: HNSW (M=32, FINGER) had 1.3-1.7x Partitioned's QPS "
+            f"n={n:,} < {AUTO_PARTITIONED_FROM:,}: HNSW (M=32) had 1.3-1.7x Partitioned's QPS "
             "at recall 0.90-0.99 on the 9,000-vector shared set; its build takes seconds at this size")
     return "partitioned", {}, (
         f"n={n:,} >= {AUTO_PARTITIONED_FROM:,}: Partitioned (SOAR, 4-bit PQ, re-ranking) had 0.9-1.7x "
