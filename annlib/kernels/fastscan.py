@@ -290,10 +290,11 @@ def _int_bar(lim, a):
 
 @numba.njit(cache=True, nogil=True)
 def _scan_query(table, a, base, leaf_ids, leaf_bias, block_offsets, flat, n_pairs, entry_pos, pt, pt_min, mask,
-                bd, bi, keep, acc, slots):
+                bd, bi, keep, acc, slots, block_rows):
     """Walk one query's probed leaves into its candidate buffer ``bd, bi`` (empty on entry).
 
-    Returns ``(count, threshold)``: the buffer's fill and its admission threshold.
+    ``block_rows`` is the packed codes viewed as one row per block (for prefetching). Returns
+    ``(count, threshold)``: the buffer's fill and its admission threshold.
     """
     # Candidates are rejected on the integer sums, against a bar derived once from the float
     # threshold (per block when a per-point term exists, using the block's smallest term): the
@@ -311,6 +312,7 @@ def _scan_query(table, a, base, leaf_ids, leaf_bias, block_offsets, flat, n_pair
     has_pt = pt.shape[0] > 0
     use_mask = mask.shape[0] > 0
     cap = bd.shape[0] - POINT_BLOCK
+    lines = (n_pairs * 32 + 63) // 64
     c = 0
     thr = np.float32(np.inf)
     for t in range(leaf_ids.shape[0]):
@@ -319,6 +321,11 @@ def _scan_query(table, a, base, leaf_ids, leaf_bias, block_offsets, flat, n_pair
             continue
         cst = base + leaf_bias[t]
         bar = _int_bar(thr - cst, a)
+        # the next leaf's first blocks are elsewhere in memory (the hardware prefetcher follows
+        # a leaf's blocks once it has seen a few, not the jump to the next leaf)
+        if t + 1 < leaf_ids.shape[0] and leaf_ids[t + 1] >= 0:
+            nxt = block_offsets[leaf_ids[t + 1]]
+            prefetch_row(block_rows, nxt, min(2, block_offsets[leaf_ids[t + 1] + 1] - nxt) * lines)
         for blk in range(block_offsets[leaf], block_offsets[leaf + 1]):
             if has_pt:
                 bar = _int_bar(thr - cst - pt_min[blk], a)
@@ -405,6 +412,7 @@ def _scan_pq_rows(tables, probes, leaves, mask, buf, keep, q_lo, q_hi, n_points,
     codes = leaves.codes
     n_pairs = codes.shape[1]
     flat = codes.reshape(-1)
+    block_rows = codes.reshape(codes.shape[0], n_pairs * 32)
     T = tables.tables
     acc = np.empty(POINT_BLOCK, dtype=np.uint16)
     slots = np.zeros(n_points, dtype=slot_kind.dtype)
@@ -412,7 +420,7 @@ def _scan_pq_rows(tables, probes, leaves, mask, buf, keep, q_lo, q_hi, n_points,
         buf.counts[q], buf.thresholds[q] = _scan_query(
             T[q].reshape(-1), tables.scale[q], tables.base[q], probes.leaf_ids[q], probes.leaf_bias[q],
             leaves.block_offsets, flat, n_pairs, leaves.entry_positions, leaves.point_terms,
-            leaves.point_term_block_min, mask, buf.distances[q], buf.positions[q], keep, acc, slots)
+            leaves.point_term_block_min, mask, buf.distances[q], buf.positions[q], keep, acc, slots, block_rows)
         _finish_query(q, buf, keep, slots)
 
 
