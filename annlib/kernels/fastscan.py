@@ -145,8 +145,10 @@ class _Buffers(NamedTuple):
 
 
 def _new_buffers(nq: int, keep: int) -> _Buffers:
+    # slots are read only below the fill count, and _finish_query blanks the first ``keep`` past
+    # it: filling all of them first cost 0.4 us per query at keep 160
     width = 2 * keep + POINT_BLOCK
-    return _Buffers(np.full((nq, width), np.inf, dtype=np.float32), np.full((nq, width), -1, dtype=np.int64),
+    return _Buffers(np.empty((nq, width), dtype=np.float32), np.empty((nq, width), dtype=np.int64),
                     np.zeros(nq, dtype=np.int64), np.full(nq, np.inf, dtype=np.float32))
 
 
@@ -399,12 +401,16 @@ def _select_best(bd, bi, n, keep, slots):
 
 @numba.njit(inline="always", cache=True, nogil=True)
 def _finish_query(q, buf, keep, slots):
-    # the query's buffer down to ``keep`` entries, and the slot map emptied for the next query
+    # the query's buffer down to ``keep`` entries, (+inf, -1) in the slots up to ``keep`` past
+    # them, and the slot map emptied for the next query
     if buf.counts[q] > keep:
         buf.thresholds[q] = _select_best(buf.distances[q], buf.positions[q], buf.counts[q], keep, slots)
         buf.counts[q] = keep
     for j in range(buf.counts[q]):
         slots[buf.positions[q, j]] = 0
+    for j in range(buf.counts[q], keep):
+        buf.distances[q, j] = np.inf
+        buf.positions[q, j] = -1
 
 
 @numba.njit(cache=True, nogil=True)
@@ -429,11 +435,9 @@ def _positions_needed(leaves: PackedLeaves) -> int:
 
 
 def _candidates(buf: _Buffers, keep: int) -> tuple[np.ndarray, np.ndarray]:
-    # slots past the fill count may hold rejected writes; blank them before returning
-    live = np.arange(keep)[None, :] < buf.counts[:, None]
-    cand_d = np.where(live, buf.distances[:, :keep], np.float32(np.inf))
-    cand_i = np.where(live, buf.positions[:, :keep], np.int64(-1))
-    return np.ascontiguousarray(cand_d, dtype=np.float32), np.ascontiguousarray(cand_i, dtype=np.int64)
+    # the first ``keep`` slots of each finished buffer (see _finish_query); a masked selection
+    # over them (np.where) cost 0.6-1.0 us per query at keep 100-160
+    return np.ascontiguousarray(buf.distances[:, :keep]), np.ascontiguousarray(buf.positions[:, :keep])
 
 
 def scan_pq(tables: LookupTables, probes: Probes, leaves: PackedLeaves, mask: np.ndarray, n_cand: int,
