@@ -56,8 +56,9 @@ def _methods(n: int, d: int, extras: bool):
     bf = annlib.BruteForce().build(X)
     out["annlib BruteForce"] = (lambda q: bf.search(q, K), False)
     hn = annlib.HNSW(M=16, ef_construction=200, default_recall=None).build(X)
-    out["annlib HNSW+FINGER ef=10"] = (lambda q: hn.search(q, K, ef=10), False)
-    out["annlib HNSW ef=10 finger=False"] = (lambda q: hn.search(q, K, ef=10, finger=False), False)
+    out["annlib HNSW ef=10"] = (lambda q: hn.search(q, K, ef=10), False)  # the default walk: on codes
+    hf = annlib.HNSW(M=16, ef_construction=200, walk="float", default_recall=None).build(X)
+    out["annlib HNSW ef=10 walk=float"] = (lambda q: hf.search(q, K, ef=10), False)
     pa = annlib.Partitioned(default_recall=None).build(X)
     out["annlib Partitioned leaves=1 reorder=10"] = (lambda q: pa.search(q, K, leaves=1, reorder=10), False)
     ma = annlib.MahalanobisSketch(m=8, copies=4, votes=1, random_state=0).build(X)
@@ -94,7 +95,7 @@ def _methods(n: int, d: int, extras: bool):
         pass
     out["(timing loop, empty call)"] = (lambda q: None, False)
     if extras:
-        out.update(_extra_methods(X, {"bf": bf, "hn": hn, "pa": pa, "ma": ma, "tp": tp}))
+        out.update(_extra_methods(X, {"bf": bf, "hn": hn, "hf": hf, "pa": pa, "ma": ma, "tp": tp}))
     return out
 
 
@@ -105,7 +106,7 @@ def _extra_methods(X, built):
     import annlib
 
     out = {}
-    hooks = {"bf": ("BruteForce", {}), "hn": ("HNSW+FINGER ef=10", {"ef": 10, "finger": True}),
+    hooks = {"bf": ("BruteForce", {}), "hn": ("HNSW ef=10", {"ef": 10}), "hf": ("HNSW walk=float ef=10", {"ef": 10}),
              "pa": ("Partitioned leaves=1 reorder=10", {"leaves": 1, "reorder": 10}),
              "ma": ("MahalanobisSketch m=8 votes=1 reorder=10", {"reorder": 10}), "tp": ("TPUKNN", {})}
     for key, (label, params) in hooks.items():
@@ -121,6 +122,7 @@ def _extra_methods(X, built):
     try:
         from annlib.kernels.blockwise import search_one as exact_one
         from annlib.kernels.graph import new_one_query_scratch, search_one as graph_one
+        from annlib.kernels.graph_sq8 import sq8_search_one
     except ImportError:
         exact_one = None
     if exact_one is not None:
@@ -128,10 +130,15 @@ def _extra_methods(X, built):
         out_d, out_i = np.empty(K, np.float32), np.empty(K, np.int64)
         words = built["bf"]._one_plan[3]
         out["  BruteForce: kernel alone"] = (lambda q: exact_one(q, words, K, no_mask, out_d, out_i), False)
+        hf = built["hf"]
+        gwords, scratch = hf._one_plan[3], new_one_query_scratch(hf.n_positions)
+        out["  HNSW walk=float ef=10: kernel alone"] = (
+            lambda q: graph_one(q, gwords, K, 10, None, no_mask, scratch, out_d, out_i), False)
         hn = built["hn"]
-        gwords, scratch = hn._one_plan[3], new_one_query_scratch(hn.n_positions)
-        out["  HNSW+FINGER ef=10: kernel alone"] = (
-            lambda q: graph_one(q, gwords, K, 10, True, no_mask, scratch, out_d, out_i), False)
+        cwords, cscratch = hn._one_plan[3], new_one_query_scratch(hn.n_positions)
+        # n_exact as the index derives it at ef=10 and the default rescore=2: min(ef, 2k)
+        out["  HNSW ef=10: kernel alone"] = (
+            lambda q: sq8_search_one(q, cwords, K, 10, 10, no_mask, cscratch, out_d, out_i), False)
     tiny = np.ascontiguousarray(X[:16])
     small = {"BruteForce": (annlib.BruteForce().build(tiny), {}),
              "HNSW": (annlib.HNSW(M=16, default_recall=None).build(tiny), {"ef": 1}),

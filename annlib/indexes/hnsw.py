@@ -1210,30 +1210,6 @@ class HNSW(Index):
             out_i = g.positions_padded[out_i]
         return out_d, out_i
 
-    def _search_one_sq8(self, q, k, params):
-        """:meth:`_search_one` of a ``walk="sq8"`` index (same policy, the kernel on codes)."""
-        view = self._view
-        plan = self._one_plan
-        if plan[0] is not view or plan[1] is not self._ids:  # made again after every change
-            kgraph, _, deleted, positions = view.one_parts
-            table = sq8_one_query_table(kgraph, view.sq8_arrays, deleted, positions, self._ids_array(),
-                                        self._one_query_terms())
-            plan = self._one_plan = (view, self._ids, table, table.words)
-        if type(k) is not int or not 0 < k <= view.n_live:
-            return None
-        if view.n_live < view.n_nodes and self._scan_is_cheaper(view.n_live, k, params):
-            return None  # many deletions: the ordinary path scans the live vectors
-        ef = params["ef"]
-        n_exact = min(max(ef, k), max(k, math.ceil(params["rescore"] * k)))
-        scratch = self._one_scratch(view)
-        out_d = np.empty(k, _F32)
-        out_i = np.empty(k, _I64)
-        try:
-            status = sq8_search_one(q, plan[3], k, ef, n_exact, self._NO_MASK, scratch, out_d, out_i)
-        finally:
-            view.one_pool.append(scratch)
-        return None if status else (out_i, out_d)
-
     def _count_batch(self, counts: np.ndarray) -> None:
         """Add a batch walk's per-query counters (int64 (nq, 2): exact evaluations, estimates)
         to :meth:`search_stats`'s totals."""
@@ -1275,15 +1251,24 @@ class HNSW(Index):
             view.counted.append(scratch)
             return scratch
 
+    def _one_query_plan(self, view: _SearchView) -> tuple:
+        """``(view, ids, table, words)`` of the one-query kernel of ``view``'s walk (float or
+        codes), made again after every change."""
+        kgraph, kfinger, deleted, positions = view.one_parts
+        if view.sq8 is None:
+            table = one_query_table(kgraph, kfinger, deleted, positions, self._ids_array(),
+                                    self._one_query_terms(), view.projected_descent)
+        else:
+            table = sq8_one_query_table(kgraph, view.sq8_arrays, deleted, positions, self._ids_array(),
+                                        self._one_query_terms())
+        return view, self._ids, table, table.words
+
     def _search_one(self, q, k, params, threads):
+        # one query per call: every line here is paid per call (ann-benchmarks' default mode)
         view = self._view
-        if view.sq8 is not None:
-            return self._search_one_sq8(q, k, params)
         plan = self._one_plan
-        if plan[0] is not view or plan[1] is not self._ids:  # made again after every change
-            table = one_query_table(*view.one_parts, self._ids_array(), self._one_query_terms(),
-                                    view.projected_descent)
-            plan = self._one_plan = (view, self._ids, table, table.words)
+        if plan[0] is not view or plan[1] is not self._ids:
+            plan = self._one_plan = self._one_query_plan(view)
         if type(k) is not int or not 0 < k <= view.n_live:
             return None
         if view.n_live < view.n_nodes and self._scan_is_cheaper(view.n_live, k, params):
@@ -1295,9 +1280,14 @@ class HNSW(Index):
             scratch = self._one_scratch(view)
         out_d = np.empty(k, _F32)
         out_i = np.empty(k, _I64)
+        ef = params["ef"]
         try:
-            status = search_one(q, plan[3], k, params["ef"], params["finger"] if view.has_finger else None,
-                                self._NO_MASK, scratch, out_d, out_i)
+            if view.sq8 is None:
+                status = search_one(q, plan[3], k, ef, params["finger"] if view.has_finger else None,
+                                    self._NO_MASK, scratch, out_d, out_i)
+            else:  # the walk on codes re-scores its best min(ef, ceil(rescore * k)) (at least k)
+                n_exact = min(max(ef, k), max(k, math.ceil(params["rescore"] * k)))
+                status = sq8_search_one(q, plan[3], k, ef, n_exact, self._NO_MASK, scratch, out_d, out_i)
         finally:
             pool.append(scratch)
         return None if status else (out_i, out_d)
