@@ -137,3 +137,31 @@ def test_hnsw_build_inside_a_worker_thread_runs_its_parts_inline(data):
     res = out[0].search(Q, k=5, ef=40)
     truth = ref.search(Q, k=5, ef=40)
     assert (np.asarray(res.ids) == np.asarray(truth.ids)).mean() > 0.9
+
+
+@pytest.mark.parametrize("votes", [1, 3, 2])
+def test_median_search_column_split_as_one_thread(votes):
+    # two threads share every database block (the products by column ranges, the folds by query
+    # ranges): the candidates must be one thread's, across several query and database blocks,
+    # with a mask and with duplicated points (exact ties, whose order decides what a heap keeps)
+    from annlib.kernels.sketch import MIN_SPLIT_COLUMNS, Sketches, median_search
+
+    g = np.random.default_rng(3)
+    L, m, d, n = 6, 8, 12, 3 * MIN_SPLIT_COLUMNS + 517
+    P = g.normal(size=(L, m, d)).astype(np.float32)
+    X = g.normal(size=(n, d)).astype(np.float32)
+    X[1::7] = X[0::7][: X[1::7].shape[0]]  # duplicates
+    S = np.ascontiguousarray(np.einsum("jad,nd->jan", P, X), dtype=np.float32)
+    sn = np.einsum("jan,jan->jn", S, S).astype(np.float32)
+    sk = Sketches(P, S, sn, np.zeros((L, m, 0), np.float32))
+    Q = g.normal(size=(150, d)).astype(np.float32)
+    sel = np.stack([g.choice(L, votes, replace=False) for _ in range(len(Q))]).astype(np.int64)
+    mask = g.random(n) < 0.8
+    for kw in ({}, {"mask": mask}):
+        one = median_search(Q, sk, sel, 25, query_block=64, db_block=2 * MIN_SPLIT_COLUMNS + 100, **kw)
+        two = median_search(Q, sk, sel, 25, query_block=64, db_block=2 * MIN_SPLIT_COLUMNS + 100, threads=2, **kw)
+        # the products come from GEMMs over other column ranges: equal up to rounding
+        assert (one[1] == two[1]).mean() > 0.99
+        np.testing.assert_allclose(one[0], two[0], rtol=1e-5, atol=1e-5)
+        if "mask" in kw:
+            assert mask[two[1][two[1] >= 0]].all()
