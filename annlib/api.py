@@ -277,7 +277,7 @@ class Index:
         Rows are gathered and scanned a chunk at a time and the chunks' answers merged, so the
         memory this needs does not grow with the index.
         """
-        from .kernels.blockwise import exact_search
+        from .kernels.blockwise import ONE_QUERY_SERIAL_WORK, exact_search
         from .kernels.topk import merge_topk
 
         nq = Q.shape[0]
@@ -287,8 +287,11 @@ class Index:
             part = rows[lo:lo + self._EXACT_CHUNK]
             Xs = np.ascontiguousarray(self._vectors_at(part), dtype=np.float32)
             kk = min(k, part.size)
+            # the call's threads (a build's self-tune computes its truth here, inside the build's
+            # threads), unless the scan is too short to be worth handing to workers
+            workers = config.get_num_threads() if nq * Xs.size >= ONE_QUERY_SERIAL_WORK else 1
             # small batches choose their survivors by numpy: the self-tune needs no fold kernel
-            d, i = exact_search(Q, Xs, None, kk, self._metric.proxy, small_by_numpy=True)
+            d, i = exact_search(Q, Xs, None, kk, self._metric.proxy, workers=workers, small_by_numpy=True)
             i = np.where(i >= 0, part[np.maximum(i, 0)], -1)
             if lo == 0:
                 out_d[:, :kk] = d

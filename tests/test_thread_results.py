@@ -165,3 +165,50 @@ def test_median_search_column_split_as_one_thread(votes):
         np.testing.assert_allclose(one[0], two[0], rtol=1e-5, atol=1e-5)
         if "mask" in kw:
             assert mask[two[1][two[1] >= 0]].all()
+
+
+def test_hnsw_graph_and_self_tune_independent_of_threads(data, monkeypatch):
+    # every reverse-link batch split over the threads (one target row per group is written by
+    # one thread), the self-tune's exact truth computed on the threads: the same graph and the
+    # same tuned defaults as one thread
+    import annlib.kernels.graph as graph_kernels
+
+    monkeypatch.setattr(graph_kernels, "_MIN_GROUPS_PER_CHUNK", 1)
+    X, _ = data
+    built = [annlib.HNSW(metric="l2", M=8, ef_construction=40, random_state=0).build(X, threads=t) for t in (1, 2)]
+    (_, one), (_, two) = (index._state() for index in built)
+    assert one.keys() == two.keys()
+    for key in one:
+        np.testing.assert_array_equal(one[key], two[key], err_msg=key)
+    assert built[0].default_search_params == built[1].default_search_params
+
+
+def test_run_split_caller_runs_the_first_range_and_waits_on_failure():
+    import threading
+    import time
+
+    caller = threading.get_ident()
+    seen = run_split(lambda lo, hi: (lo, threading.get_ident()), 10, 2)
+    assert [lo for lo, _ in seen] == [0, 5]
+    assert seen[0][1] == caller and seen[1][1] != caller
+    finished = []
+
+    def part(lo, hi):
+        if lo == 0:
+            raise RuntimeError("first range")
+        time.sleep(0.05)
+        finished.append(lo)
+
+    with pytest.raises(RuntimeError, match="first range"):
+        run_split(part, 10, 2)
+    assert finished == [5]  # the other range was done before the error reached the caller
+
+
+def test_exact_search_threads_as_one(data):
+    # exact_search (the self-tune's truth) splits its scan over the call's threads
+    X, Q = data
+    index = annlib.HNSW(metric="l2", M=8, ef_construction=40, random_state=0, default_recall=None).build(X)
+    one, two = index.exact_search(Q, 10, threads=1), index.exact_search(Q, 10, threads=2)
+    same = np.asarray(one.ids) == np.asarray(two.ids)
+    assert same.mean() >= 0.999  # GEMMs of other shapes may flip a near-tie
+    np.testing.assert_allclose(one.distances, two.distances, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ calling single-threaded BLAS and serial numba code, and this module provides the
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -143,7 +143,8 @@ def run_split(fn, n: int, workers: int, min_part: int = 1) -> list:
     """``fn(lo, hi)`` over contiguous ranges of ``0 .. n``, one per worker thread; results in order.
 
     Each worker runs serial code end to end on its range with BLAS held at one thread (the
-    model of the module note): one large chunk per thread, no synchronisation between them. The
+    model of the module note): one large chunk per thread, no synchronisation between them; the
+    calling thread is the first worker (the pool runs the other ranges). The
     work runs as one range on the calling thread (BLAS untouched) when ``workers`` is 1, when
     fewer than ``2 * min_part`` items would leave a worker too little to do, or when the caller
     already is one of these workers (a nested split would wait on its own pool).
@@ -168,5 +169,13 @@ def run_split(fn, n: int, workers: int, min_part: int = 1) -> list:
     workers = max(1, min(int(workers), n // max(1, min_part)))
     if workers == 1 or getattr(_in_worker, "on", False):
         return [fn(0, n)]
+    first, *rest = split_ranges(n, workers)
     with blas_limit(1):
-        return list(worker_pool(workers).map(lambda r: _run_marked(fn, *r), split_ranges(n, workers)))
+        # the calling thread runs the first range itself instead of sleeping until the pool is
+        # done: one thread fewer to wake per call, and no wake-up of the caller at the end
+        futures = [worker_pool(workers).submit(_run_marked, fn, lo, hi) for lo, hi in rest]
+        try:
+            mine = _run_marked(fn, *first)
+        finally:
+            wait(futures)  # never leave workers writing into the caller's arrays
+        return [mine] + [f.result() for f in futures]
