@@ -297,8 +297,12 @@ def _on_workers(kernel, parts, args_of):
 def insert_chunk(graph, nodes, M, ef_c, visited, tags, t, n_chunks):
     """The share of :func:`insert_batch` of chunk ``t`` of ``n_chunks``: the nodes ``nodes[t]``,
     ``nodes[t + n_chunks]``, ..., inserted on the calling thread with visited set ``visited[t]``.
-    Returns the number of distance evaluations."""
-    graph = GraphArrays(*graph)
+    Returns the number of distance evaluations.
+
+    The graph's arrays, which every thread reads, are taken through views without a reference
+    count (:func:`_graph_unowned`); the beam is this thread's own and is read last, so it
+    outlives its views."""
+    graph = _graph_unowned(GraphArrays(*graph))
     X = graph.vectors
     levels = graph.levels
     ustart = graph.upper_start
@@ -309,10 +313,14 @@ def insert_chunk(graph, nodes, M, ef_c, visited, tags, t, n_chunks):
     proxy = graph.proxy
     nb = nodes.shape[0]
     empty_mask = np.zeros(0, dtype=np.bool_)
-    beam = new_beam(ef_c, 4 * ef_c + 64, links0.shape[1], np.int64(0))
+    owned = new_beam(ef_c, 4 * ef_c + 64, links0.shape[1], np.int64(0))
+    beam = Beam(unowned(owned.cand_dist), unowned(owned.cand_ids), unowned(owned.result_dist),
+                unowned(owned.result_ids), unowned(owned.neighbours), unowned(owned.query_proj))
     Wd = beam.result_dist
     Wi = beam.result_ids
     sel = np.empty(M, dtype=np.int64)
+    nodes = unowned(nodes)
+    visited = unowned(visited)
     ev = 0
     for b in range(t, nb, n_chunks):
         p = nodes[b]
@@ -345,7 +353,21 @@ def insert_chunk(graph, nodes, M, ef_c, visited, tags, t, n_chunks):
             if m > 0:
                 cur = Wi[0]
                 cur_d = Wd[0]
-    return ev
+    return ev + owned.neighbours.shape[0] * 0  # the read keeps the beam alive to here
+
+
+@numba.njit(inline="always", cache=True, nogil=True)
+def _graph_unowned(graph):
+    """``graph`` (a :class:`GraphArrays`) with its arrays as views without a reference count.
+
+    Threads of a batch all read the same arrays: each view taken from them (``X[e]``) or
+    hand-over to a helper that is not inlined would otherwise update one shared reference count
+    atomically, a cache line both cores keep taking from each other. The caller keeps the
+    arrays alive for the whole call.
+    """
+    return GraphArrays(unowned(graph.vectors), unowned(graph.links_layer0), unowned(graph.links_upper),
+                       unowned(graph.upper_start), unowned(graph.levels), graph.entry, graph.max_level,
+                       graph.proxy)
 
 
 def insert_batch(graph, nodes, M, ef_c, visited, tags) -> int:
@@ -420,12 +442,17 @@ def reverse_edges(graph, nodes, level, group_of):
 def link_groups(graph, level, M_max, touched, targets, starts, sources, t, n_chunks):
     """Add the reverse edges of the groups ``t, t + n_chunks, ...`` of :func:`reverse_edges`
     at ``level``, shrinking overfull lists (the share of :func:`link_reverse` of one chunk).
-    Returns the number of distance evaluations."""
-    graph = GraphArrays(*graph)
+    Returns the number of distance evaluations. Shared arrays through views without a
+    reference count, as in :func:`insert_chunk`."""
+    graph = _graph_unowned(GraphArrays(*graph))
     X = graph.vectors
     ustart = graph.upper_start
     proxy = graph.proxy
     links = graph.links_layer0 if level == 0 else graph.links_upper
+    touched = unowned(touched)
+    targets = unowned(targets)
+    starts = unowned(starts)
+    sources = unowned(sources)
     evals = 0
     for g in range(t, targets.shape[0], n_chunks):
         a0 = starts[g]
