@@ -41,8 +41,9 @@ indexes the way ``bench/hnsw_gap.py`` measures HNSW:
    thread CPU time) and warns when they do not, since thread CPU time would then miss work.
 5. QPS at 0.90 / 0.95 / 0.99 is read off each method's Pareto frontier with the main harness's
    reading (:mod:`bench.pareto`: log-QPS linear in recall between the bracketing points), and
-   divided by ScaNN's. The same reading on each round's times alone gives the spread of the
-   ratio across rounds.
+   divided by ScaNN's. The same reading on each round's times alone gives one ratio per
+   round; their median is the figure to quote when the machine's speed changed during the run
+   (the per-point medians then depend on which round each point happened to be timed in).
 
 Modes: ``batch`` (every query in one call) and ``single`` (one query per call from a Python
 loop, the runner's loop). Everything runs on one thread: BLAS, numba and annlib through
@@ -373,7 +374,19 @@ def mode_figures(methods: dict, mode: str, q: int, rounds: int) -> dict:
         name: {level_key(lv): [_ratio(fig[name][level_key(lv)], fig[REFERENCE][level_key(lv)])
                                for fig in per_round] for lv in RECALL_LEVELS}
         for name in methods if name != REFERENCE}
+    # Within a round both libraries meet the same machine; a speed change between rounds (seen
+    # on glove: every point 30 % faster from the fourth of five rounds at the same load) moves
+    # each point's median by when it ran, but not the ratio of one round's frontiers.
+    out["ratio_to_scann_median_of_rounds"] = {
+        name: {lv: _median_reached(values) for lv, values in per_level.items()}
+        for name, per_level in out["ratio_to_scann_per_round"].items()}
     return out
+
+
+def _median_reached(values: list):
+    """Median of the figures of the rounds that reached the level, or None."""
+    reached = [v for v in values if v is not None]
+    return median(reached) if reached else None
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -547,8 +560,10 @@ def print_table(doc: dict) -> None:
             if name in fig.get("ratio_to_scann", {}):
                 ratio = fig["ratio_to_scann"][name]
                 spread = fig["ratio_to_scann_per_round"][name]
+                of_rounds = fig["ratio_to_scann_median_of_rounds"][name]
                 line += (f" ÷ scann {' / '.join(_fmt(ratio[lv], '.2f') for lv in levels)}"
-                         f"   rounds {' / '.join(_spread(spread[lv]) for lv in levels)}")
+                         f"   per round: median {' / '.join(_fmt(of_rounds[lv], '.2f') for lv in levels)}"
+                         f", range {' / '.join(_spread(spread[lv]) for lv in levels)}")
             print(line)
 
 
