@@ -87,6 +87,7 @@ def recall(results, truth):
 CASES = [
     (AnnlibHNSW, (16, 100, True), (200,)),
     (AnnlibHNSW, (16, 100, False), (200,)),
+    (AnnlibHNSW, (16, 100, False, "float"), (200,)),
     (AnnlibPartitioned, ("2*sqrt(n)",), (64, 250)),
     (AnnlibPartitioned, (40,), (40, 250)),
 ]
@@ -112,12 +113,21 @@ def test_cheap_query_arguments_cost_recall(data):
 
 def test_names_carry_build_and_query_arguments():
     algo = AnnlibHNSW("angular", 16, 200, False)
-    assert str(algo) == "annlib-hnsw(M=16,efC=200,finger=0)"
+    assert str(algo) == "annlib-hnsw(M=16,efC=200,finger=0,walk=auto)"
     algo.set_query_arguments(40)
-    assert str(algo) == "annlib-hnsw(M=16,efC=200,finger=0,ef=40)"
+    assert str(algo) == "annlib-hnsw(M=16,efC=200,finger=0,walk=auto,ef=40)"
     part = AnnlibPartitioned("euclidean", "2 * sqrt(n)")
     part.set_query_arguments(8, 100)
     assert str(part) == "annlib-partitioned(leaves=2*sqrt(n),probe=8,reorder=100)"
+
+
+def test_hnsw_arguments_reach_the_walk_built():
+    train = clustered(400, seed=3)
+    for args, walk, finger in (((16, 100, False), "sq8", False), ((16, 100, False, "float"), "float", False),
+                               ((16, 100, True), "float", True)):
+        algo = AnnlibHNSW("euclidean", *args)
+        algo.fit(train)
+        assert (algo.index.walk_built, algo.index.params["finger"]) == (walk, finger), args
 
 
 def test_leaf_count_forms():
@@ -237,7 +247,7 @@ def test_every_config_entry_builds_and_runs_once(metric):
             assert len(algo.query(test[0], 10)) == 10
         algo.done()
         seen += 1
-    assert seen == 6  # HNSW: 2 groups x finger on/off; Partitioned: 2 groups
+    assert seen == 7  # HNSW: 2 groups x finger on/off, the plain float walk; Partitioned: 2 groups
 
 
 # -- the files a user copies, and the packaging ----------------------------------------------------

@@ -126,8 +126,11 @@ class AnnlibHNSW(_Annlib):
         Out-degree of the upper layers (layer 0 keeps 2 M).
     ef_construction : int, default 200
         Beam width while inserting.
-    finger : bool, default True
-        Build the FINGER payload and use it while searching.
+    finger : bool, default False
+        Build the FINGER payload and use it while searching (the walk on float32 vectors).
+    walk : {"auto", "float", "sq8"}, default "auto"
+        What the walk scores (annlib's ``walk``): ``"auto"`` walks on 8-bit codes unless
+        ``finger`` is on, as annlib's default build does; ``"float"`` the plain float32 walk.
 
     Query arguments: ``ef`` (beam width of the search).
 
@@ -140,18 +143,21 @@ class AnnlibHNSW(_Annlib):
     family = "hnsw"
     label = "annlib-hnsw"
 
-    def __init__(self, metric: str, M: int = 32, ef_construction: int = 200, finger: bool = True):
+    def __init__(self, metric: str, M: int = 32, ef_construction: int = 200, finger: bool = False,
+                 walk: str = "auto"):
         super().__init__(metric)
         self.M = M
         self.ef_construction = ef_construction
         self.finger = finger
+        self.walk = walk
         self.name = self._name()
 
     def _build_params(self, n: int) -> dict[str, Any]:
-        return {"M": self.M, "ef_construction": self.ef_construction, "finger": bool(self.finger)}
+        return {"M": self.M, "ef_construction": self.ef_construction, "finger": bool(self.finger),
+                "walk": self.walk}
 
     def _describe_build(self) -> dict[str, Any]:
-        return {"M": self.M, "efC": self.ef_construction, "finger": int(bool(self.finger))}
+        return {"M": self.M, "efC": self.ef_construction, "finger": int(bool(self.finger)), "walk": self.walk}
 
     def set_query_arguments(self, ef: int) -> None:
         """Search with beam width ``ef`` from now on."""
