@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
         for threads in sorted({1, all_threads}):
             annlib.HNSW(metric=metric, M=M).build(X[:2000], threads=threads)  # warm-up
             t = time.perf_counter()
-            annlib.HNSW(metric=metric, M=M, finger=False).build(X, threads=threads)
+            annlib.HNSW(metric=metric, M=M, finger=False, walk="float").build(X, threads=threads)
             plain = time.perf_counter() - t
             t = time.perf_counter()
             annlib.HNSW(metric=metric, M=M, finger=True).build(X, threads=threads)

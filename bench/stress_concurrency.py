@@ -45,7 +45,8 @@ def _variants(families):
             print(f"{family}: neither add nor delete, skipped", flush=True)
             continue
         if family == "hnsw":
-            out += [("hnsw-finger", family, {"finger": True}), ("hnsw-plain", family, {"finger": False})]
+            out += [("hnsw-finger", family, {"finger": True}),
+                    ("hnsw-plain", family, {"finger": False, "walk": "float"}), ("hnsw-codes", family, {})]
         else:
             out.append((family, family, {}))
     return out
