@@ -101,6 +101,24 @@ def test_codes_fit_the_range_and_clip_outside_it():
     np.testing.assert_array_equal(sq8_encode(far, offset, step), [[0, 255]])
 
 
+def test_adds_outside_the_range_refit_it_and_are_found():
+    X, _, _, _, _ = synthetic_set(1200, 8, 5, k=K, seed=7)
+    index = HNSW(M=8, default_recall=None).build(X)
+    before = index._graph.sq8
+    offset, step = before.offset.copy(), before.step.copy()
+    index.add(X[:3] * 0.5 + 0.5 * X[3:6])  # inside the range: the same range, new rows encoded
+    assert index._graph.sq8.offset is before.offset
+    extra = X[:5] + 100.0  # far outside: clipped codes would all look alike
+    index.add(extra, ids=np.arange(50_000, 50_005))
+    g = index._graph
+    assert not np.array_equal(g.sq8.offset + 255 * g.sq8.step, offset + 255 * step)
+    np.testing.assert_array_equal(offset, before.offset)  # the codes published before stay as they were
+    np.testing.assert_array_equal(g.sq8.codes[:g.n], sq8_encode(g.vectors[:g.n], g.sq8.offset, g.sq8.step))
+    assert g.sq8.covers(g.vectors[:g.n])
+    assert index.search(extra, 1, ef=32).ids[:, 0].tolist() == list(range(50_000, 50_005))
+    assert [index.search(q, 1, ef=32).ids[0] for q in extra] == list(range(50_000, 50_005))
+
+
 def test_add_delete_and_filter(built):
     metric, X, Q, _, _ = built
     index = HNSW(metric=metric, M=8, walk="sq8", default_recall=None, random_state=3).build(X[:1500])

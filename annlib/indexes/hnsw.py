@@ -27,10 +27,11 @@ from .._progress import progress_reporter
 from .._state import bad_field, check_array, check_finite, check_range, require, take_array, take_meta
 from ..api import Index
 from ..kernels.distances import L2SQ
+from ..metrics import _float32_safe_magnitude
 from ..kernels.finger import (FingerArrays, cos_table, edge_payload, pair_statistics, payload_width,
                               sample_residuals)
-from ..kernels.graph_sq8 import (SQ8Arrays, sq8_encode, sq8_fit, sq8_norms, sq8_one_query_table, sq8_relative_noise,
-                                 sq8_search_one, sq8_search_queries)
+from ..kernels.graph_sq8 import (CODE_MAX, SQ8Arrays, sq8_encode, sq8_fit, sq8_norms, sq8_one_query_table,
+                                 sq8_relative_noise, sq8_search_one, sq8_search_queries)
 from ..kernels.graph import (GraphArrays, bfs_order, insert_batch, link_reverse, new_one_query_scratch,
                              one_query_table, relabel_rows, repair_deleted, scratch_counts, search_one,
                              search_queries)
@@ -117,7 +118,8 @@ class SQ8Codes:
     """The codes a ``walk="sq8"`` index walks on: every vector quantized to one byte per dimension.
 
     ``vector[j] ~ offset[j] + step[j] * codes[node, j]`` (:mod:`annlib.kernels.graph_sq8`). The
-    range is fitted at build; vectors added later are clipped to it.
+    range is fitted at build; an add whose vectors fall outside it fits it again over every
+    vector (:meth:`covers`).
 
     Attributes
     ----------
@@ -153,6 +155,14 @@ class SQ8Codes:
         sq8_encode(vectors[lo:hi], self.offset, self.step, self.codes[lo:hi])
         sq8_norms(self.codes[lo:hi], self.step, self.norms[lo:hi])
 
+    def covers(self, X: np.ndarray) -> bool:
+        """Whether every value of ``X`` (float32 (m, d)) rounds to a code without clipping."""
+        if X.shape[0] == 0:
+            return True
+        lo = self.offset.astype(np.float64) - 0.5 * self.step
+        hi = self.offset.astype(np.float64) + (CODE_MAX + 0.5) * self.step.astype(np.float64)
+        return bool(np.all(X.min(axis=0) >= lo) and np.all(X.max(axis=0) <= hi))
+
     def encode_norms(self, n: int) -> None:
         """Recompute the derived norms of the first ``n`` rows (after a load)."""
         self.norms = np.zeros(self.codes.shape[0], np.float32)
@@ -182,10 +192,14 @@ class SQ8Codes:
         check_array(self.step, "sq8_step", np.float32, (dim,))
         check_finite(self.step, "sq8_step")
         require(bool(np.all(self.step > 0)), "sq8_step", "every step must be > 0")
-        # offset + 255 * step is the largest decoded value: it must stay a finite float32
+        # decoded values must keep the walk's float32 arithmetic finite, as stored vectors do
+        # (codes are fitted to vectors within this bound)
+        bound = _float32_safe_magnitude(dim)
+        require(bool(np.all(np.abs(self.offset) <= bound)), "sq8_offset",
+                f"every offset must be within +-{bound:.3g} (the float32-safe magnitude at d={dim})")
         top = self.offset.astype(np.float64) + 255.0 * self.step.astype(np.float64)
-        require(bool(np.all(np.abs(top) <= np.finfo(np.float32).max)), "sq8_step",
-                "offset + 255 * step must be a finite float32")
+        require(bool(np.all(np.abs(top) <= bound)), "sq8_step",
+                f"offset + 255 * step must be within +-{bound:.3g} (the float32-safe magnitude at d={dim})")
 
 
 @dataclass
@@ -641,9 +655,9 @@ class HNSW(Index):
         exact distances. A quarter of the memory traffic per evaluation: at recall 0.95, batch,
         on an idle machine 1.15-1.67x the best hnswlib on every shared set against the float
         walk's 0.94-1.30x; one query per call 0.97-1.52x (docs/benchmarks-hnsw.md, "Round 6,
-        final"). The graph is built on the float32 vectors either way. Vectors added later are
-        clipped to the build's range. Excludes ``finger=True`` (``"auto"``
-        builds no FINGER payload with ``"sq8"``). ``"auto"``: ``"sq8"``, unless ``finger=True``
+        final"). The graph is built on the float32 vectors either way. An add whose vectors
+        fall outside the codes' range fits the range again over every vector (O(n d)).
+        Excludes ``finger=True`` (``"auto"`` builds no FINGER payload with ``"sq8"``). ``"auto"``: ``"sq8"``, unless ``finger=True``
         was asked or the codes' squared error exceeds 1 % of the data's robust spread (heavy
         tails, or a few extreme values stretching a dimension's range; at most 9e-5 on the
         shared sets, where the walk on codes beat the float walk, plain or FINGER, on every set
@@ -874,8 +888,13 @@ class HNSW(Index):
                   _RowBackup(graph.links_upper, old.n_upper_rows) if graph.links_upper is old.links_upper else None)
         try:
             graph.vectors[n0:n0 + m] = X
-            if graph.sq8 is not None:  # rows past the published n: nothing reads them yet
+            if graph.sq8 is not None and graph.sq8.covers(X):  # rows past the published n: nothing reads them yet
                 graph.sq8.encode(graph.vectors, n0, n0 + m)
+            elif graph.sq8 is not None:
+                # clipped codes of vectors outside the range would hide them from the walk: the
+                # range is fitted again over every vector, in new arrays (the published codes
+                # stay as they are until the commit); O(n d), on adds that leave the range only
+                graph.sq8 = SQ8Codes.fit(graph.vectors, n0 + m)
             touched = self._insert(graph, levels, progress, "HNSW add", backup)
             if graph.node_positions is not None:
                 fresh = np.arange(n0, graph.n, dtype=np.int64)  # added nodes keep their positions
