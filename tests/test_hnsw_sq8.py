@@ -119,6 +119,20 @@ def test_adds_outside_the_range_refit_it_and_are_found():
     assert [index.search(q, 1, ef=32).ids[0] for q in extra] == list(range(50_000, 50_005))
 
 
+def test_auto_falls_back_to_the_float_walk_when_an_add_makes_the_codes_coarse():
+    X, Q, _, _, _ = synthetic_set(1200, 8, 5, k=K, seed=8)
+    index = HNSW(M=8, default_recall=None).build(X)
+    asked = HNSW(M=8, walk="sq8", default_recall=None).build(X)
+    outlier = X[:1].copy()
+    outlier[0, 2] = 1e6  # stretches one dimension's range a million-fold
+    for ix in (index, asked):
+        ix.add(outlier, ids=[9_999])
+    assert index.walk_built == "float" and asked.walk_built == "sq8"  # "auto" decides again; "sq8" keeps codes
+    assert index.search(outlier, 1, ef=32).ids[0, 0] == 9_999
+    exact = index.exact_search(Q, K).ids
+    assert _recall(index.search(Q, K, ef=64).ids, exact) >= 0.95
+
+
 def test_add_delete_and_filter(built):
     metric, X, Q, _, _ = built
     index = HNSW(metric=metric, M=8, walk="sq8", default_recall=None, random_state=3).build(X[:1500])

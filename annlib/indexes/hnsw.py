@@ -893,8 +893,10 @@ class HNSW(Index):
             elif graph.sq8 is not None:
                 # clipped codes of vectors outside the range would hide them from the walk: the
                 # range is fitted again over every vector, in new arrays (the published codes
-                # stay as they are until the commit); O(n d), on adds that leave the range only
-                graph.sq8 = SQ8Codes.fit(graph.vectors, n0 + m)
+                # stay as they are until the commit); O(n d), on adds that leave the range only.
+                # walk="auto" decides again, as a build would: a few extreme vectors can stretch
+                # the range until the codes are too coarse, and the float walk is then built.
+                graph.sq8 = self._codes_for(graph, n0 + m)
             touched = self._insert(graph, levels, progress, "HNSW add", backup)
             if graph.node_positions is not None:
                 fresh = np.arange(n0, graph.n, dtype=np.int64)  # added nodes keep their positions
@@ -1016,15 +1018,17 @@ class HNSW(Index):
         walk = self.params["walk"]
         return walk == "sq8" or (walk == "auto" and self.params["finger"] is not True)
 
-    def _codes_for(self, graph: HNSWGraph) -> SQ8Codes | None:
-        """The codes a build of ``graph`` walks on, or None for the float walk (``walk`` param:
-        ``"auto"`` keeps the codes only when their noise passes :data:`_SQ8_MAX_RELATIVE_NOISE`)."""
+    def _codes_for(self, graph: HNSWGraph, n: int | None = None) -> SQ8Codes | None:
+        """The codes the first ``n`` vectors of ``graph`` (default ``graph.n``) are walked on, or
+        None for the float walk (``walk`` param: ``"auto"`` keeps the codes only when their noise
+        passes :data:`_SQ8_MAX_RELATIVE_NOISE`)."""
+        n = graph.n if n is None else n
         if not self._prefers_codes():
             return None
-        codes = SQ8Codes.fit(graph.vectors, graph.n)
+        codes = SQ8Codes.fit(graph.vectors, n)
         if self.params["walk"] == "sq8":
             return codes
-        noise = sq8_relative_noise(graph.vectors[:graph.n], codes.offset, codes.step)
+        noise = sq8_relative_noise(graph.vectors[:n], codes.offset, codes.step)
         return codes if noise <= self._SQ8_MAX_RELATIVE_NOISE else None
 
     @property
