@@ -755,10 +755,10 @@ class HNSW(Index):
     _WALKS = ("auto", "float", "sq8")
     # walk="auto" walks on codes unless their squared error exceeds this fraction of the data's
     # robust spread (sq8_relative_noise): 0 (integer data: SIFT, MNIST) to 8.9e-5 (GloVe) on the
-    # shared sets. On 20,000 x 64 synthetic sets (M=16, ef 16-64, recall on codes against the
-    # float walk's): Student-t 3 degrees of freedom 5.6e-3 (within 0.01), 2.5 dof 1.9e-2 and
-    # lognormal sigma 1.5 0.12 (within 0.015), 2 dof 0.14 (0.07-0.12 lower), 1.5 dof 4.7 (0.36-0.41
-    # lower): the float walk from just above the first set that lost nothing
+    # shared sets. bench/sq8_noise.py (20,000 x 64, M=16, ef 16-64, recall on codes against the
+    # float walk's): Student-t 3 degrees of freedom 7.2e-3 (within 0.008), 2.5 dof 1.8e-2 (within
+    # 0.013), lognormal sigma 1.5 0.096 (up to 0.027 lower), 2 dof 0.11 (0.07-0.09 lower), 1.5 dof
+    # 96 (0.6 lower): the float walk from between the last two sets that lost about nothing
     _SQ8_MAX_RELATIVE_NOISE = 1e-2
 
     def __init__(self, metric: str = "l2", **params: Any):
