@@ -119,6 +119,42 @@ def test_adds_outside_the_range_refit_it_and_are_found():
     assert [index.search(q, 1, ef=32).ids[0] for q in extra] == list(range(50_000, 50_005))
 
 
+
+def test_refit_widens_only_the_sides_that_were_left_and_keeps_integer_codes_exact():
+    X = np.array([[0.0, 10.0, 0.5], [4.0, 20.0, 1.5], [2.0, 15.0, 1.0]], np.float32)
+    previous = sq8_fit(X)
+    grown = np.vstack([X, [[5.0, 12.0, 3.5]]]).astype(np.float32)  # dims 0 and 2 pass the top only
+    offset, step = sq8_fit(grown, previous, 1.0 / 16)
+    assert offset[0] == 0.0 and step[0] == 1.0  # integers: still exact, top room within 255
+    np.testing.assert_allclose(offset[1:], [10.0, 0.5])  # bottoms not left: not widened
+    np.testing.assert_allclose(offset[2] + 255 * step[2], 3.5 + 3.0 / 16, rtol=1e-6)
+    low = np.vstack([X, [[-3.0, 10.0, 1.0]]]).astype(np.float32)
+    offset, step = sq8_fit(low, previous, 1.0 / 16)
+    assert offset[0] == np.floor(-3.0 - 7.0 / 16) and step[0] == 1.0
+    codes = sq8_encode(low, offset, step)
+    np.testing.assert_array_equal(offset[0] + codes[:, 0].astype(np.float32), low[:, 0])
+    assert sq8_fit(grown, previous, 0.0)[0].tolist() == sq8_fit(grown)[0].tolist()
+
+
+def test_a_drifting_stream_of_adds_refits_the_range_rarely():
+    # each added vector lies a little past the range: without room, every add would re-encode
+    # every vector (O(n d) per add)
+    g = np.random.default_rng(11)
+    X = g.normal(size=(400, 8)).astype(np.float32)
+    index = HNSW(M=8, default_recall=None).build(X)
+    ranges = {id(index._graph.sq8.offset)}
+    top = float(X[:, 0].max())
+    stream = X[:60].copy()
+    for t, row in enumerate(stream):
+        row[0] = top + 0.01 * (t + 1)  # a slow drift in one dimension
+        index.add(row[None], ids=[10_000 + t])
+        ranges.add(id(index._graph.sq8.offset))
+    assert index.walk_built == "sq8"
+    assert len(ranges) <= 4, len(ranges)  # 60 adds past the range, a handful of re-fits
+    g_ = index._graph
+    assert g_.sq8.covers(g_.vectors[:g_.n])
+    assert [index.search(q, 1, ef=32).ids[0] for q in stream[-5:]] == list(range(10_055, 10_060))
+
 def test_auto_falls_back_to_the_float_walk_when_an_add_makes_the_codes_coarse():
     X, Q, _, _, _ = synthetic_set(1200, 8, 5, k=K, seed=8)
     index = HNSW(M=8, default_recall=None).build(X)

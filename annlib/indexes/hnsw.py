@@ -113,6 +113,12 @@ class FingerPayload:
             require(ok, "finger_dm", "expected null or four finite numbers")
 
 
+# Widening of a re-fitted side of the codes' range, as a fraction of the new span: each re-fit
+# costs O(n d), and without room a stream of adds each slightly past the range would pay it on
+# every add; 1/16 costs at most 1/16 of the step (the codes' noise ~1.13x) on the widened sides.
+REFIT_MARGIN = 1.0 / 16
+
+
 @dataclass
 class SQ8Codes:
     """The codes a ``walk="sq8"`` index walks on: every vector quantized to one byte per dimension.
@@ -142,9 +148,14 @@ class SQ8Codes:
             self.norms = np.zeros(self.codes.shape[0], np.float32)
 
     @classmethod
-    def fit(cls, vectors: np.ndarray, n: int) -> "SQ8Codes":
-        """Codes of the first ``n`` rows of ``vectors`` (n >= 1), with room for all its rows."""
-        offset, step = sq8_fit(vectors[:n])
+    def fit(cls, vectors: np.ndarray, n: int, previous: "SQ8Codes | None" = None) -> "SQ8Codes":
+        """Codes of the first ``n`` rows of ``vectors`` (n >= 1), with room for all its rows.
+        ``previous``: the codes whose range an add left; the sides it left are widened by
+        :data:`REFIT_MARGIN` of the new span (:func:`~annlib.kernels.graph_sq8.sq8_fit`)."""
+        if previous is None:
+            offset, step = sq8_fit(vectors[:n])
+        else:
+            offset, step = sq8_fit(vectors[:n], (previous.offset, previous.step), REFIT_MARGIN)
         codes = np.zeros((vectors.shape[0], vectors.shape[1]), np.uint8)
         out = cls(codes=codes, offset=offset, step=step)
         out.encode(vectors, 0, n)
@@ -656,7 +667,8 @@ class HNSW(Index):
         on an idle machine 1.15-1.67x the best hnswlib on every shared set against the float
         walk's 0.94-1.30x; one query per call 0.97-1.52x (docs/benchmarks-hnsw.md, "Round 6,
         final"). The graph is built on the float32 vectors either way. An add whose vectors
-        fall outside the codes' range fits the range again over every vector (O(n d)).
+        fall outside the codes' range fits the range again over every vector (O(n d)), with
+        room on the sides it passed (:data:`REFIT_MARGIN`), so drifting adds re-fit rarely.
         Excludes ``finger=True`` (``"auto"`` builds no FINGER payload with ``"sq8"``). ``"auto"``: ``"sq8"``, unless ``finger=True``
         was asked or the codes' squared error exceeds 1 % of the data's robust spread (heavy
         tails, or a few extreme values stretching a dimension's range; at most 9e-5 on the
@@ -1025,7 +1037,7 @@ class HNSW(Index):
         n = graph.n if n is None else n
         if not self._prefers_codes():
             return None
-        codes = SQ8Codes.fit(graph.vectors, n)
+        codes = SQ8Codes.fit(graph.vectors, n, graph.sq8)
         if self.params["walk"] == "sq8":
             return codes
         noise = sq8_relative_noise(graph.vectors[:n], codes.offset, codes.step)

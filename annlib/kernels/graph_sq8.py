@@ -98,12 +98,23 @@ class SQ8Params(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------ codes
-def sq8_fit(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sq8_fit(X: np.ndarray, previous: tuple[np.ndarray, np.ndarray] | None = None,
+            margin: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension offset and step of the codes of ``X`` (float32 (n, d), n >= 1).
 
     The range of each dimension is split into 255 steps. A dimension holding only integers
-    within a range of at most 255 gets step 1 and offset its minimum, so its codes are exact
+    within a range of at most 255 gets step 1 and its offset an integer, so its codes are exact
     (SIFT, MNIST: 0..255 pixel or histogram counts). A constant dimension gets step 1.
+
+    Parameters
+    ----------
+    X : float32 (n, d)
+    previous : (offset, step) or None
+        The range being replaced (an add left it). Each dimension whose values now reach below
+        or above it is widened on that side by ``margin`` times its new span, so a stream of adds
+        that drift slowly out of the range re-fits it a logarithmic number of times, not once
+        per add.
+    margin : float, default 0.0
 
     Returns
     -------
@@ -113,12 +124,21 @@ def sq8_fit(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lo = X.min(axis=0).astype(np.float64)
     hi = X.max(axis=0).astype(np.float64)
     span = hi - lo
-    step = span / CODE_MAX
-    integral = span <= CODE_MAX
+    if previous is not None and margin > 0.0:
+        old_lo = previous[0].astype(np.float64)
+        old_hi = old_lo + CODE_MAX * previous[1].astype(np.float64)
+        extra = margin * span
+        lo = np.where(lo < old_lo, lo - extra, lo)
+        hi = np.where(hi > old_hi, hi + extra, hi)
+    integral = np.ones(X.shape[1], np.bool_)
     for lo_row in range(0, X.shape[0], 1 << 14):  # blocks: the temporaries stay small
         block = X[lo_row:lo_row + (1 << 14)]
         integral &= np.all(block == np.round(block), axis=0)
-    step = np.where(integral | (span <= 0), 1.0, step)
+    # integer data keep exact codes with an integer offset at or below the smallest value
+    lo = np.where(integral, np.floor(lo), lo)
+    span = hi - lo
+    integral &= span <= CODE_MAX
+    step = np.where(integral | (span <= 0), 1.0, span / CODE_MAX)
     # a step that rounds to zero in float32 (a tiny but non-constant range) is raised to the
     # smallest one that keeps (x - o) / s finite
     step = np.maximum(step, np.finfo(np.float32).tiny * 1e6)
