@@ -482,10 +482,12 @@ class Index:
         # One query per call is a common way to search (the ann-benchmarks harness's default),
         # so the common case takes a short path: one valid float32 query (C-contiguous, aligned,
         # writeable; shape (d,) or (1, d)), no filter, default or already validated parameters.
+        # (float32 by equality too: arrays read from HDF5, as the ann-benchmarks harness reads its
+        # queries, carry an equal dtype object that is not numpy's own.)
         # The family's one-query kernel checks the query's values (NaN, inf, the float32 range)
         # itself and says when anything is wrong or not its case: the ordinary path below then
         # runs and raises, or answers, exactly as it always does.
-        if (filter is None and type(Q) is np.ndarray and Q.dtype is _F32 and Q.flags.carray
+        if (filter is None and type(Q) is np.ndarray and (Q.dtype is _F32 or Q.dtype == _F32) and Q.flags.carray
                 and (threads is None or (type(threads) is int and threads > 0))):
             one = self._search_one
             ndim = Q.ndim
