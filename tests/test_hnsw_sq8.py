@@ -119,7 +119,6 @@ def test_adds_outside_the_range_refit_it_and_are_found():
     assert [index.search(q, 1, ef=32).ids[0] for q in extra] == list(range(50_000, 50_005))
 
 
-
 def test_refit_widens_only_the_sides_that_were_left_and_keeps_integer_codes_exact():
     X = np.array([[0.0, 10.0, 0.5], [4.0, 20.0, 1.5], [2.0, 15.0, 1.0]], np.float32)
     previous = sq8_fit(X)
@@ -135,6 +134,30 @@ def test_refit_widens_only_the_sides_that_were_left_and_keeps_integer_codes_exac
     np.testing.assert_array_equal(offset[0] + codes[:, 0].astype(np.float32), low[:, 0])
     assert sq8_fit(grown, previous, 0.0)[0].tolist() == sq8_fit(grown)[0].tolist()
 
+
+def test_refit_room_never_costs_integer_codes_their_exactness_nor_clips_a_stored_value():
+    g = np.random.default_rng(4)
+    # integers spanning nearly 255: room below may only go as far as the codes still reach the top
+    X = np.stack([g.integers(10, 251, 300), g.integers(-3, 251, 300)], axis=1).astype(np.float32)
+    X[0] = [10, -3]
+    X[1] = [250, 250]
+    previous = sq8_fit(X)
+    for extra in ([[5.0, 0.0]], [[4.0, -4.0]], [[0.0, -5.0]]):  # spans 245..255 after the add
+        grown = np.vstack([X, extra]).astype(np.float32)
+        offset, step = sq8_fit(grown, previous, 1.0 / 16)
+        assert (step == 1).all(), (extra, step)
+        codes = sq8_encode(grown, offset, step)
+        np.testing.assert_array_equal(offset[None, :] + codes.astype(np.float32), grown)
+    # large values with a small spread: the widened offset, stored in float32, must not round
+    # the range's top below the largest stored value (it clipped 121 of 1,000 such cases once)
+    for t in range(300):
+        scale = 10 ** g.uniform(0, 6)
+        spread = scale * 10 ** g.uniform(-6, -2)
+        base = (scale + g.random((50, 2)) * spread).astype(np.float32)
+        grown = np.vstack([base, base.min(axis=0) - np.float32(spread * g.uniform(0.01, 0.5))]).astype(np.float32)
+        offset, step = sq8_fit(grown, sq8_fit(base), 1.0 / 16)
+        codes = SQ8Codes(codes=sq8_encode(grown, offset, step), offset=offset, step=step)
+        assert codes.covers(grown), t
 
 def test_a_drifting_stream_of_adds_refits_the_range_rarely():
     # each added vector lies a little past the range: without room, every add would re-encode

@@ -115,7 +115,9 @@ class FingerPayload:
 
 # Widening of a re-fitted side of the codes' range, as a fraction of the new span: each re-fit
 # costs O(n d), and without room a stream of adds each slightly past the range would pay it on
-# every add; 1/16 costs at most 1/16 of the step (the codes' noise ~1.13x) on the widened sides.
+# every add; the step of a dimension grows by 1/16 per side passed (1/8 when an add passes both;
+# the codes' noise ~1.13x / ~1.27x there). Integer dimensions keep step 1 while their values
+# span at most 255 (sq8_fit).
 REFIT_MARGIN = 1.0 / 16
 
 

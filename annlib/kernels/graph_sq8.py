@@ -121,27 +121,32 @@ def sq8_fit(X: np.ndarray, previous: tuple[np.ndarray, np.ndarray] | None = None
     offset, step : float32 (d,)
     """
     X = np.asarray(X, np.float32)
-    lo = X.min(axis=0).astype(np.float64)
-    hi = X.max(axis=0).astype(np.float64)
-    span = hi - lo
+    data_lo = X.min(axis=0).astype(np.float64)
+    data_hi = X.max(axis=0).astype(np.float64)
+    lo, hi = data_lo, data_hi
     if previous is not None and margin > 0.0:
         old_lo = previous[0].astype(np.float64)
         old_hi = old_lo + CODE_MAX * previous[1].astype(np.float64)
-        extra = margin * span
-        lo = np.where(lo < old_lo, lo - extra, lo)
-        hi = np.where(hi > old_hi, hi + extra, hi)
-    integral = np.ones(X.shape[1], np.bool_)
+        extra = margin * (data_hi - data_lo)
+        lo = np.where(data_lo < old_lo, data_lo - extra, data_lo)
+        hi = np.where(data_hi > old_hi, data_hi + extra, data_hi)
+    integral = data_hi - data_lo <= CODE_MAX  # decided on the data, not on the widened range
     for lo_row in range(0, X.shape[0], 1 << 14):  # blocks: the temporaries stay small
         block = X[lo_row:lo_row + (1 << 14)]
         integral &= np.all(block == np.round(block), axis=0)
-    # integer data keep exact codes with an integer offset at or below the smallest value
-    lo = np.where(integral, np.floor(lo), lo)
-    span = hi - lo
-    integral &= span <= CODE_MAX
+    # integer data keep exact codes (step 1) with an integer offset at or below the smallest
+    # value; room below it only as far as the 255 codes still reach the largest value (room
+    # above is whatever the 255 codes leave)
+    lo = np.where(integral, np.floor(np.maximum(lo, data_hi - CODE_MAX)), lo)
+    # the offset as stored (float32), rounded down, so the smallest value never falls below it
+    lo32 = lo.astype(np.float32)
+    lo32 = np.where(lo32.astype(np.float64) > lo, np.nextafter(lo32, np.float32(-np.inf)), lo32)
+    span = hi - lo32.astype(np.float64)
     step = np.where(integral | (span <= 0), 1.0, span / CODE_MAX)
     # a step that rounds to zero in float32 (a tiny but non-constant range) is raised to the
     # smallest one that keeps (x - o) / s finite
     step = np.maximum(step, np.finfo(np.float32).tiny * 1e6)
+    lo = lo32
     return lo.astype(np.float32), step.astype(np.float32)
 
 
