@@ -122,9 +122,9 @@ def test_adds_outside_the_range_refit_it_and_are_found():
 def test_refit_widens_only_the_sides_that_were_left_and_keeps_integer_codes_exact():
     X = np.array([[0.0, 10.0, 0.5], [4.0, 20.0, 1.5], [2.0, 15.0, 1.0]], np.float32)
     previous = sq8_fit(X)
-    grown = np.vstack([X, [[5.0, 12.0, 3.5]]]).astype(np.float32)  # dims 0 and 2 pass the top only
+    grown = np.vstack([X, [[5.0, 12.0, 3.5]]]).astype(np.float32)  # dim 2 passes the top only
     offset, step = sq8_fit(grown, previous, 1.0 / 16)
-    assert offset[0] == 0.0 and step[0] == 1.0  # integers: still exact, top room within 255
+    assert offset[0] == 0.0 and step[0] == 1.0  # integers: step 1 already reaches 255, nothing passed
     np.testing.assert_allclose(offset[1:], [10.0, 0.5])  # bottoms not left: not widened
     np.testing.assert_allclose(offset[2] + 255 * step[2], 3.5 + 3.0 / 16, rtol=1e-6)
     low = np.vstack([X, [[-3.0, 10.0, 1.0]]]).astype(np.float32)
@@ -159,6 +159,7 @@ def test_refit_room_never_costs_integer_codes_their_exactness_nor_clips_a_stored
         codes = SQ8Codes(codes=sq8_encode(grown, offset, step), offset=offset, step=step)
         assert codes.covers(grown), t
 
+
 def test_a_drifting_stream_of_adds_refits_the_range_rarely():
     # each added vector lies a little past the range: without room, every add would re-encode
     # every vector (O(n d) per add)
@@ -178,6 +179,7 @@ def test_a_drifting_stream_of_adds_refits_the_range_rarely():
     g_ = index._graph
     assert g_.sq8.covers(g_.vectors[:g_.n])
     assert [index.search(q, 1, ef=32).ids[0] for q in stream[-5:]] == list(range(10_055, 10_060))
+
 
 def test_auto_falls_back_to_the_float_walk_when_an_add_makes_the_codes_coarse():
     X, Q, _, _, _ = synthetic_set(1200, 8, 5, k=K, seed=8)

@@ -272,7 +272,6 @@ def test_queries_the_short_path_does_not_take(family):
     assert spy.answered == 0
 
 
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float32_queries_with_another_dtype_object_take_the_short_path(family, tmp_path):
     """Arrays read from HDF5 (``np.array(f["test"])``, as the ann-benchmarks harness reads its
@@ -299,6 +298,7 @@ def test_float32_queries_with_another_dtype_object_take_the_short_path(family, t
     swapped = Q[1].astype(np.dtype(np.float32).newbyteorder(">"))  # not native: the ordinary way
     np.testing.assert_array_equal(index.search(swapped, 5, **params).ids, want.ids)
     assert spy.answered == 2
+
 
 def test_hnsw_search_stats_count_one_query_searches():
     X, Q = _data(11)

@@ -146,8 +146,7 @@ def sq8_fit(X: np.ndarray, previous: tuple[np.ndarray, np.ndarray] | None = None
     # a step that rounds to zero in float32 (a tiny but non-constant range) is raised to the
     # smallest one that keeps (x - o) / s finite
     step = np.maximum(step, np.finfo(np.float32).tiny * 1e6)
-    lo = lo32
-    return lo.astype(np.float32), step.astype(np.float32)
+    return lo32.astype(np.float32), step.astype(np.float32)
 
 
 def sq8_relative_noise(X: np.ndarray, offset: np.ndarray, step: np.ndarray, sample: int = 1 << 14) -> float:
